@@ -1,0 +1,120 @@
+"""The command line: parses, calls a function, prints. Errors: one line on stderr, exit 2."""
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import UserError
+
+DEFAULT_OUT = "runs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _add_common(p):
+    p.add_argument("--json", action="store_true", help="last line of stdout is one JSON object")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder: results store and checkpoints "
+                                                       f"(default ./{DEFAULT_OUT})")
+
+
+def build_parser():
+    ap = _Parser(prog="backproplab", description="Where deep-learning progress comes from, measured on digits.")
+    sub = ap.add_subparsers(dest="command", parser_class=_Parser)
+    r = sub.add_parser("repro", help="the 1989 reproduction: 23 passes, per-example SGD, lr 0.03")
+    _add_common(r)
+    r.add_argument("--preset", default="lecun1989", help="config preset (lecun1989, smoke)")
+    r.add_argument("--seeds", type=int, help="replicas trained at once (train.seeds)")
+    r.add_argument("--seed", type=int, help="first seed (train.seed)")
+    r.add_argument("--engine", help="fast (default) or eager (train.engine)")
+    r.add_argument("--passes", type=int, help="passes over the training set (train.passes)")
+    r.add_argument("--data", help="mnist10k (embedded, default) or a folder of IDX files (data.source)")
+    r.add_argument("--device", help="cpu or cuda; cuda needs --engine eager (train.device)")
+    r.add_argument("--resume", action="store_true", help="continue the stopped run with this config in --out")
+    r.add_argument("--quiet", action="store_true", help="no per-pass lines")
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+    s = sub.add_parser("runs", help="list the results store, one line per run")
+    _add_common(s)
+    return ap
+
+
+def _emit_json(obj):
+    print(json.dumps(obj, sort_keys=True))
+
+
+def cmd_repro(args):
+    from .config import apply_overrides, preset
+    from .engine.train import environment, train
+    from .report.console import ProgressBar, repro_table
+    from .store import add_run
+    cfg = preset(args.preset)
+    flags = {"train.seeds": args.seeds, "train.seed": args.seed, "train.engine": args.engine,
+             "train.passes": args.passes, "data.source": args.data, "train.device": args.device}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = apply_overrides(cfg, overrides)
+    bar = ProgressBar(cfg.train.passes)
+
+    def log(line):
+        bar.clear()
+        if not args.quiet:
+            print(line, flush=True)
+
+    result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
+    bar.clear()
+    summary = result.summary()
+    run_id = add_run(args.out, "repro", cfg.name, result.status, result.config, summary, result.history,
+                     environment())
+    summary["run_id"] = run_id
+    if not args.quiet:
+        print(repro_table(result))
+    if result.status != "finished":
+        print(f"backproplab: {result.message}", file=sys.stderr)
+    if args.json:
+        _emit_json(summary)
+    return 0 if result.status == "finished" else 3
+
+
+def cmd_runs(args):
+    from .store import list_runs
+    runs = list_runs(args.out)
+    for r in runs:
+        s = r["summary"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
+        print(f"{r['id']:4d}  {when}  {r['kind']:8s} {r['name']:12s} {r['status']:9s} "
+              f"{s.get('engine', ''):5s} seeds {s.get('seeds', '?'):>3}  passes {s.get('passes', '?'):>3}  "
+              f"train {s.get('train_error', float('nan')):5.2f}%  test {s.get('test_error', float('nan')):5.2f}%  "
+              f"{s.get('seconds', 0):8.1f} s")
+    if args.json:
+        _emit_json({"runs": [{k: r[k] for k in ("id", "created", "kind", "name", "status", "summary")}
+                             for r in runs]})
+    return 0
+
+
+COMMANDS = {"repro": cmd_repro, "runs": cmd_runs}
+
+
+def main(argv=None):
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.command:
+            raise UserError("backproplab: choose a command: " + ", ".join(COMMANDS) + " (see --help)")
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished passes are checkpointed (rerun with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a user sees one line; BACKPROPLAB_DEBUG=1 shows the traceback
+        if os.environ.get("BACKPROPLAB_DEBUG"):
+            raise
+        print(f"error: internal error: {type(e).__name__}: {e} (set BACKPROPLAB_DEBUG=1 for details)",
+              file=sys.stderr)
+        return 1
+
+
+def entry():
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Typed configuration: dataclasses, presets as functions, "section.key=value" overrides.
+
+An unknown key, a wrong type or an out-of-range value is a UserError naming the key.
+"""
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UserError
+
+
+@dataclass
+class DataCfg:
+    source: str = "mnist10k"       # 'mnist10k' (embedded, canonical split) or a folder of IDX files
+    n_train: int | None = None     # keep the first n training examples (None: all)
+    n_test: int | None = None
+
+
+@dataclass
+class ModelCfg:
+    name: str = "net1989"
+    act: str = "tanh"              # tanh | relu | scaled_tanh
+    out_act: str = "tanh"          # tanh (1989) | none (logits)
+    dropout: float = 0.0           # on the 192 H2 outputs, before H3
+
+
+@dataclass
+class OptimCfg:
+    name: str = "sgd"              # sgd | adamw
+    lr: float = 0.03               # per example (batch of one)
+    lr_end: float | None = None    # linear decay from lr to lr_end over the run, per step (None: constant)
+    weight_decay: float = 0.0      # decoupled (AdamW)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainCfg:
+    passes: int = 23
+    loss: str = "mse"              # mse (mean over 10 outputs, +-1 targets) | ce
+    shift: int = 0                 # augmentation: random shifts of up to this many pixels, -1 fill
+    engine: str = "fast"           # fast | eager
+    seed: int = 0                  # replica k uses seed + k
+    seeds: int = 1                 # replicas trained at once
+    device: str = "cpu"            # eager engine only: cpu | cuda
+    threads: int = 1
+
+
+@dataclass
+class Config:
+    name: str = "lecun1989"
+    data: DataCfg = field(default_factory=DataCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+
+CHOICES = {
+    "model.name": ("net1989",),
+    "model.act": ("tanh", "relu", "scaled_tanh"),
+    "model.out_act": ("tanh", "none"),
+    "optim.name": ("sgd", "adamw"),
+    "train.loss": ("mse", "ce"),
+    "train.engine": ("fast", "eager"),
+    "train.device": ("cpu", "cuda"),
+}
+# (low, high, low inclusive): numeric ranges a value must fall in.
+RANGES = {
+    "data.n_train": (1, 10_000_000, True), "data.n_test": (1, 10_000_000, True),
+    "model.dropout": (0.0, 1.0, True),
+    "optim.lr": (0.0, 100.0, False), "optim.lr_end": (0.0, 100.0, True),
+    "optim.weight_decay": (0.0, 10.0, True), "optim.beta1": (0.0, 1.0, True),
+    "optim.beta2": (0.0, 1.0, True), "optim.eps": (0.0, 1.0, False),
+    "train.passes": (1, 100_000, True), "train.shift": (0, 4, True),
+    "train.seeds": (1, 4096, True), "train.seed": (0, 2**31 - 1, True), "train.threads": (1, 1024, True),
+}
+
+
+def lecun1989() -> Config:
+    """The 1989 paper: tanh everywhere, MSE on +-1 targets, per-example SGD lr 0.03, 23 passes."""
+    return Config()
+
+
+def smoke() -> Config:
+    """lecun1989 at test size: 500 training and 200 test digits, 2 passes."""
+    c = lecun1989()
+    c.name = "smoke"
+    c.data.n_train, c.data.n_test, c.train.passes = 500, 200, 2
+    return c
+
+
+PRESETS = {"lecun1989": lecun1989, "smoke": smoke}
+
+
+def list_presets():
+    return sorted(PRESETS)
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    return PRESETS[name]()
+
+
+def _base_type(tp):
+    """int | None -> (int, True); float -> (float, False)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse(key: str, text: str, tp):
+    base, optional = _base_type(tp)
+    if optional and text.lower() in ("none", "null"):
+        return None
+    try:
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if base is int:
+            return int(text)
+        if base is float:
+            v = float(text)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError
+            return v
+        return str(text)
+    except ValueError:
+        raise UserError(f"{key}={text!r}: expected {base.__name__}") from None
+
+
+def set_value(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise UserError(f"unknown config key {key!r} (keys look like 'optim.lr'; sections: "
+                        f"{', '.join(f.name for f in dataclasses.fields(cfg) if f.name != 'name')})")
+    section, name = parts
+    sec = getattr(cfg, section, None)
+    if not dataclasses.is_dataclass(sec):
+        raise UserError(f"unknown config section {section!r} in {key!r}")
+    fields = {f.name: f for f in dataclasses.fields(sec)}
+    if name not in fields:
+        raise UserError(f"unknown config key {key!r}; {section} has: {', '.join(fields)}")
+    tp = fields[name].type
+    if isinstance(value, str):
+        value = _parse(key, value, tp)
+    setattr(sec, name, value)
+
+
+def apply_overrides(cfg: Config, overrides) -> Config:
+    for item in overrides or ():
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        set_value(cfg, key.strip(), text.strip())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        for f in dataclasses.fields(obj):
+            key, v = f"{sec.name}.{f.name}", getattr(obj, f.name)
+            base, optional = _base_type(f.type)
+            if v is None:
+                if not optional:
+                    raise UserError(f"{key} must not be empty")
+                continue
+            ok = isinstance(v, base) and not (base is int and isinstance(v, bool))
+            if base is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+                setattr(obj, f.name, v)
+                ok = True
+            if not ok:
+                raise UserError(f"{key}={v!r}: expected {base.__name__}")
+            if key in CHOICES and v not in CHOICES[key]:
+                raise UserError(f"{key}={v!r}: choose one of {', '.join(CHOICES[key])}")
+            if key in RANGES:
+                lo, hi, incl = RANGES[key]
+                if not ((v >= lo if incl else v > lo) and v <= hi):
+                    raise UserError(f"{key}={v}: must be {'>=' if incl else '>'} {lo} and <= {hi}")
+    if cfg.train.loss == "ce" and cfg.model.out_act != "none":
+        raise UserError("train.loss=ce needs model.out_act=none (cross-entropy takes logits)")
+    return cfg
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    cfg.name = d.get("name", cfg.name)
+    for sec, vals in d.items():
+        if sec == "name":
+            continue
+        if not isinstance(vals, dict):
+            raise UserError(f"config section {sec!r} is not a mapping")
+        for k, v in vals.items():
+            if not dataclasses.is_dataclass(getattr(cfg, sec, None)):
+                raise UserError(f"unknown config section {sec!r}")
+            set_value(cfg, f"{sec}.{k}", v)
+    return validate(cfg)

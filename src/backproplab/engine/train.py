@@ -1,0 +1,201 @@
+"""train(cfg) -> Result: the one training loop for per-example engines.
+
+Per pass: build the pass's random streams (shared by all engines), train in chunks
+(so a progress bar can move), evaluate every replica, log one line, checkpoint
+atomically. A resumed run restarts at the pass after the last checkpoint; since the
+random streams are keyed by (seed, pass) and the engines' state is exact, it ends
+bit-identical to an uninterrupted run.
+"""
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import Config, validate
+from ..data import load_dataset, pass_randomness
+from ..errors import UserError
+from ..models.net1989 import PARAM_NAMES, init_params, weights_sha256
+from .checkpoint import load_checkpoint, save_checkpoint, to_numpy_state
+from .evaluate import evaluate
+
+CHUNKS_PER_PASS = 8
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Result:
+    config: dict
+    seeds: list
+    history: list                    # per pass: {"pass", "seconds", "train": [per replica], "test": [...]}
+    final: list                      # per replica: {"seed", "train_loss", ..., "weights_sha256"}
+    seconds: float                   # training time (engine only), all passes including resumed ones
+    eval_seconds: float
+    status: str = "finished"         # finished | diverged
+    message: str = ""
+    params: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        s = {"passes": len(self.history), "seeds": len(self.seeds), "engine": self.config["train"]["engine"],
+             "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
+             "status": self.status, "error_unit": "percent"}
+        for key in ("train_loss", "train_error", "train_misses", "test_loss", "test_error", "test_misses"):
+            vals = np.array([f[key] for f in self.final], dtype=np.float64)
+            s[key] = float(vals.mean()) if len(vals) > 1 else self.final[0][key]
+            if len(vals) > 1:
+                s[key + "_std"] = float(vals.std(ddof=1))
+        if len(self.final) == 1:
+            s["weights_sha256"] = self.final[0]["weights_sha256"]
+        else:
+            s["weights_sha256"] = [f["weights_sha256"] for f in self.final]
+            s["per_seed"] = self.final
+        if self.message:
+            s["message"] = self.message
+        return s
+
+
+def environment() -> dict:
+    env = {"backproplab": __version__, "torch": torch.__version__, "numpy": np.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    try:
+        import numba
+        env["numba"] = numba.__version__
+    except ImportError:
+        pass
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        if rev.returncode == 0:
+            env["git"] = rev.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env
+
+
+def make_engine(cfg: Config, params: list):
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    kw = dict(act=m.act, out_act=m.out_act, loss=t.loss, optim=o.name, weight_decay=o.weight_decay,
+              betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)
+    if t.engine == "eager":
+        if t.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("train.device=cuda but CUDA is not available on this machine")
+        from .eager import EagerPopulation
+        return EagerPopulation(params, device=t.device, **kw)
+    if t.device != "cpu":
+        raise UserError("the fast engine runs on the CPU; use --engine eager for train.device=cuda")
+    from .fast import FastPopulation
+    return FastPopulation(params, **kw)
+
+
+def step_lrs(cfg: Config, pass_idx: int, n: int) -> np.ndarray:
+    """Learning rate of each step of one pass; linear lr -> lr_end over the whole run when set."""
+    o = cfg.optim
+    if o.lr_end is None:
+        return np.full(n, o.lr, dtype=np.float32)
+    total = cfg.train.passes * n
+    t = np.arange(pass_idx * n, (pass_idx + 1) * n, dtype=np.float64)
+    frac = t / max(total - 1, 1)
+    return (o.lr + (o.lr_end - o.lr) * frac).astype(np.float32)
+
+
+def checkpoint_path(cfg: Config, out: Path) -> Path:
+    return out / "checkpoints" / f"{cfg.name}-{cfg.digest()}.pt"
+
+
+def prepare_out(out) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"output folder {out} is not writable")
+    return out
+
+
+def _final(seeds, params, hist_last):
+    return [{"seed": s, **{f"{sp}_{k}": hist_last[sp][r][k] for sp in SPLITS for k in ("loss", "error", "misses")},
+             "weights_sha256": weights_sha256(params[r])} for r, s in enumerate(seeds)]
+
+
+def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, data=None) -> Result:
+    """log(str) gets one line per pass; progress(pass_idx, done, total) as the pass advances."""
+    validate(cfg)
+    torch.set_num_threads(cfg.train.threads)
+    out = prepare_out(out)
+    data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
+    seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
+    params = [{n: t.numpy() for n, t in init_params(s).items()} for s in seeds]
+    engine = make_engine(cfg, params)
+    history, start, seconds, eval_seconds = [], 0, 0.0, 0.0
+    ckpt = checkpoint_path(cfg, out) if out is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        if state.get("config") != cfg.to_json():
+            raise UserError(f"checkpoint {ckpt} was made with a different config")
+        engine.load_state(to_numpy_state(state["engine"]))
+        history, start = list(state["history"]), int(state["passes_done"])
+        seconds, eval_seconds = float(state["seconds"]), float(state["eval_seconds"])
+        if log:
+            log(f"resumed from {ckpt} after pass {start}")
+    x = data.train_x.reshape(-1, 16, 16).numpy()
+    labels = data.train_labels.numpy()
+    n, m, t = len(x), cfg.model, cfg.train
+    status, message = "finished", ""
+    for p in range(start, t.passes):
+        lrs = step_lrs(cfg, p, n)
+        rand = [pass_randomness(s, p, n, t.shift, m.dropout) for s in seeds]
+        shifts = np.stack([r[0] for r in rand]) if t.shift > 0 else None
+        keep = np.stack([r[1] for r in rand]) if m.dropout > 0 else None
+        t0 = time.perf_counter()
+        bounds = np.linspace(0, n, CHUNKS_PER_PASS + 1).astype(int)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            engine.train_pass(x[a:b], labels[a:b], lrs[a:b],
+                              None if shifts is None else shifts[:, a:b], None if keep is None else keep[:, a:b])
+            if progress:
+                progress(p, int(b), n)
+        dt = time.perf_counter() - t0
+        seconds += dt
+        t0 = time.perf_counter()
+        cur = engine.params()
+        rec = {"pass": p + 1, "seconds": dt}
+        for sp in SPLITS:
+            xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
+            rec[sp] = evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
+        eval_seconds += time.perf_counter() - t0
+        history.append(rec)
+        bad = [seeds[r] for r in range(len(seeds)) if not math.isfinite(rec["train"][r]["loss"])
+               or not all(np.isfinite(v).all() for v in cur[r].values())]
+        if log:
+            log(format_pass(rec, t.passes))
+        if bad:
+            status, message = "diverged", f"diverged in pass {p + 1}: NaN/Inf loss or weights (seeds {bad})"
+            break
+        if ckpt is not None:
+            save_checkpoint(ckpt, {"config": cfg.to_json(), "passes_done": p + 1, "history": history,
+                                   "seconds": seconds, "eval_seconds": eval_seconds, "engine": engine.state()})
+    params = engine.params()
+    return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1]), seconds, eval_seconds,
+                  status, message, params)
+
+
+def format_pass(rec: dict, passes: int) -> str:
+    def part(sp):
+        v = rec[sp]
+        loss = np.mean([r["loss"] for r in v])
+        err = np.mean([r["error"] for r in v])
+        miss = np.mean([r["misses"] for r in v])
+        miss_s = f"{int(miss)}" if len(v) == 1 else f"{miss:.1f}"
+        return f"{sp} loss {loss:.6f} error {err:5.2f}% misses {miss_s:>5}"
+    return f"pass {rec['pass']:3d}/{passes}  {part('train')}  |  {part('test')}  ({rec['seconds']:.2f} s)"

@@ -1,0 +1,24 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from backproplab.data import load_dataset
+    return load_dataset()
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300):
+    """Run `python -m backproplab ...` in a subprocess -> CompletedProcess."""
+    import subprocess
+    e = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "backproplab", *map(str, args)], cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=timeout)

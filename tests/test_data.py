@@ -1,0 +1,139 @@
+import gzip
+import hashlib
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backproplab.data import canonical_split, load_dataset, load_mnist10k, read_idx, write_idx, load_idx_folder
+from backproplab.data import idx as idxmod
+from backproplab.errors import UserError
+
+
+def test_embedded_digits_in_file_order():
+    images, labels = load_mnist10k()
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [1001, 1127, 991, 1032, 980, 863, 1014, 1070, 944, 978]
+    assert np.all(np.diff(labels.astype(int)) >= 0)  # digit 0 first, then 1, ...
+
+
+def test_canonical_split_pinned():
+    images, labels = load_mnist10k()
+    tr, te = canonical_split()
+    assert len(tr) == 7291 and len(te) == 2007 and not set(tr) & set(te)
+    np.random.seed(1337)
+    rp = np.random.permutation(10000)  # the SPEC's own words, as an oracle
+    assert np.array_equal(tr, rp[:7291]) and np.array_equal(te, rp[7291:9298])
+    assert np.bincount(labels[tr]).tolist() == [710, 850, 702, 753, 720, 623, 747, 765, 702, 719]
+    assert np.bincount(labels[te]).tolist() == [228, 202, 210, 204, 194, 166, 204, 235, 178, 186]
+    h_tr = hashlib.sha256(images[tr].tobytes() + labels[tr].tobytes()).hexdigest()
+    h_te = hashlib.sha256(images[te].tobytes() + labels[te].tobytes()).hexdigest()
+    assert h_tr == "8174cdacdcb42b57d46fce839d340ff2da8894742d0c85d5c6e19676ed5473c1"
+    assert h_te == "f7b98ae9fdc1a6a0430527ef06a26fa7cf99acd7bc624fe45df7931ec4c4b5fe"
+
+
+def test_preprocessing_matches_formula(digits):
+    images, labels = load_mnist10k()
+    tr, _ = canonical_split()
+    raw = torch.from_numpy(images[tr[:50]]).float()
+    ref = F.interpolate((raw / 127.5 - 1.0).unsqueeze(1), size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.equal(digits.train_x[:50], ref)
+    assert digits.train_x.min() >= -1 and digits.train_x.max() <= 1
+    y = digits.train_y
+    assert torch.equal((y == 1).float().argmax(1), digits.train_labels)
+    assert torch.all((y == 1).sum(1) == 1) and torch.all((y == -1).sum(1) == 9)
+
+
+def _write_folder(tmp_path, n_train=20, n_test=10, compress=False, **bad):
+    rng = np.random.default_rng(0)
+    files = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    files.update(bad)
+    for name, arr in files.items():
+        write_idx(tmp_path / (name + (".gz" if compress else "")), arr, compress=compress)
+    return files
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(tmp_path, compress):
+    files = _write_folder(tmp_path, compress=compress)
+    trx, try_, tex, tey = load_idx_folder(tmp_path)
+    assert np.array_equal(trx, files["train-images-idx3-ubyte"])
+    assert np.array_equal(tey, files["t10k-labels-idx1-ubyte"])
+    d = load_dataset(str(tmp_path))
+    assert d.train_x.shape == (20, 1, 16, 16) and d.test_x.shape == (10, 1, 16, 16)
+
+
+def test_idx_rejects_bad_files(tmp_path):
+    _write_folder(tmp_path)
+    p = tmp_path / "train-images-idx3-ubyte"
+    good = p.read_bytes()
+    p.write_bytes(b"\x01\x02" + good[2:])
+    with pytest.raises(UserError, match="magic"):
+        read_idx(p)
+    p.write_bytes(good[:-7])
+    with pytest.raises(UserError, match="truncated"):
+        read_idx(p)
+    p.write_bytes(good[:2] + b"\x0d" + good[3:])
+    with pytest.raises(UserError, match="type code"):
+        read_idx(p)
+    p.write_bytes(good[:3] + b"\x02" + good[4:])
+    with pytest.raises(UserError):
+        read_idx(p)
+    p.write_bytes(b"\x1f\x8b" + b"garbage")
+    with pytest.raises(UserError, match="gzip"):
+        read_idx(p)
+
+
+def test_idx_folder_mismatched_labels(tmp_path):
+    _write_folder(tmp_path, **{"train-labels-idx1-ubyte": np.zeros(19, dtype=np.uint8)})
+    with pytest.raises(UserError, match="20 train images but 19 labels"):
+        load_idx_folder(tmp_path)
+
+
+def test_idx_folder_missing_files(tmp_path):
+    with pytest.raises(UserError, match="no train-images"):
+        load_idx_folder(tmp_path)
+    with pytest.raises(UserError, match="no such file or folder"):
+        load_dataset(str(tmp_path / "nope"))
+
+
+def test_subset_larger_than_data(tmp_path):
+    _write_folder(tmp_path)
+    with pytest.raises(UserError, match="n_train=50"):
+        load_dataset(str(tmp_path), n_train=50)
+
+
+class _FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.close()
+
+
+def test_download_verifies_sha256(tmp_path, monkeypatch):
+    blobs = {f"f{i}.gz": gzip.compress(bytes([i]) * 100) for i in range(2)}
+    spec = {"base": "http://example.invalid/", "files": {k: hashlib.sha256(v).hexdigest() for k, v in blobs.items()}}
+    monkeypatch.setitem(idxmod.DOWNLOADS, "toy", spec)
+    served = dict(blobs)
+    opener = lambda url: _FakeResponse(served[url.rsplit("/", 1)[1]])  # noqa: E731
+    idxmod.download("toy", tmp_path / "ok", opener=opener)
+    assert (tmp_path / "ok" / "f1.gz").read_bytes() == blobs["f1.gz"]
+    served["f1.gz"] = b"tampered"
+    with pytest.raises(UserError, match="SHA-256 mismatch"):
+        idxmod.download("toy", tmp_path / "bad", opener=opener)
+    assert not (tmp_path / "bad" / "f1.gz").exists()  # a bad file is never kept
+    assert [p.name for p in (tmp_path / "bad").iterdir()] == ["f0.gz"]
+
+
+def test_known_downloads_have_full_digests():
+    for spec in idxmod.DOWNLOADS.values():
+        assert len(spec["files"]) == 4
+        assert all(len(h) == 64 and int(h, 16) >= 0 for h in spec["files"].values())
