@@ -47,14 +47,14 @@ def _emit_json(obj):
 
 def cmd_repro(args):
     from .config import apply_overrides, preset
-    from .engine.train import environment, train
-    from .report.console import ProgressBar, repro_table
-    from .store import add_run
     cfg = preset(args.preset)
     flags = {"train.seeds": args.seeds, "train.seed": args.seed, "train.engine": args.engine,
              "train.passes": args.passes, "data.source": args.data, "train.device": args.device}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    cfg = apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)  # config errors surface before torch is imported
+    from .engine.train import environment, train
+    from .report.console import ProgressBar, repro_table
+    from .store import add_run
     bar = ProgressBar(cfg.train.passes)
 
     def log(line):

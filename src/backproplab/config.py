@@ -21,10 +21,14 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "net1989"
+    name: str = "net1989"          # net1989 | vit (micro-ViT)
     act: str = "tanh"              # tanh | relu | scaled_tanh
     out_act: str = "tanh"          # tanh (1989) | none (logits)
-    dropout: float = 0.0           # on the 192 H2 outputs, before H3
+    dropout: float = 0.0           # net1989: on the 192 H2 outputs, before H3
+    dim: int = 24                  # vit: token width
+    depth: int = 2                 # vit: transformer blocks
+    heads: int = 2                 # vit: attention heads
+    patch: int = 4                 # vit: patch side in pixels (16x16 input)
 
 
 @dataclass
@@ -43,7 +47,8 @@ class TrainCfg:
     passes: int = 23
     loss: str = "mse"              # mse (mean over 10 outputs, +-1 targets) | ce
     shift: int = 0                 # augmentation: random shifts of up to this many pixels, -1 fill
-    engine: str = "fast"           # fast | eager
+    engine: str = "fast"           # fast | eager (per example); minibatch when batch > 1 or model is not net1989
+    batch: int = 1                 # examples per update
     seed: int = 0                  # replica k uses seed + k
     seeds: int = 1                 # replicas trained at once
     device: str = "cpu"            # eager engine only: cpu | cuda
@@ -69,12 +74,12 @@ class Config:
 
 
 CHOICES = {
-    "model.name": ("net1989",),
+    "model.name": ("net1989", "vit"),
     "model.act": ("tanh", "relu", "scaled_tanh"),
     "model.out_act": ("tanh", "none"),
     "optim.name": ("sgd", "adamw"),
     "train.loss": ("mse", "ce"),
-    "train.engine": ("fast", "eager"),
+    "train.engine": ("fast", "eager", "minibatch"),
     "train.device": ("cpu", "cuda"),
 }
 # (low, high, low inclusive): numeric ranges a value must fall in.
@@ -85,7 +90,9 @@ RANGES = {
     "optim.weight_decay": (0.0, 10.0, True), "optim.beta1": (0.0, 1.0, True),
     "optim.beta2": (0.0, 1.0, True), "optim.eps": (0.0, 1.0, False),
     "train.passes": (1, 100_000, True), "train.shift": (0, 4, True),
-    "train.seeds": (1, 4096, True), "train.seed": (0, 2**31 - 1, True), "train.threads": (1, 1024, True),
+    "train.seeds": (1, 4096, True), "train.batch": (1, 65536, True),
+    "model.dim": (1, 4096, True), "model.depth": (1, 256, True), "model.heads": (1, 64, True),
+    "model.patch": (1, 16, True), "train.seed": (0, 2**31 - 1, True), "train.threads": (1, 1024, True),
 }
 
 
@@ -197,6 +204,11 @@ def validate(cfg: Config) -> Config:
                 lo, hi, incl = RANGES[key]
                 if not ((v >= lo if incl else v > lo) and v <= hi):
                     raise UserError(f"{key}={v}: must be {'>=' if incl else '>'} {lo} and <= {hi}")
+    per_example = cfg.train.engine in ("fast", "eager")
+    if per_example and cfg.train.batch > 1:
+        raise UserError(f"train.batch={cfg.train.batch} needs train.engine=minibatch (fast and eager are per example)")
+    if per_example and cfg.model.name != "net1989":
+        raise UserError(f"model.name={cfg.model.name} needs train.engine=minibatch")
     if cfg.train.loss == "ce" and cfg.model.out_act != "none":
         raise UserError("train.loss=ce needs model.out_act=none (cross-entropy takes logits)")
     return cfg

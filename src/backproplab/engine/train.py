@@ -79,8 +79,15 @@ def environment() -> dict:
     return env
 
 
-def make_engine(cfg: Config, params: list):
+def make_engine(cfg: Config, seeds: list):
+    """An engine: train_pass(x, labels, lr, shifts, keep), params(), state(), load_state(state);
+    optionally evaluate(x, labels, loss) -> per-replica metrics and dropout_units (keep-mask width).
+    """
     m, o, t = cfg.model, cfg.optim, cfg.train
+    if t.engine == "minibatch":
+        from .minibatch import MinibatchPopulation
+        return MinibatchPopulation(cfg, seeds)
+    params = [{n: v.numpy() for n, v in init_params(s).items()} for s in seeds]
     kw = dict(act=m.act, out_act=m.out_act, loss=t.loss, optim=o.name, weight_decay=o.weight_decay,
               betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)
     if t.engine == "eager":
@@ -136,8 +143,8 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
     out = prepare_out(out)
     data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
-    params = [{n: t.numpy() for n, t in init_params(s).items()} for s in seeds]
-    engine = make_engine(cfg, params)
+    engine = make_engine(cfg, seeds)
+    units = getattr(engine, "dropout_units", 192)
     history, start, seconds, eval_seconds = [], 0, 0.0, 0.0
     ckpt = checkpoint_path(cfg, out) if out is not None else None
     if resume and ckpt is not None and ckpt.exists():
@@ -155,7 +162,7 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
     status, message = "finished", ""
     for p in range(start, t.passes):
         lrs = step_lrs(cfg, p, n)
-        rand = [pass_randomness(s, p, n, t.shift, m.dropout) for s in seeds]
+        rand = [pass_randomness(s, p, n, t.shift, m.dropout, units) for s in seeds]
         shifts = np.stack([r[0] for r in rand]) if t.shift > 0 else None
         keep = np.stack([r[1] for r in rand]) if m.dropout > 0 else None
         t0 = time.perf_counter()
@@ -172,7 +179,8 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         rec = {"pass": p + 1, "seconds": dt}
         for sp in SPLITS:
             xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
-            rec[sp] = evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
+            rec[sp] = engine.evaluate(xs, ls, t.loss) if hasattr(engine, "evaluate") \
+                else evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
         eval_seconds += time.perf_counter() - t0
         history.append(rec)
         bad = [seeds[r] for r in range(len(seeds)) if not math.isfinite(rec["train"][r]["loss"])

@@ -60,9 +60,9 @@ def init_params(seed: int) -> dict:
 
 
 def weights_sha256(params: dict) -> str:
-    """SHA-256 of the float32 bytes of the parameters in PARAM_NAMES order."""
+    """SHA-256 of the float32 bytes of the parameters in the dict's order (PARAM_NAMES for Net1989)."""
     h = hashlib.sha256()
-    for name in PARAM_NAMES:
+    for name in params:
         t = params[name]
         a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
