@@ -68,7 +68,9 @@ def test_presets_validate():
     ("train.seeds=-3", "train.seeds=-3"),
     ("optim.lr=0", "optim.lr=0.0: must be > 0"),
     ("model.act=sigmoid", "model.act='sigmoid': choose one of"),
-    ("train.engine=gpu", "choose one of fast, eager"),
+    ("train.engine=gpu", "choose one of fast, eager, minibatch"),
+    ("train.batch=8", "needs train.engine=minibatch"),
+    ("model.name=vit", "needs train.engine=minibatch"),
     ("noequals", "not key=value"),
     ("train.loss=ce", "needs model.out_act=none"),
 ])
