@@ -33,13 +33,15 @@ class ModelCfg:
 
 @dataclass
 class OptimCfg:
-    name: str = "sgd"              # sgd | adamw
+    name: str = "sgd"              # sgd | adamw | sdlm (the 1989 diagonal Levenberg-Marquardt)
     lr: float = 0.03               # per example (batch of one)
     lr_end: float | None = None    # linear decay from lr to lr_end over the run, per step (None: constant)
     weight_decay: float = 0.0      # decoupled (AdamW)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    mu: float = 0.02               # sdlm: step lr / (mu + h), h the running Gauss-Newton diagonal
+    gamma: float = 0.01            # sdlm: running-average weight of each new estimate
 
 
 @dataclass
@@ -76,8 +78,8 @@ class Config:
 CHOICES = {
     "model.name": ("net1989", "vit"),
     "model.act": ("tanh", "relu", "scaled_tanh"),
-    "model.out_act": ("tanh", "none"),
-    "optim.name": ("sgd", "adamw"),
+    "model.out_act": ("tanh", "scaled_tanh", "none"),
+    "optim.name": ("sgd", "adamw", "sdlm"),
     "train.loss": ("mse", "ce"),
     "train.engine": ("fast", "eager", "minibatch"),
     "train.device": ("cpu", "cuda"),
@@ -89,6 +91,7 @@ RANGES = {
     "optim.lr": (0.0, 100.0, False), "optim.lr_end": (0.0, 100.0, True),
     "optim.weight_decay": (0.0, 10.0, True), "optim.beta1": (0.0, 1.0, True),
     "optim.beta2": (0.0, 1.0, True), "optim.eps": (0.0, 1.0, False),
+    "optim.mu": (0.0, 100.0, False), "optim.gamma": (0.0, 1.0, False),
     "train.passes": (1, 100_000, True), "train.shift": (0, 4, True),
     "train.seeds": (1, 4096, True), "train.batch": (1, 65536, True),
     "model.dim": (1, 4096, True), "model.depth": (1, 256, True), "model.heads": (1, 64, True),

@@ -22,8 +22,10 @@ class EagerPopulation:
     """R replicas, each an nn.Module with its own torch.optim optimizer, trained in turn."""
 
     def __init__(self, params, act="tanh", out_act="tanh", loss="mse", optim="sgd", weight_decay=0.0,
-                 betas=(0.9, 0.999), eps=1e-8, dropout=0.0, device="cpu"):
-        self.loss, self.device = loss, torch.device(device)
+                 betas=(0.9, 0.999), eps=1e-8, dropout=0.0, device="cpu", mu=0.02, gamma=0.01):
+        self.loss, self.device, self.optim = loss, torch.device(device), optim
+        self.act, self.out_act, self.dropout, self.mu, self.gamma = act, out_act, dropout, mu, gamma
+        self.h = []  # sdlm: running Gauss-Newton diagonal per replica
         self.models, self.opts = [], []
         for p in params:
             m = Net1989(0, act=act, out_act=out_act, dropout=dropout)
@@ -31,8 +33,9 @@ class EagerPopulation:
                 for n in PARAM_NAMES:
                     getattr(m, n).copy_(torch.as_tensor(np.asarray(p[n])))
             m.to(self.device)
-            if optim == "sgd":
+            if optim in ("sgd", "sdlm"):
                 opt = torch.optim.SGD(m.parameters(), lr=1.0)
+                self.h.append({n: torch.zeros_like(getattr(m, n)) for n in PARAM_NAMES})
             else:
                 opt = torch.optim.AdamW(m.parameters(), lr=1.0, betas=betas, eps=eps, weight_decay=weight_decay)
             self.models.append(m)
@@ -53,7 +56,19 @@ class EagerPopulation:
                 opt.zero_grad(set_to_none=True)
                 yhat = m(xr[i:i + 1], None if kr is None else kr[i:i + 1])
                 example_loss(yhat, lab[i:i + 1], self.loss).backward()
-                opt.step()
+                if self.optim == "sdlm":
+                    self._sdlm_step(r, xr[i:i + 1], None if kr is None else kr[i:i + 1], float(lr[i]))
+                else:
+                    opt.step()
+
+    def _sdlm_step(self, r, x, keep, lr):
+        from ..methods.sdlm import net1989_gn_diag, sdlm_update
+        m = self.models[r]
+        p = {n: getattr(m, n).detach() for n in PARAM_NAMES}
+        est = net1989_gn_diag(p, x, self.act, self.out_act, self.loss, keep, self.dropout)
+        with torch.no_grad():
+            for n in PARAM_NAMES:
+                sdlm_update(p[n], getattr(m, n).grad, self.h[r][n], est[n], lr, self.mu, self.gamma)
 
     def params(self):
         return [{n: getattr(m, n).detach().cpu().numpy().copy() for n in PARAM_NAMES} for m in self.models]
@@ -63,6 +78,8 @@ class EagerPopulation:
         for r, (m, opt) in enumerate(zip(self.models, self.opts)):
             for n in PARAM_NAMES:
                 out[f"{r}.{n}"] = getattr(m, n).detach().cpu().numpy().copy()
+            for n, v in (self.h[r].items() if self.optim == "sdlm" else ()):
+                out[f"{r}.h.{n}"] = v.detach().cpu().numpy().copy()
             for i, p in enumerate(m.parameters()):
                 for k, v in opt.state.get(p, {}).items():
                     out[f"{r}.opt.{i}.{k}"] = v.detach().cpu().numpy().copy() if torch.is_tensor(v) \
@@ -74,6 +91,8 @@ class EagerPopulation:
             with torch.no_grad():
                 for n in PARAM_NAMES:
                     getattr(m, n).copy_(torch.as_tensor(state[f"{r}.{n}"]))
+                    if self.optim == "sdlm":
+                        self.h[r][n].copy_(torch.as_tensor(state[f"{r}.h.{n}"]))
             for i, p in enumerate(m.parameters()):
                 prefix = f"{r}.opt.{i}."
                 st = {k[len(prefix):]: torch.as_tensor(v).to(self.device) for k, v in state.items()

@@ -32,7 +32,7 @@ def population_outputs(params, x: torch.Tensor, act="tanh", out_act="tanh", chun
         h = h.reshape(B, R, 192).transpose(0, 1)                  # (R, B, 192)
         h = f(torch.baddbmm(b3.unsqueeze(1), h, w3.transpose(1, 2)))  # (R, B, 30)
         o = torch.baddbmm(bo.unsqueeze(1), h, wo.transpose(1, 2))      # (R, B, 10)
-        outs.append(torch.tanh(o) if out_act == "tanh" else o)
+        outs.append(o if out_act == "none" else activation(out_act)(o))
     return torch.cat(outs, dim=1)
 
 

@@ -90,6 +90,8 @@ def make_engine(cfg: Config, seeds: list):
     params = [{n: v.numpy() for n, v in init_params(s).items()} for s in seeds]
     kw = dict(act=m.act, out_act=m.out_act, loss=t.loss, optim=o.name, weight_decay=o.weight_decay,
               betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)
+    if o.name == "sdlm":
+        kw.update(mu=o.mu, gamma=o.gamma)
     if t.engine == "eager":
         if t.device == "cuda" and not torch.cuda.is_available():
             raise UserError("train.device=cuda but CUDA is not available on this machine")

@@ -111,7 +111,9 @@ class Net1989(nn.Module):
             x = F.dropout(x, self.dropout, self.training)
         x = self.act(x @ self.h3_w.t() + self.h3_b)                  # (B, 30)
         x = x @ self.out_w.t() + self.out_b                          # (B, 10)
-        return torch.tanh(x) if self.out_act == "tanh" else x
+        if self.out_act == "none":
+            return x
+        return activation(self.out_act)(x)
 
 
 def count_params(model: nn.Module) -> int:
