@@ -36,6 +36,28 @@ def build_parser():
     r.add_argument("--resume", action="store_true", help="continue the stopped run with this config in --out")
     r.add_argument("--quiet", action="store_true", help="no per-pass lines")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
+    lad = sub.add_parser("ladder", help="the 1989 -> 2022 ladder, every rung on several seeds")
+    _add_common(lad)
+    lad.add_argument("--seeds", type=int, default=4, help="seeds per rung (default 4)")
+    lad.add_argument("--rungs", help="comma-separated rungs (1,1b,2,3,4,5,6; default 1-5)")
+    lad.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="rungs trained at once")
+    lad.add_argument("--data", default="mnist10k", help="mnist10k (default) or a folder of IDX files")
+    lad.add_argument("--smoke", action="store_true", help="test size: 300 training digits, 2 passes a rung")
+    lad.add_argument("--engine", choices=("fast", "eager"), help="per-example engine (default fast)")
+    lad.add_argument("--resume", action="store_true", help="skip finished rungs, continue stopped ones")
+    ds = sub.add_parser("datascale", help="test error against training-set size, 1989 vs modern recipe")
+    _add_common(ds)
+    ds.add_argument("--data", default="mnist10k", help="mnist10k (default) or a folder of IDX files")
+    ds.add_argument("--sizes", help="comma-separated training-set sizes (default 1k,2k,4k,7.3k,15k,30k,50k, "
+                                    "capped by the data)")
+    ds.add_argument("--recipes", default="1989,modern", help="1989, modern or both (default)")
+    ds.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    ds.add_argument("--passes", type=int, help="passes per cell (default 100 for 1989, 80 for modern)")
+    ds.add_argument("--n-test", type=int, help="use the first n test examples (default all)")
+    ds.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="cells trained at once")
+    ds.add_argument("--smoke", action="store_true", help="test size: sizes 200,400, 2 passes, 500 test digits")
+    ds.add_argument("--engine", choices=("fast", "eager"), help="per-example engine (default fast)")
+    ds.add_argument("--resume", action="store_true", help="skip finished cells, continue stopped ones")
     s = sub.add_parser("runs", help="list the results store, one line per run")
     _add_common(s)
     return ap
@@ -93,7 +115,50 @@ def cmd_runs(args):
     return 0
 
 
-COMMANDS = {"repro": cmd_repro, "runs": cmd_runs}
+def cmd_ladder(args):
+    from .experiments.ladder import parse_rungs
+    rungs = parse_rungs(args.rungs)
+    if args.seeds < 1 or args.jobs < 1:
+        raise UserError("--seeds and --jobs must be >= 1")
+    from .experiments.ladder_report import run_and_report
+    summary = run_and_report(rungs, args.seeds, args.out, args.resume, args.jobs, args.smoke, args.data,
+                             engine=args.engine)
+    if args.json:
+        _emit_json(summary)
+    return 0 if all(r["status"] == "finished" for r in summary["rungs"]) else 3
+
+
+def cmd_datascale(args):
+    if args.seeds < 1 or args.jobs < 1 or (args.passes is not None and args.passes < 1):
+        raise UserError("--seeds, --jobs and --passes must be >= 1")
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    from .engine.train import environment, prepare_out
+    from .experiments.datascale import format_table, run_datascale
+    from .report import plots
+    from .store import add_run
+    out = prepare_out(args.out)
+    cfgs, results, rows = run_datascale(args.data, args.sizes, recipes, args.seeds, args.passes, args.n_test,
+                                        out, args.resume, args.jobs, args.smoke, engine=args.engine)
+    env = environment()
+    for key, res in results.items():
+        add_run(out, "datascale", cfgs[key].name, res.status, res.config, res.summary(), res.history, env)
+    print(format_table(rows))
+    series = {}
+    for rec in recipes:
+        rr = [r for r in rows if r["recipe"] == rec]
+        series[f"{rec} recipe"] = ([r["n_train"] for r in rr], [r["test_error"] for r in rr],
+                                   [r["test_error_std"] for r in rr])
+    (out / "datascale").mkdir(exist_ok=True)
+    png = plots.loglog_errorbars(series, out / "datascale" / "test_error_vs_size.png", "training examples",
+                                 "test error (%)", f"data scaling on {args.data} ({args.seeds} seeds)")
+    if png:
+        print(f"wrote {png}")
+    if args.json:
+        _emit_json({"rows": rows, "plot": str(png) if png else None})
+    return 0 if all(r["status"] == "finished" for r in rows) else 3
+
+
+COMMANDS = {"repro": cmd_repro, "ladder": cmd_ladder, "datascale": cmd_datascale, "runs": cmd_runs}
 
 
 def main(argv=None):

@@ -55,6 +55,7 @@ class TrainCfg:
     seeds: int = 1                 # replicas trained at once
     device: str = "cpu"            # eager engine only: cpu | cuda
     threads: int = 1
+    eval_every: int = 1            # evaluate every k passes (and always after the last)
 
 
 @dataclass
@@ -96,6 +97,7 @@ RANGES = {
     "train.seeds": (1, 4096, True), "train.batch": (1, 65536, True),
     "model.dim": (1, 4096, True), "model.depth": (1, 256, True), "model.heads": (1, 64, True),
     "model.patch": (1, 16, True), "train.seed": (0, 2**31 - 1, True), "train.threads": (1, 1024, True),
+    "train.eval_every": (1, 100_000, True),
 }
 
 
@@ -112,7 +114,57 @@ def smoke() -> Config:
     return c
 
 
-PRESETS = {"lecun1989": lecun1989, "smoke": smoke}
+# The time-travel ladder (SPEC section 2): each rung is the one before plus one change.
+def rung1() -> Config:
+    c = lecun1989()
+    c.name = "rung1"
+    return c
+
+
+def rung1b() -> Config:
+    """rung 1 with the paper's own optimizer (diagonal Levenberg-Marquardt) and 1.7159 tanh(2x/3)."""
+    c = rung1()
+    c.name = "rung1b"
+    c.model.act = c.model.out_act = "scaled_tanh"
+    c.optim.name, c.optim.lr = "sdlm", 0.0005  # lr / (mu + h): about 0.025 where h is small
+    return c
+
+
+def rung2() -> Config:
+    """no tanh on the output; softmax cross-entropy; SGD lr 0.01 (the reference's choice)."""
+    c = rung1()
+    c.name = "rung2"
+    c.model.out_act, c.train.loss, c.optim.lr = "none", "ce", 0.01
+    return c
+
+
+def rung3() -> Config:
+    """AdamW (torch defaults: betas 0.9/0.999, weight decay 0.01), lr 3e-4 -> 1e-4 linearly, 46 passes."""
+    c = rung2()
+    c.name = "rung3"
+    c.optim.name, c.optim.lr, c.optim.lr_end, c.optim.weight_decay = "adamw", 3e-4, 1e-4, 0.01
+    c.train.passes = 46
+    return c
+
+
+def rung4() -> Config:
+    """shifts of up to 1 pixel in x and y (translation with -1 fill, not a cyclic roll), 60 passes."""
+    c = rung3()
+    c.name = "rung4"
+    c.train.shift, c.train.passes = 1, 60
+    return c
+
+
+def rung5() -> Config:
+    """dropout 0.25 before H3 and ReLU everywhere, 80 passes."""
+    c = rung4()
+    c.name = "rung5"
+    c.model.dropout, c.model.act, c.train.passes = 0.25, "relu", 80
+    return c
+
+
+PRESETS = {"lecun1989": lecun1989, "smoke": smoke, "rung1": rung1, "rung1b": rung1b, "rung2": rung2,
+           "rung3": rung3, "rung4": rung4, "rung5": rung5}
 
 
 def list_presets():

@@ -52,3 +52,15 @@ def metrics_from_outputs(out: torch.Tensor, labels: torch.Tensor, loss: str) -> 
 
 def evaluate(params, x, labels, act="tanh", out_act="tanh", loss="mse") -> list[dict]:
     return metrics_from_outputs(population_outputs(params, x, act, out_act), labels, loss)
+
+
+@torch.no_grad()
+def predict(cfg_model, params: dict, x: torch.Tensor) -> torch.Tensor:
+    """One replica's outputs (B, 10) for any registered model."""
+    if cfg_model.name == "net1989":
+        return population_outputs([params], x, cfg_model.act, cfg_model.out_act)[0]
+    from ..models.registry import build_model
+    m = build_model(cfg_model, 0)
+    m.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()})
+    m.eval()
+    return m(x)

@@ -37,6 +37,7 @@ class Result:
     final: list                      # per replica: {"seed", "train_loss", ..., "weights_sha256"}
     seconds: float                   # training time (engine only), all passes including resumed ones
     eval_seconds: float
+    n_train: int = 0
     status: str = "finished"         # finished | diverged
     message: str = ""
     params: list = field(default_factory=list, repr=False)
@@ -44,7 +45,8 @@ class Result:
     def summary(self) -> dict:
         s = {"passes": len(self.history), "seeds": len(self.seeds), "engine": self.config["train"]["engine"],
              "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
-             "status": self.status, "error_unit": "percent"}
+             "status": self.status, "error_unit": "percent",
+             "config_digest": _digest(self.config)}
         for key in ("train_loss", "train_error", "train_misses", "test_loss", "test_error", "test_misses"):
             vals = np.array([f[key] for f in self.final], dtype=np.float64)
             s[key] = float(vals.mean()) if len(vals) > 1 else self.final[0][key]
@@ -58,6 +60,11 @@ class Result:
         if self.message:
             s["message"] = self.message
         return s
+
+
+def _digest(cfg_dict) -> str:
+    from ..config import from_dict
+    return from_dict(cfg_dict).digest()
 
 
 def environment() -> dict:
@@ -176,28 +183,33 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
                 progress(p, int(b), n)
         dt = time.perf_counter() - t0
         seconds += dt
-        t0 = time.perf_counter()
-        cur = engine.params()
-        rec = {"pass": p + 1, "seconds": dt}
-        for sp in SPLITS:
-            xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
-            rec[sp] = engine.evaluate(xs, ls, t.loss) if hasattr(engine, "evaluate") \
-                else evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
-        eval_seconds += time.perf_counter() - t0
-        history.append(rec)
-        bad = [seeds[r] for r in range(len(seeds)) if not math.isfinite(rec["train"][r]["loss"])
-               or not all(np.isfinite(v).all() for v in cur[r].values())]
-        if log:
-            log(format_pass(rec, t.passes))
-        if bad:
-            status, message = "diverged", f"diverged in pass {p + 1}: NaN/Inf loss or weights (seeds {bad})"
-            break
+        if (p + 1) % t.eval_every == 0 or p + 1 == t.passes:
+            t0 = time.perf_counter()
+            rec = _evaluate_pass(engine, data, cfg, p, dt)
+            eval_seconds += time.perf_counter() - t0
+            history.append(rec)
+            if log:
+                log(format_pass(rec, t.passes))
+            bad = [seeds[r] for r, v in enumerate(rec["train"]) if not math.isfinite(v["loss"])]
+            if bad:
+                status, message = "diverged", f"diverged in pass {p + 1}: NaN/Inf loss (seeds {bad})"
+                break
         if ckpt is not None:
             save_checkpoint(ckpt, {"config": cfg.to_json(), "passes_done": p + 1, "history": history,
                                    "seconds": seconds, "eval_seconds": eval_seconds, "engine": engine.state()})
     params = engine.params()
     return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1]), seconds, eval_seconds,
-                  status, message, params)
+                  n, status, message, params)
+
+
+def _evaluate_pass(engine, data, cfg, p, dt) -> dict:
+    m, t = cfg.model, cfg.train
+    cur = None if hasattr(engine, "evaluate") else engine.params()
+    rec = {"pass": p + 1, "seconds": dt}
+    for sp in SPLITS:
+        xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
+        rec[sp] = engine.evaluate(xs, ls, t.loss) if cur is None else evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
+    return rec
 
 
 def format_pass(rec: dict, passes: int) -> str:

@@ -1,0 +1,48 @@
+"""Model registry: name -> constructor from a ModelCfg and a seed.
+
+Every model takes forward(x (B, 1, 16, 16), keep=None) -> (B, 10), where keep is a
+(B, dropout_units(cfg)) boolean mask drawn by the training loop (shared random
+streams, exact resume) and the model scales kept units by 1/(1-p).
+"""
+import torch.nn as nn
+
+from ..errors import UserError
+from .net1989 import N_PARAMS, MACS, Net1989
+from .vit import ViT, vit_macs
+
+
+def _net1989(m, seed):
+    return Net1989(seed, act=m.act, out_act=m.out_act, dropout=m.dropout)
+
+
+def _vit(m, seed):
+    return ViT(seed, dim=m.dim, depth=m.depth, heads=m.heads, patch=m.patch, act=m.act,
+               out_act=m.out_act, dropout=m.dropout)
+
+
+MODELS = {"net1989": _net1989, "vit": _vit}
+
+
+def list_models():
+    return sorted(MODELS)
+
+
+def build_model(cfg_model, seed: int) -> nn.Module:
+    if cfg_model.name not in MODELS:
+        raise UserError(f"unknown model {cfg_model.name!r}; known: {', '.join(list_models())}")
+    return MODELS[cfg_model.name](cfg_model, int(seed))
+
+
+def dropout_units(cfg_model) -> int:
+    """Width of the keep masks the model takes: 192 H2 outputs for net1989, dim for the ViT."""
+    return cfg_model.dim if cfg_model.name == "vit" else 192
+
+
+def model_macs(cfg_model) -> int:
+    """Multiply-adds of one forward pass of one image."""
+    if cfg_model.name == "vit":
+        return vit_macs(cfg_model.dim, cfg_model.depth, cfg_model.heads, cfg_model.patch)
+    return MACS
+
+
+REFERENCE = {"params": N_PARAMS, "macs": MACS}  # the 1989 net every model is compared with
