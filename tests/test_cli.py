@@ -117,3 +117,15 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["weights_sha256"] == ref_out["weights_sha256"]
     assert out["test_misses"] == ref_out["test_misses"]
+
+
+def test_doctor_finds_a_corrupt_checkpoint(tmp_path):
+    assert run_cli("repro", *TINY, "--out", tmp_path).returncode == 0
+    ok = run_cli("doctor", "--out", tmp_path, "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout.strip().splitlines()[-1])["ok"] is True
+    ck = next((tmp_path / "checkpoints").iterdir())
+    ck.write_bytes(ck.read_bytes()[:-3])
+    bad = run_cli("doctor", "--out", tmp_path, "--json")
+    report = json.loads(bad.stdout.strip().splitlines()[-1])
+    assert bad.returncode == 1 and not report["ok"]
+    assert [c["check"] for c in report["checks"] if not c["ok"]] == ["checkpoints"]

@@ -58,6 +58,8 @@ def build_parser():
     ds.add_argument("--smoke", action="store_true", help="test size: sizes 200,400, 2 passes, 500 test digits")
     ds.add_argument("--engine", choices=("fast", "eager"), help="per-example engine (default fast)")
     ds.add_argument("--resume", action="store_true", help="skip finished cells, continue stopped ones")
+    doc = sub.add_parser("doctor", help="check the environment, the data and an output folder")
+    _add_common(doc)
     s = sub.add_parser("runs", help="list the results store, one line per run")
     _add_common(s)
     return ap
@@ -158,7 +160,17 @@ def cmd_datascale(args):
     return 0 if all(r["status"] == "finished" for r in rows) else 3
 
 
-COMMANDS = {"repro": cmd_repro, "ladder": cmd_ladder, "datascale": cmd_datascale, "runs": cmd_runs}
+def cmd_doctor(args):
+    from .doctor import run_doctor
+    checks = run_doctor(args.out)
+    for c in checks:
+        print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:14s} {c['detail']}")
+    if args.json:
+        _emit_json({"checks": checks, "ok": all(c["ok"] for c in checks)})
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+COMMANDS = {"repro": cmd_repro, "doctor": cmd_doctor, "ladder": cmd_ladder, "datascale": cmd_datascale, "runs": cmd_runs}
 
 
 def main(argv=None):

@@ -12,6 +12,8 @@ from .idx import load_idx_folder
 from .preprocess import preprocess_1989
 
 EMBEDDED = "mnist10k"
+# sha256(images.tobytes() + labels.tobytes()) of the vendored array, as scripts/vendor_mnist10k.py prints it.
+EMBEDDED_SHA256 = "bc6b63550c8a82f6ecccd9458252069fb030ee802997b8242e71d5146b0cbf0e"
 N_TRAIN_1989, N_TEST_1989 = 7291, 2007
 
 
