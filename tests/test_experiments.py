@@ -11,7 +11,7 @@ from backproplab.store import list_runs
 from conftest import run_cli
 from test_cli import _assert_one_line_error, _idx_folder
 
-ENGINE = "eager"
+ENGINE = "fast"
 
 
 def test_1989_cost_of_the_paper_is_three_days():

@@ -26,8 +26,18 @@ CREATE TABLE IF NOT EXISTS runs (
 DB_NAME = "runs.db"
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
+    """create=False opens an existing store for reading and refuses a file that is not one
+    (a foreign SQLite database is never modified)."""
     try:
+        if not create:
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+            con.execute("PRAGMA busy_timeout=30000")
+            cols = [r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()]
+            if not {"kind", "config", "summary", "history"} <= set(cols):
+                con.close()
+                raise UserError(f"{path} is not a backproplab results store (no runs table)")
+            return con
         con = sqlite3.connect(str(path), timeout=30.0)
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA busy_timeout=30000")
@@ -57,10 +67,13 @@ def add_run(folder, kind: str, name: str, status: str, config: dict, summary: di
 
 
 def list_runs(folder) -> list[dict]:
-    path = store_path(folder)
+    """folder: an output folder holding runs.db, or the path of a store file itself."""
+    path = Path(folder)
+    if not path.is_file():
+        path = store_path(folder)
     if not path.is_file():
         raise UserError(f"no results store at {path} (run something with --out {folder} first)")
-    con = _connect(path)
+    con = _connect(path, create=False)
     try:
         rows = con.execute("SELECT id, created, kind, name, status, config, summary, history, env "
                            "FROM runs ORDER BY id").fetchall()

@@ -21,7 +21,7 @@ MAGIC = b"BPLCKPT1"
 
 def _to_tensors(obj):
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
+        return torch.from_numpy(np.array(obj, copy=True))  # keeps 0-d arrays 0-d
     if isinstance(obj, dict):
         return {k: _to_tensors(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -1,11 +1,13 @@
 """Minibatch engine: R replicas of any registry model, torch.optim SGD or AdamW.
 
-The replicas' parameters live stacked, one (R, ...) tensor per parameter name. SGD and
-AdamW are elementwise, so one torch.optim optimizer over the stacked tensors is exactly
-R independent optimizers (they all step together, so the shared step count is right).
-Gradients come from torch.func: vmap(grad(loss)) over the replica axis, so R models
-cost one batched forward/backward; with R = 1 (or vectorize=False) a plain autograd
-loop over replicas gives the same numbers and is the reference path.
+All weights of all replicas live in one (R, n_params) buffer W; each replica's module
+and the per-name (R, ...) views alias it. SGD and AdamW are elementwise, so one
+torch.optim optimizer over W is exactly R independent optimizers (they all step
+together, so the shared step count is right) and costs a few ops per step, not a few
+per parameter tensor. With vectorize, the forward runs once for all replicas under
+torch.func.vmap over the replica axis and autograd differentiates the batched ops
+(cheaper here than vmap(grad)); otherwise a plain autograd loop over the replicas, the
+reference path. Both give the same numbers up to float rounding.
 
 Batches are a stream: examples are consumed in the order train_pass receives them and
 an update happens every `batch` examples; a partial batch at the end of a call waits
@@ -17,7 +19,7 @@ batches aligned to passes. The lr of a batch is the lr of its first example.
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from ..data.augment import shift_images
 from ..errors import UserError
@@ -25,14 +27,19 @@ from ..models.registry import build_model, dropout_units
 from .evaluate import metrics_from_outputs
 
 EVAL_CHUNK = 2048  # images per forward pass in evaluate()
+# Replicas from which the vmap path is faster than the loop (one thread, batch 32, this
+# repo's benchmark): the ViT's small matmuls batch well (R=8: 0.5x the loop's time per
+# replica); net1989's vmapped convolutions and connection-table scatter only pay off late.
+VECTORIZE_FROM = {"vit": 2, "net1989": 8}
 
 
 def batch_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
-    """out (B, 10), labels (B,) -> mean over the batch of the per-example loss."""
+    """out (..., B, 10), labels (B,) -> (...) mean over the batch of the per-example loss."""
     if loss == "mse":  # mean over the 10 outputs against -1 / +1 targets
         target = 2.0 * F.one_hot(labels, 10).to(out.dtype) - 1.0
-        return torch.mean((out - target) ** 2)
-    return F.cross_entropy(out, labels)
+        return torch.mean((out - target) ** 2, dim=(-2, -1))
+    per = F.cross_entropy(out.reshape(-1, 10), labels.repeat(out.numel() // (10 * len(labels))), reduction="none")
+    return per.reshape(out.shape[:-1]).mean(-1)
 
 
 class MinibatchPopulation:
@@ -45,26 +52,31 @@ class MinibatchPopulation:
         self.device, self.batch, self.loss = torch.device(t.device), int(t.batch), t.loss
         self.R, self.dropout = len(seeds), m.dropout
         self.dropout_units = dropout_units(m)
-        self.vectorize = self.R > 1 if vectorize is None else bool(vectorize)
-        models = [build_model(m, s) for s in seeds]
-        self.base = models[0].to(self.device)   # the functional template; its own weights are unused
-        self.names = [n for n, _ in self.base.named_parameters()]
-        # name -> (R, ...) leaf tensor, the optimizer's parameters
-        self.P = {n: torch.stack([dict(mod.named_parameters())[n].detach() for mod in models])
-                  .to(self.device).requires_grad_(True) for n in self.names}
-        leaves = [self.P[n] for n in self.names]
+        if vectorize is None:
+            vectorize = self.R >= VECTORIZE_FROM.get(m.name, 2)
+        self.vectorize = bool(vectorize)
+        self.models = [build_model(m, s).to(self.device) for s in seeds]
+        self.names = [n for n, _ in self.models[0].named_parameters()]
+        shapes = [p.shape for p in self.models[0].parameters()]
+        sizes = [p.numel() for p in self.models[0].parameters()]
+        # W (R, n_params): row r is replica r's parameters, flattened in named_parameters order
+        self.W = torch.stack([torch.cat([p.detach().reshape(-1) for p in mod.parameters()])
+                              for mod in self.models])
+        cols = np.cumsum([0] + sizes)
+        self.views = {n: self.W[:, a:b].view(self.R, *sh)  # (R, *shape) views of W
+                      for n, a, b, sh in zip(self.names, cols[:-1], cols[1:], shapes)}
+        for r, mod in enumerate(self.models):  # each replica's module now aliases its row of W
+            for n, p in mod.named_parameters():
+                p.data = self.views[n][r]
         if o.name == "sgd":  # like the per-example engines: plain SGD, weight_decay unused
-            self.opt = torch.optim.SGD(leaves, lr=o.lr)
+            self.opt = torch.optim.SGD([self.W], lr=o.lr)
         else:
-            self.opt = torch.optim.AdamW(leaves, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+            self.opt = torch.optim.AdamW([self.W], lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                          weight_decay=o.weight_decay)
-        self._grad = grad(self._replica_loss)
-        self._vgrad = {True: vmap(self._grad, in_dims=(0, 0, None, 0)),
-                       False: vmap(self._grad, in_dims=(0, 0, None, None))}
+        # vmap of the forward only: autograd then runs on the batched ops, cheaper than vmap(grad)
+        fwd = lambda prm, xb, kb: functional_call(self.models[0], prm, (xb, kb))  # noqa: E731
+        self._vfwd = {True: vmap(fwd, in_dims=(0, 0, 0)), False: vmap(fwd, in_dims=(0, 0, None))}
         self.pending = None  # carry-over: (x (R, k, 1, 16, 16), labels (k,), lr (k,) float32, keep (R, k, U))
-
-    def _replica_loss(self, params, x, labels, keep):  # one replica: x (B, 1, 16, 16), keep (B, U)
-        return batch_loss(functional_call(self.base, params, (x, keep)), labels, self.loss)
 
     # -- training -------------------------------------------------------------------------
     def train_pass(self, x, labels, lr, shifts=None, keep=None):
@@ -110,52 +122,45 @@ class MinibatchPopulation:
     def _step(self, x, labels, lr, keep):  # x (R, B, 1, 16, 16), labels (B,), keep (R, B, U) or None
         for g in self.opt.param_groups:
             g["lr"] = lr
-        self.base.train()
-        if self.vectorize:
-            params = {n: p.detach() for n, p in self.P.items()}
-            grads = self._vgrad[keep is not None](params, x, labels, keep)
-            for n in self.names:
-                self.P[n].grad = grads[n]
-        else:  # reference path: one autograd graph per replica, grads land in the stacked leaves
-            for p in self.P.values():
-                p.grad = None
-            total = 0.0
-            for r in range(self.R):
-                params = {n: self.P[n][r] for n in self.names}
-                total = total + self._replica_loss(params, x[r], labels, None if keep is None else keep[r])
-            total.backward()
+        if self.vectorize:  # modules stay in train mode except inside outputs()
+            leaves = {n: v.detach().requires_grad_() for n, v in self.views.items()}  # share W's storage
+            out = self._vfwd[keep is not None](leaves, x, keep)                      # (R, B, 10)
+            grads = torch.autograd.grad(batch_loss(out, labels, self.loss).sum(), list(leaves.values()))
+            self.W.grad = torch.cat([g.reshape(self.R, -1) for g in grads], 1)
+        else:  # reference path: plain autograd, one replica after another
+            rows = []
+            for r, mod in enumerate(self.models):
+                loss = batch_loss(mod(x[r], None if keep is None else keep[r]), labels, self.loss)
+                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(mod.parameters()))]))
+            self.W.grad = torch.stack(rows)
         self.opt.step()
 
     # -- evaluation and state -------------------------------------------------------------
     @torch.no_grad()
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, 16, 16) -> outputs (R, B, 10) in eval mode (no dropout)."""
-        self.base.eval()
+        """x (B, 1, 16, 16) -> outputs (R, B, 10) in eval mode (no dropout).
+
+        A loop over replicas even when training is vectorized: with thousands of images
+        per call the ops are large already and vmap only adds overhead (measured).
+        """
         x = x.reshape(-1, 1, 16, 16).to(self.device)
-        params = {n: p.detach() for n, p in self.P.items()}
-        fwd = vmap(lambda prm, xb: functional_call(self.base, prm, (xb,)), in_dims=(0, None))
         outs = []
-        for s in range(0, len(x), EVAL_CHUNK):
-            xb = x[s:s + EVAL_CHUNK]
-            if self.vectorize:
-                outs.append(fwd(params, xb))
-            else:
-                outs.append(torch.stack([functional_call(self.base, {n: params[n][r] for n in self.names}, (xb,))
-                                         for r in range(self.R)]))
-        self.base.train()
-        return torch.cat(outs, 1).cpu()
+        for mod in self.models:
+            mod.eval()
+            outs.append(torch.cat([mod(x[s:s + EVAL_CHUNK]) for s in range(0, len(x), EVAL_CHUNK)]))
+            mod.train()
+        return torch.stack(outs).cpu()
 
     def evaluate(self, x, labels, loss) -> list:
         return metrics_from_outputs(self.outputs(x), torch.as_tensor(labels).cpu(), loss)
 
     def params(self) -> list:
-        return [{n: self.P[n][r].detach().cpu().numpy().copy() for n in self.names} for r in range(self.R)]
+        return [{n: self.views[n][r].cpu().numpy().copy() for n in self.names} for r in range(self.R)]
 
     def state(self) -> dict:
-        out = {f"p.{n}": self.P[n].detach().cpu().numpy().copy() for n in self.names}
-        for n in self.names:
-            for k, v in self.opt.state.get(self.P[n], {}).items():
-                out[f"opt.{n}.{k}"] = v.detach().cpu().numpy().copy() if torch.is_tensor(v) else np.asarray(v)
+        out = {f"p.{n}": self.views[n].cpu().numpy().copy() for n in self.names}  # (R, ...) each
+        for k, v in self.opt.state.get(self.W, {}).items():  # AdamW: step, exp_avg / exp_avg_sq (R, n_params)
+            out[f"opt.{k}"] = v.detach().cpu().numpy().copy() if torch.is_tensor(v) else np.asarray(v)
         if self.pending is not None:
             px, pl, plr, pk = self.pending
             out.update({"pending.x": px.numpy().copy(), "pending.labels": pl.numpy().copy(),
@@ -170,14 +175,12 @@ class MinibatchPopulation:
             raise UserError(f"checkpoint does not fit this model: missing {', '.join(missing[:3])}")
         with torch.no_grad():
             for n in self.names:
-                self.P[n].copy_(torch.as_tensor(np.asarray(state[f"p.{n}"])))
+                self.views[n].copy_(torch.as_tensor(np.asarray(state[f"p.{n}"])))
         self.opt.state.clear()
-        for n in self.names:
-            prefix = f"opt.{n}."
-            st = {k[len(prefix):]: torch.as_tensor(np.asarray(v)).clone() for k, v in state.items() if k.startswith(prefix)}
-            if st:  # AdamW keeps `step` as a float32 CPU scalar, moments on the parameter's device
-                self.opt.state[self.P[n]] = {k: (v.float() if k == "step" else v.to(self.device))
-                                             for k, v in st.items()}
+        st = {k[4:]: torch.as_tensor(np.asarray(v)).clone() for k, v in state.items() if k.startswith("opt.")}
+        if st:  # AdamW keeps `step` as a 0-d float32 CPU tensor (checkpoints may make it 1-d), moments beside W
+            self.opt.state[self.W] = {k: (v.float().reshape(()) if k == "step" else v.to(self.device))
+                                      for k, v in st.items()}
         self.pending = None
         if "pending.x" in state:
             pk = state.get("pending.keep")

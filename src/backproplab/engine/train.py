@@ -99,7 +99,7 @@ def make_engine(cfg: Config, seeds: list):
               betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)
     if o.name == "sdlm":
         kw.update(mu=o.mu, gamma=o.gamma)
-    if t.engine == "eager":
+    if t.engine == "eager" or o.name == "sdlm":  # the fast kernels do not carry the 1989 optimizer
         if t.device == "cuda" and not torch.cuda.is_available():
             raise UserError("train.device=cuda but CUDA is not available on this machine")
         from .eager import EagerPopulation
@@ -181,6 +181,8 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
                               None if shifts is None else shifts[:, a:b], None if keep is None else keep[:, a:b])
             if progress:
                 progress(p, int(b), n)
+        if hasattr(engine, "end_pass"):  # minibatches stay aligned to passes: the last one may be smaller
+            engine.end_pass()
         dt = time.perf_counter() - t0
         seconds += dt
         if (p + 1) % t.eval_every == 0 or p + 1 == t.passes:

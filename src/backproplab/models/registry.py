@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from .net1989 import N_PARAMS, MACS, Net1989
-from .vit import ViT, vit_macs
+from .vit import ViT, vit_macs_from_cfg
 
 
 def _net1989(m, seed):
@@ -41,8 +41,16 @@ def dropout_units(cfg_model) -> int:
 def model_macs(cfg_model) -> int:
     """Multiply-adds of one forward pass of one image."""
     if cfg_model.name == "vit":
-        return vit_macs(cfg_model.dim, cfg_model.depth, cfg_model.heads, cfg_model.patch)
+        return vit_macs_from_cfg(cfg_model)
     return MACS
 
 
 REFERENCE = {"params": N_PARAMS, "macs": MACS}  # the 1989 net every model is compared with
+
+
+def model_card(cfg_model) -> dict:
+    """Size of the model against the 1989 net: parameters, multiply-adds per image, ratios."""
+    n = sum(p.numel() for p in build_model(cfg_model, 0).parameters())
+    macs = model_macs(cfg_model)
+    return {"model": cfg_model.name, "params": n, "macs": macs, "dropout_units": dropout_units(cfg_model),
+            "params_vs_1989": n / REFERENCE["params"], "macs_vs_1989": macs / REFERENCE["macs"]}

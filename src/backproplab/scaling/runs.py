@@ -1,0 +1,174 @@
+"""The table every scaling fit works on (one row per training run), and reading it from a
+results store.
+
+A run: N parameters, D training examples seen (= epochs x training-set size), C training
+FLOPs, loss = validation loss (nats), lr = peak learning rate, epochs (may be fractional),
+family (model family name). lr / epochs are NaN when unknown.
+"""
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from .fit import MIN_CHINCHILLA_RUNS, MIN_DISTINCT, MIN_FRONTIER_RUNS, chinchilla_problem
+
+FIELDS = ("N", "D", "C", "loss", "lr", "epochs")
+REQUIRED = ("N", "D", "C", "loss")
+
+
+@dataclass(frozen=True)
+class Runs:
+    N: np.ndarray          # (R,) float
+    D: np.ndarray          # (R,)
+    C: np.ndarray          # (R,)
+    loss: np.ndarray       # (R,)
+    lr: np.ndarray         # (R,) NaN if unknown
+    epochs: np.ndarray     # (R,) NaN if unknown
+    family: np.ndarray     # (R,) object array of str
+    info: dict = field(default_factory=dict, compare=False)   # where they came from, what was skipped
+
+    def __len__(self):
+        return len(self.loss)
+
+    def take(self, idx) -> "Runs":
+        idx = np.asarray(idx)
+        return Runs(*(getattr(self, f)[idx] for f in FIELDS), family=self.family[idx], info=self.info)
+
+    @property
+    def n_train(self) -> np.ndarray:
+        """Training-set size D / epochs (NaN where epochs is unknown)."""
+        with np.errstate(all="ignore"):
+            return self.D / self.epochs
+
+    def families(self) -> list[str]:
+        return sorted(set(self.family.tolist()))
+
+    def records(self) -> list[dict]:
+        return [{**{f: float(getattr(self, f)[i]) for f in FIELDS}, "family": str(self.family[i])}
+                for i in range(len(self))]
+
+
+def as_runs(x) -> Runs:
+    """Runs from Runs, a dict of equal-length arrays, or a list of dicts (record per run)."""
+    if isinstance(x, Runs):
+        return x
+    if isinstance(x, dict):
+        cols = x
+        R = len(np.atleast_1d(cols["loss"]))
+    else:
+        recs = list(x)
+        R = len(recs)
+        cols = {f: [r.get(f, np.nan) for r in recs] for f in FIELDS}
+        cols["family"] = [r.get("family", "model") for r in recs]
+    arr = {}
+    for f in FIELDS:
+        v = cols.get(f)
+        a = np.full(R, np.nan) if v is None else np.broadcast_to(np.asarray(v, dtype=float), (R,)).copy()
+        if f in REQUIRED and (~np.isfinite(a) | (a <= 0)).any():
+            raise UserError(f"run field {f} must be finite and positive in every run")
+        arr[f] = a
+    fam = cols.get("family")
+    fam = np.array(["model"] * R if fam is None else [str(s) for s in np.broadcast_to(np.asarray(fam), (R,))],
+                   dtype=object)
+    return Runs(**arr, family=fam)
+
+
+def best_per_cell(runs) -> Runs:
+    """Keep the lowest-loss run of each cell (family, N, D, epochs): the learning-rate sweep
+    of a cell collapses to its best learning rate, as in the study design (seed 002)."""
+    runs = as_runs(runs)
+    best: dict = {}
+    for i in range(len(runs)):
+        ep = runs.epochs[i]
+        key = (runs.family[i], runs.N[i], runs.D[i], -1.0 if np.isnan(ep) else ep)
+        if key not in best or runs.loss[i] < runs.loss[best[key]]:
+            best[key] = i
+    return runs.take(np.array(sorted(best.values()), dtype=int))
+
+
+def fit_requirements() -> str:
+    return (f"the frontier needs >= {MIN_FRONTIER_RUNS} runs; the Chinchilla form (5 parameters) needs "
+            f">= {MIN_CHINCHILLA_RUNS} runs with >= {MIN_DISTINCT} distinct N and >= {MIN_DISTINCT} distinct D")
+
+
+def _open_readonly(path: Path) -> sqlite3.Connection:
+    # Read-only: the store's own _connect creates the runs table, which would write into a
+    # foreign database handed to `scale fit` by mistake.
+    try:
+        con = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+        con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+        return con
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path} is not an SQLite results store ({e})") from None
+
+
+def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
+                         require_chinchilla: bool = False) -> Runs:
+    """Scale runs (records of `kind`) from a results store file (or a folder holding runs.db).
+
+    Each record's summary holds N, D, C, loss, lr, epochs, family (lr/epochs/family may
+    also come from its config). Runs that diverged or have a non-finite loss are skipped
+    and counted in .info. Raises UserError for a missing, non-SQLite or foreign file, and
+    for fewer than `min_runs` usable runs (default: what the frontier needs), or, with
+    require_chinchilla, when no family has enough distinct runs for the Chinchilla form.
+    """
+    path = Path(db_path)
+    if path.is_dir():
+        path = path / "runs.db"
+    if not path.is_file():
+        raise UserError(f"no results store at {path}")
+    con = _open_readonly(path)
+    try:
+        cols = {r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
+        need = {"kind", "status", "config", "summary"}
+        if not need <= cols:
+            raise UserError(f"{path} is not a backproplab results store (no 'runs' table with columns "
+                            f"{', '.join(sorted(need))})")
+        rows = con.execute("SELECT kind, status, config, summary FROM runs ORDER BY id").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"results store {path} is unreadable: {e}") from None
+    finally:
+        con.close()
+    recs, kinds, skipped = [], {}, {"diverged": 0, "malformed": 0}
+    for rkind, status, config, summary in rows:
+        kinds[rkind] = kinds.get(rkind, 0) + 1
+        if rkind != kind:
+            continue
+        try:
+            s, c = json.loads(summary), json.loads(config)
+            rec = {f: float(s[f]) for f in REQUIRED}
+            for f in ("lr", "epochs", "family"):
+                v = s.get(f, c.get(f) if isinstance(c, dict) else None)
+                rec[f] = v if v is not None else (np.nan if f != "family" else "model")
+            rec["lr"], rec["epochs"], rec["family"] = float(rec["lr"]), float(rec["epochs"]), str(rec["family"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            skipped["malformed"] += 1
+            continue
+        if status == "diverged" or not np.isfinite(rec["loss"]):
+            skipped["diverged"] += 1
+            continue
+        if any(not np.isfinite(rec[f]) or rec[f] <= 0 for f in REQUIRED):
+            skipped["malformed"] += 1
+            continue
+        recs.append(rec)
+    if not recs and not kinds.get(kind):
+        found = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "no runs at all"
+        raise UserError(f"no {kind} runs in {path} (found {found}); run `backproplab scale run` first")
+    if len(recs) < min_runs:
+        extra = f" ({skipped['diverged']} diverged, {skipped['malformed']} malformed skipped)" \
+            if sum(skipped.values()) else ""
+        raise UserError(f"too few runs to fit in {path}: {len(recs)} usable {kind} runs{extra}; "
+                        f"{fit_requirements()}")
+    runs = as_runs(recs)
+    if require_chinchilla:
+        cells = best_per_cell(runs)
+        whys = {f: chinchilla_problem(cells.N[cells.family == f], cells.D[cells.family == f])
+                for f in cells.families()}
+        if all(whys.values()):
+            f, why = next(iter(whys.items()))
+            raise UserError(f"too few runs to fit in {path}: {why}" + (f" (family {f})" if len(whys) > 1 else ""))
+    return Runs(*(getattr(runs, f) for f in FIELDS), family=runs.family,
+                info={"source": str(path), "n_records": len(recs), "skipped": skipped})
