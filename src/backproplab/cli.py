@@ -62,7 +62,19 @@ def build_parser():
     _add_common(doc)
     s = sub.add_parser("runs", help="list the results store, one line per run")
     _add_common(s)
+    for mod in _command_modules():
+        mod.register(sub, _add_common)
     return ap
+
+
+# Larger command groups live in backproplab/commands/<name>.py, each with
+# register(sub, add_common) adding its parsers and COMMANDS = {name: handler(args) -> exit code}.
+COMMAND_MODULES = ()
+
+
+def _command_modules():
+    import importlib
+    return [importlib.import_module(f"backproplab.commands.{m}") for m in COMMAND_MODULES]
 
 
 def _emit_json(obj):
@@ -173,12 +185,20 @@ def cmd_doctor(args):
 COMMANDS = {"repro": cmd_repro, "doctor": cmd_doctor, "ladder": cmd_ladder, "datascale": cmd_datascale, "runs": cmd_runs}
 
 
+def _all_commands() -> dict:
+    cmds = dict(COMMANDS)
+    for mod in _command_modules():
+        cmds.update(mod.COMMANDS)
+    return cmds
+
+
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+        commands = _all_commands()
         if not args.command:
-            raise UserError("backproplab: choose a command: " + ", ".join(COMMANDS) + " (see --help)")
-        return COMMANDS[args.command](args)
+            raise UserError("backproplab: choose a command: " + ", ".join(commands) + " (see --help)")
+        return commands[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,1 @@
+"""Command groups registered by cli.py (see COMMAND_MODULES there)."""
