@@ -1,4 +1,4 @@
-"""Evaluate a population of Net1989 replicas at once (grouped convolutions, no autograd)."""
+"""Evaluate a population of Net1989 replicas (no autograd)."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -11,29 +11,31 @@ def _stack(params, name):
 
 
 @torch.no_grad()
-def population_outputs(params, x: torch.Tensor, act="tanh", out_act="tanh", chunk=4096) -> torch.Tensor:
-    """params: R dicts; x (B, 1, 16, 16) -> outputs (R, B, 10)."""
-    R, f = len(params), activation(act)
-    w1 = _stack(params, "h1_w").reshape(R * 12, 1, 5, 5)
-    b1 = _stack(params, "h1_b").reshape(1, R * 12, 8, 8)
-    w2 = torch.zeros(R, 12, 12, 5, 5)
-    w2[:, torch.arange(12).unsqueeze(1), torch.from_numpy(H2_TABLE)] = _stack(params, "h2_w")
-    w2 = w2.reshape(R * 12, 12, 5, 5)
-    b2 = _stack(params, "h2_b").reshape(1, R * 12, 4, 4)
-    w3, b3 = _stack(params, "h3_w"), _stack(params, "h3_b")      # (R, 30, 192), (R, 30)
-    wo, bo = _stack(params, "out_w"), _stack(params, "out_b")    # (R, 10, 30), (R, 10)
+def population_outputs(params, x: torch.Tensor, act="tanh", out_act="tanh", chunk=512) -> torch.Tensor:
+    """params: R dicts; x (B, 1, 16, 16) -> outputs (R, B, 10).
+
+    One replica at a time with dense convolutions, in chunks that stay in cache: on one CPU
+    thread this took a third of the CPU time of one grouped convolution over 4 or 8 replicas."""
+    f = activation(act)
+    rows = torch.arange(12).unsqueeze(1)
     outs = []
-    for s in range(0, len(x), chunk):
-        xb = F.pad(x[s:s + chunk], (2, 2, 2, 2), value=-1.0)     # (B, 1, 20, 20)
-        B = len(xb)
-        h = f(F.conv2d(xb.expand(B, R, 20, 20), w1, stride=2, groups=R) + b1)  # (B, R*12, 8, 8)
-        h = F.pad(h, (2, 2, 2, 2), value=-1.0)
-        h = f(F.conv2d(h, w2, stride=2, groups=R) + b2)           # (B, R*12, 4, 4)
-        h = h.reshape(B, R, 192).transpose(0, 1)                  # (R, B, 192)
-        h = f(torch.baddbmm(b3.unsqueeze(1), h, w3.transpose(1, 2)))  # (R, B, 30)
-        o = torch.baddbmm(bo.unsqueeze(1), h, wo.transpose(1, 2))      # (R, B, 10)
+    for p in params:
+        w1, b1 = torch.as_tensor(np.asarray(p["h1_w"])), torch.as_tensor(np.asarray(p["h1_b"]))
+        w2 = torch.zeros(12, 12, 5, 5)
+        w2[rows, torch.from_numpy(H2_TABLE)] = torch.as_tensor(np.asarray(p["h2_w"]))
+        b2 = torch.as_tensor(np.asarray(p["h2_b"]))
+        w3, b3 = torch.as_tensor(np.asarray(p["h3_w"])), torch.as_tensor(np.asarray(p["h3_b"]))
+        wo, bo = torch.as_tensor(np.asarray(p["out_w"])), torch.as_tensor(np.asarray(p["out_b"]))
+        rep = []
+        for s in range(0, len(x), chunk):
+            h = F.pad(x[s:s + chunk], (2, 2, 2, 2), value=-1.0)               # (B, 1, 20, 20)
+            h = F.pad(f(F.conv2d(h, w1, stride=2) + b1), (2, 2, 2, 2), value=-1.0)  # (B, 12, 12, 12)
+            h = f(F.conv2d(h, w2, stride=2) + b2).flatten(1)                   # (B, 192)
+            h = f(torch.addmm(b3, h, w3.t()))                                  # (B, 30)
+            rep.append(torch.addmm(bo, h, wo.t()))                             # (B, 10)
+        o = torch.cat(rep)
         outs.append(o if out_act == "none" else activation(out_act)(o))
-    return torch.cat(outs, dim=1)
+    return torch.stack(outs)
 
 
 def metrics_from_outputs(out: torch.Tensor, labels: torch.Tensor, loss: str) -> list[dict]:
