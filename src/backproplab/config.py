@@ -59,15 +59,25 @@ class TrainCfg:
 
 
 @dataclass
+class MethodSpec:
+    name: str                      # a registered method (backproplab.methods.registry)
+    options: dict = field(default_factory=dict)  # option -> value; validate() fills the defaults
+
+
+@dataclass
 class Config:
     name: str = "lecun1989"
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    methods: list = field(default_factory=list)  # MethodSpec each, rank order after validate()
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not d["methods"]:  # a config without methods keeps the digest it had before methods existed
+            del d["methods"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -82,7 +92,7 @@ CHOICES = {
     "model.out_act": ("tanh", "scaled_tanh", "none"),
     "optim.name": ("sgd", "adamw", "sdlm"),
     "train.loss": ("mse", "ce"),
-    "train.engine": ("fast", "eager", "minibatch"),
+    "train.engine": ("fast", "eager", "minibatch", "hooked"),
     "train.device": ("cpu", "cuda"),
 }
 # (low, high, low inclusive): numeric ranges a value must fall in.
@@ -175,8 +185,28 @@ def rung6() -> Config:
     return c
 
 
+def modern() -> Config:
+    """the rung-5 recipe in minibatches on the hooked engine (the base methods are added to):
+    net1989, ReLU, dropout 0.25, shifts 1, AdamW (weight decay 0.01), cross-entropy; batch 32,
+    lr 3e-3 -> 1e-4 linearly per step, 80 passes."""
+    c = rung5()
+    c.name = "modern"
+    c.train.engine, c.train.batch = "hooked", 32
+    c.optim.lr, c.optim.lr_end = 3e-3, 1e-4
+    return c
+
+
+def modern_smoke() -> Config:
+    """modern at test size: 500 training and 200 test digits, 2 passes."""
+    c = modern()
+    c.name = "modern_smoke"
+    c.data.n_train, c.data.n_test, c.train.passes = 500, 200, 2
+    return c
+
+
 PRESETS = {"lecun1989": lecun1989, "smoke": smoke, "rung1": rung1, "rung1b": rung1b, "rung2": rung2,
-           "rung3": rung3, "rung4": rung4, "rung5": rung5, "rung6": rung6}
+           "rung3": rung3, "rung4": rung4, "rung5": rung5, "rung6": rung6, "modern": modern,
+           "modern_smoke": modern_smoke}
 
 
 def list_presets():
@@ -238,6 +268,10 @@ def set_value(cfg: Config, key: str, value) -> None:
 
 def apply_overrides(cfg: Config, overrides) -> Config:
     for item in overrides or ():
+        if item.startswith("+method="):  # +method=NAME[:key=value,...]
+            from .methods.registry import parse_method
+            cfg.methods.append(parse_method(item[len("+method="):]))
+            continue
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
@@ -278,6 +312,9 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.name={cfg.model.name} needs train.engine=minibatch")
     if cfg.train.loss == "ce" and cfg.model.out_act != "none":
         raise UserError("train.loss=ce needs model.out_act=none (cross-entropy takes logits)")
+    if cfg.methods or cfg.train.engine == "hooked":
+        from .methods.registry import check_config
+        check_config(cfg)
     return cfg
 
 
@@ -286,6 +323,11 @@ def from_dict(d: dict) -> Config:
     cfg.name = d.get("name", cfg.name)
     for sec, vals in d.items():
         if sec == "name":
+            continue
+        if sec == "methods":
+            if not isinstance(vals, list) or not all(isinstance(v, dict) and "name" in v for v in vals):
+                raise UserError("config 'methods' is not a list of {name, options}")
+            cfg.methods = [MethodSpec(v["name"], dict(v.get("options") or {})) for v in vals]
             continue
         if not isinstance(vals, dict):
             raise UserError(f"config section {sec!r} is not a mapping")

@@ -1,0 +1,118 @@
+"""Data methods: augmentation as batch functions and input standardization.
+
+Each runs at the batch hook on the (B, 1, 16, 16) batch of one replica, in rank order
+(shift, rotate_scale, standardize). The random ones draw from a torch.Generator seeded
+by (seed, pass, method rank): a resumed run draws exactly what an uninterrupted one does.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.augment import shift_images
+from .registry import Method, Option, register
+
+
+def pass_generator(seed: int, pass_idx: int, tag: int) -> torch.Generator:
+    """A generator for one replica, pass and consumer; tag separates the streams."""
+    s = np.random.SeedSequence([int(seed), int(pass_idx), int(tag)]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(s[0] >> np.uint64(1)))
+
+
+def random_shifts(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randint(-k, k + 1, (n, 2), generator=gen)  # (n, 2) integer (dy, dx)
+
+
+def rotate_scale_images(x: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (B, C, H, W); angles (B,) radians, counter-clockwise on the screen; scales (B,) > 1 enlarges.
+
+    Bilinear resampling about the image centre; pixels from outside the image are -1
+    (blank paper): grid_sample pads with 0, so it runs on x + 1.
+    """
+    c, s = torch.cos(angles) / scales, torch.sin(angles) / scales
+    zero = torch.zeros_like(c)
+    # output (u, v) in [-1, 1] samples the input at theta @ (u, v, 1); v grows downwards
+    theta = torch.stack([torch.stack([c, s, zero], -1), torch.stack([-s, c, zero], -1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
+
+
+class Shift:
+    def __init__(self, opts, rank=0, seed=0, **ctx):
+        self.k, self.tag, self.seed, self.gen = opts["max"], 100 + rank, seed, None
+
+    def pass_start(self, ctx):
+        self.gen = pass_generator(self.seed, ctx.pass_idx, self.tag)
+
+    def batch(self, x, ctx):
+        return shift_images(x, random_shifts(len(x), self.k, self.gen))
+
+
+class RotateScale(Shift):
+    def __init__(self, opts, rank=0, seed=0, **ctx):
+        super().__init__({"max": 0}, rank, seed)
+        self.deg, self.scale = opts["degrees"], opts["scale"]
+
+    def batch(self, x, ctx):
+        u = torch.rand(2, len(x), generator=self.gen) * 2 - 1  # (2, B) uniform in [-1, 1)
+        return rotate_scale_images(x, u[0] * math.radians(self.deg), 1.0 + u[1] * self.scale)
+
+
+def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return (x - mean) / std
+
+
+class Standardize:
+    def __init__(self, opts, **ctx):
+        self.mean = self.std = None
+
+    def pass_start(self, ctx):
+        if self.mean is None:  # statistics of the raw training inputs, fixed at the first pass
+            self.mean, self.std = float(ctx.pass_x.mean()), float(ctx.pass_x.std())
+
+    def batch(self, x, ctx):
+        return standardize(x, self.mean, self.std)
+
+    eval_batch = batch
+
+    def state(self):
+        return {} if self.mean is None else {"mean": np.float64(self.mean), "std": np.float64(self.std)}
+
+    def load_state(self, d):
+        if "mean" in d:
+            self.mean, self.std = float(d["mean"]), float(d["std"])
+
+
+def _no_train_shift(cfg, opts):
+    if cfg.train.shift > 0:
+        return f"and train.shift={cfg.train.shift} both shift the inputs; set train.shift=0"
+    return None
+
+
+register(Method(
+    "shift", kind="augmentation", touches=("data",), hooks=("pass_start", "batch"), impl="augment:Shift",
+    summary="random translations of up to `max` pixels in x and y, -1 fill", check=_no_train_shift,
+    options={"max": Option(1, "pixels", "largest shift", 1, 4)},
+    what="Each training image is translated by an integer (dy, dx) drawn uniformly from [-max, max]^2; the "
+         "uncovered border is -1 (blank paper), not a cyclic roll. train.shift does the same with train()'s "
+         "stream: use one of the two.",
+    paper="LeCun et al. 1998 (distortions); Simard, Steinkraus & Platt 2003",
+    oracle="data.augment.shift_images, itself checked against index arithmetic"))
+register(Method(
+    "rotate_scale", kind="augmentation", touches=("data",), hooks=("pass_start", "batch"),
+    impl="augment:RotateScale", summary="small random rotations and scalings (bilinear, -1 fill)",
+    options={"degrees": Option(10.0, "degrees", "largest rotation either way", 0.0, 180.0),
+             "scale": Option(0.1, "fraction", "scale drawn from [1-scale, 1+scale]", 0.0, 0.9)},
+    what="Each training image is rotated by an angle uniform in [-degrees, degrees] and scaled by a factor "
+         "uniform in [1-scale, 1+scale] about its centre, resampled bilinearly; outside pixels are -1.",
+    paper="Simard, Steinkraus & Platt 2003, 'Best Practices for CNNs Applied to Visual Document Analysis'",
+    oracle="a 90-degree rotation equals torch.rot90; scale 2 equals a bilinear 2x zoom of the centre"))
+register(Method(
+    "standardize", kind="augmentation", touches=("data",), hooks=("pass_start", "batch", "eval"),
+    impl="augment:Standardize", summary="input standardization: (x - mean) / std of the training pixels",
+    what="Subtracts the mean and divides by the standard deviation of all training pixels (one scalar each, "
+         "computed from the raw training set at the first pass and kept in the state), at training and at "
+         "evaluation. The model's own -1 border padding is unchanged.",
+    paper="LeCun, Bottou, Orr & Mueller 1998, 'Efficient BackProp' section 4.3",
+    oracle="the transformed training set has mean 0 and standard deviation 1"))

@@ -1,0 +1,233 @@
+"""Optimizers: the update maths as pure functions on flat (P,) tensors, and their switches.
+
+Each *_update(w, g, st, lr, ...) changes w (and the state dict st) in place, following
+torch.optim's formulas and defaults exactly (tests compare trajectories step by step).
+A switch holds one replica's state; the engine calls step(ctx) once per batch with
+ctx.w the flat weights, ctx.g the flat gradient (mean over the batch) and ctx.lr.
+"""
+import torch
+
+from .registry import Method, Option, register
+
+
+def sgd_update(w, g, st, lr):
+    w.add_(g, alpha=-lr)
+
+
+def momentum_update(w, g, st, lr, momentum=0.9, nesterov=False):
+    # torch.optim.SGD, dampening 0: buf <- mu buf + g (buf = g on the first step)
+    if "buf" not in st:
+        st["buf"] = g.clone()
+    else:
+        st["buf"].mul_(momentum).add_(g)
+    w.add_(g.add(st["buf"], alpha=momentum) if nesterov else st["buf"], alpha=-lr)
+
+
+def adagrad_update(w, g, st, lr, eps=1e-10):
+    st.setdefault("sum", torch.zeros_like(w)).addcmul_(g, g)
+    w.addcdiv_(g, st["sum"].sqrt().add_(eps), value=-lr)
+
+
+def adadelta_update(w, g, st, lr, rho=0.9, eps=1e-6):
+    sq = st.setdefault("square_avg", torch.zeros_like(w))
+    acc = st.setdefault("acc_delta", torch.zeros_like(w))
+    sq.mul_(rho).addcmul_(g, g, value=1 - rho)
+    delta = acc.add(eps).sqrt_().div_(sq.add(eps).sqrt_()).mul_(g)
+    acc.mul_(rho).addcmul_(delta, delta, value=1 - rho)
+    w.add_(delta, alpha=-lr)
+
+
+def rmsprop_update(w, g, st, lr, alpha=0.99, eps=1e-8, momentum=0.0):
+    sq = st.setdefault("square_avg", torch.zeros_like(w))
+    sq.mul_(alpha).addcmul_(g, g, value=1 - alpha)
+    avg = sq.sqrt().add_(eps)
+    if momentum > 0:
+        buf = st.setdefault("buf", torch.zeros_like(w))
+        buf.mul_(momentum).addcdiv_(g, avg)
+        w.add_(buf, alpha=-lr)
+    else:
+        w.addcdiv_(g, avg, value=-lr)
+
+
+def adam_update(w, g, st, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+    """Adam; weight_decay > 0 makes it AdamW (decoupled: w <- w (1 - lr wd) before the step)."""
+    st["step"] = st.get("step", 0) + 1
+    m = st.setdefault("exp_avg", torch.zeros_like(w))
+    v = st.setdefault("exp_avg_sq", torch.zeros_like(w))
+    if weight_decay:
+        w.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
+    denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
+    w.addcdiv_(m, denom, value=-lr / bc1)
+
+
+class _Optimizer:
+    fn = None
+
+    def __init__(self, opts, **ctx):
+        self.opts, self.st = opts, {}
+
+    def step(self, ctx):
+        type(self).fn(ctx.w, ctx.g, self.st, ctx.lr, **self.opts)
+
+    def state(self):
+        return dict(self.st)
+
+    def load_state(self, d):
+        self.st = {k: (int(v) if k == "step" else torch.as_tensor(v).clone()) for k, v in d.items()}
+
+
+class SGD(_Optimizer):
+    fn = staticmethod(sgd_update)
+
+
+class Momentum(_Optimizer):
+    fn = staticmethod(lambda w, g, st, lr, momentum: momentum_update(w, g, st, lr, momentum, False))
+
+
+class Nesterov(_Optimizer):
+    fn = staticmethod(lambda w, g, st, lr, momentum: momentum_update(w, g, st, lr, momentum, True))
+
+
+class AdaGrad(_Optimizer):
+    fn = staticmethod(adagrad_update)
+
+
+class AdaDelta(_Optimizer):
+    fn = staticmethod(adadelta_update)
+
+
+class RMSprop(_Optimizer):
+    fn = staticmethod(rmsprop_update)
+
+
+class Adam(_Optimizer):
+    fn = staticmethod(adam_update)
+
+
+class AdamThenSGD(_Optimizer):
+    """Adam until a fraction `at` of the steps, then SGD with momentum from the same weights
+    (Keskar & Socher 2017 switch, with a fixed SGD rate instead of their estimate)."""
+
+    def step(self, ctx):
+        o = self.opts
+        if ctx.step < int(o["at"] * ctx.total_steps):
+            adam_update(ctx.w, ctx.g, self.st, ctx.lr, o["beta1"], o["beta2"], o["eps"])
+        else:  # the schedule still applies: sgd_lr scaled by the schedule's multiplier
+            sgd_st = {"buf": self.st["buf"]} if "buf" in self.st else {}
+            momentum_update(ctx.w, ctx.g, sgd_st, o["sgd_lr"] * ctx.lr / ctx.base_lr, o["momentum"])
+            self.st["buf"] = sgd_st["buf"]
+
+
+class SDLM(_Optimizer):
+    """The 1989 diagonal Levenberg-Marquardt on a plain net1989 (wraps methods/sdlm.py): the
+    Gauss-Newton diagonal estimate is averaged over the examples of the batch."""
+
+    def step(self, ctx):
+        from .sdlm import net1989_gn_diag, sdlm_update
+        m, names = ctx.cfg.model, ctx.param_names
+        if not self.st:
+            self.st = {n: torch.zeros_like(ctx.views[n]) for n in names}
+        p = {n: ctx.views[n].detach() for n in names}
+        est = {n: torch.zeros_like(p[n]) for n in names}
+        for i in range(len(ctx.x)):  # per example: the estimate is defined for one input
+            k = None if ctx.keep is None else ctx.keep[i:i + 1]
+            for n, e in net1989_gn_diag(p, ctx.x[i:i + 1], m.act, m.out_act, ctx.cfg.train.loss, k,
+                                        m.dropout).items():
+                est[n].add_(e)
+        with torch.no_grad():
+            for n in names:
+                sdlm_update(ctx.views[n], ctx.gviews[n], self.st[n], est[n] / len(ctx.x), ctx.lr,
+                            self.opts["mu"], self.opts["gamma"])
+
+    def load_state(self, d):
+        self.st = {k: torch.as_tensor(v).clone() for k, v in d.items()}
+
+
+T = ("optimizer",)
+H = ("step",)
+TORCH = "torch.optim.{} on the same gradients: identical trajectory over 6 steps"
+MOM = Option(0.9, "", "momentum coefficient mu", 0.0, 0.9999)
+BETAS = {"beta1": Option(0.9, "", "first-moment decay", 0.0, 0.9999),
+         "beta2": Option(0.999, "", "second-moment decay", 0.0, 0.999999),
+         "eps": Option(1e-8, "", "added to the root of the second moment", 0.0, 1.0)}
+_ONE = dict(kind="optimizer", touches=T, hooks=H, slot="optimizer")
+
+register(Method("sgd", summary="plain SGD: w <- w - lr g", impl="optimizers:SGD", **_ONE,
+                what="Stochastic gradient descent on the batch-mean gradient; lr is optim.lr after the schedule. "
+                     "An optimizer method replaces optim.name and its hyperparameters (beta1, beta2, eps, "
+                     "weight_decay, mu, gamma); optim.lr and the schedule still set the rate.",
+                paper="Robbins & Monro 1951; Rumelhart, Hinton & Williams 1986", oracle=TORCH.format("SGD")))
+register(Method("momentum", summary="heavy-ball momentum: buf <- mu buf + g; w <- w - lr buf",
+                impl="optimizers:Momentum", options={"momentum": MOM}, **_ONE,
+                what="Polyak's heavy ball as torch.optim.SGD writes it (dampening 0, buf = g on the first step).",
+                paper="Polyak 1964; Sutskever et al. 2013", oracle=TORCH.format("SGD(momentum=0.9)")))
+register(Method("nesterov", summary="Nesterov momentum: w <- w - lr (g + mu buf)", impl="optimizers:Nesterov",
+                options={"momentum": MOM}, **_ONE,
+                what="Nesterov's accelerated gradient in the look-ahead form torch.optim.SGD(nesterov=True) uses.",
+                paper="Nesterov 1983; Sutskever et al. 2013", oracle=TORCH.format("SGD(nesterov=True)")))
+register(Method("adagrad", summary="AdaGrad: w <- w - lr g / (sqrt(sum g^2) + eps)", impl="optimizers:AdaGrad",
+                options={"eps": Option(1e-10, "", "added to the root of the sum", 0.0, 1.0)}, **_ONE,
+                what="Per-weight rate shrinking with the sum of all past squared gradients; no lr decay.",
+                paper="Duchi, Hazan & Singer 2011", oracle=TORCH.format("Adagrad")))
+register(Method("adadelta", summary="AdaDelta: unit-correct steps from running RMS of g and of past steps",
+                impl="optimizers:AdaDelta", **_ONE,
+                options={"rho": Option(0.9, "", "running-average decay", 0.0, 0.9999),
+                         "eps": Option(1e-6, "", "inside both roots", 0.0, 1.0)},
+                what="delta = sqrt(E[dx^2] + eps) / sqrt(E[g^2] + eps) * g, w <- w - lr delta. The paper has no "
+                     "lr (lr = 1, torch's default): set optim.lr=1.0 to run it as published.",
+                paper="Zeiler 2012", oracle=TORCH.format("Adadelta")))
+register(Method("rmsprop", summary="RMSprop: w <- w - lr g / (sqrt(E[g^2]) + eps)", impl="optimizers:RMSprop",
+                **_ONE, options={"alpha": Option(0.99, "", "running-average decay of g^2", 0.0, 0.9999),
+                                 "eps": Option(1e-8, "", "added to the root", 0.0, 1.0),
+                                 "momentum": Option(0.0, "", "momentum on the scaled step", 0.0, 0.9999)},
+                what="Divide the gradient by a running root mean square of recent gradients (torch's form: "
+                     "eps outside the root, not centered).",
+                paper="Tieleman & Hinton 2012, Coursera lecture 6.5", oracle=TORCH.format("RMSprop")))
+register(Method("adam", summary="Adam: bias-corrected first and second moments", impl="optimizers:Adam",
+                **_ONE, options=dict(BETAS),
+                what="m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, w <- w - lr m_hat / (sqrt(v_hat) + eps); "
+                     "no weight decay (see adamw, wd, l2).",
+                paper="Kingma & Ba 2015", oracle=TORCH.format("Adam")))
+register(Method("adamw", summary="AdamW: Adam with decoupled weight decay w <- w (1 - lr wd)",
+                impl="optimizers:Adam", **_ONE,
+                options={**BETAS, "weight_decay": Option(0.01, "per unit lr", "decoupled decay", 0.0, 10.0)},
+                incompatible_with={"wd": "adamw already decays the weights (decoupled); use adam + wd instead"},
+                what="Adam whose weight decay shrinks every parameter by lr * weight_decay before the update "
+                     "instead of adding wd * w to the gradient. Without methods, optim.name=adamw runs this with "
+                     "optim.beta1/beta2/eps/weight_decay.",
+                paper="Loshchilov & Hutter 2019", oracle=TORCH.format("AdamW(weight_decay=0.01)")))
+register(Method("adam_sgd", summary="Adam, then SGD with momentum from a fraction `at` of the steps",
+                impl="optimizers:AdamThenSGD", **_ONE,
+                options={**BETAS, "at": Option(0.5, "fraction of steps", "switch point", 0.0, 1.0),
+                         "sgd_lr": Option(0.05, "per step", "SGD rate at schedule multiplier 1", 0.0, 100.0),
+                         "momentum": MOM},
+                what="Late switch from Adam to SGD: fast early progress, SGD's generalization at the end. The SGD "
+                     "rate is sgd_lr times the schedule's current multiplier (lr / optim.lr); its momentum "
+                     "buffer starts at the first SGD step. Adam's moments are kept in state but unused after.",
+                paper="Keskar & Socher 2017, 'Improving generalization by switching from Adam to SGD'",
+                oracle="torch.optim.Adam before the switch step and torch.optim.SGD(momentum) after it"))
+register(Method("sdlm", summary="1989 diagonal Levenberg-Marquardt: w <- w - lr g / (mu + h)",
+                impl="optimizers:SDLM", **_ONE,
+                options={"mu": Option(0.02, "", "added to the curvature", 1e-9, 100.0),
+                         "gamma": Option(0.01, "per step", "running-average weight of each new estimate",
+                                         1e-9, 1.0)},
+                check=lambda cfg, o: _sdlm_check(cfg),
+                what="Each weight's step is lr / (mu + h), h a running average of a Gauss-Newton estimate of "
+                     "d2E/dw2 back-propagated with squares (methods/sdlm.py); in a batch the per-example "
+                     "estimates are averaged. Defined for the plain net1989 only. About B forward passes per step "
+                     "on top of training: slow in large batches.",
+                paper="LeCun et al. 1989; LeCun, Bottou, Orr & Mueller 1998 'Efficient BackProp' section 9.1",
+                oracle="the eager per-example engine's sdlm at batch 1: same weights after 6 examples"))
+
+
+def _sdlm_check(cfg):
+    from .registry import get_method
+    bad = [s.name for s in cfg.methods if get_method(s.name).modnet and s.name != "nonorm"]
+    if cfg.model.name != "net1989":
+        return f"needs model.name=net1989, not {cfg.model.name}"
+    if bad:
+        return f"needs the plain net1989; {', '.join(bad)} change the model"
+    return None
