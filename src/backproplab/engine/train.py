@@ -91,6 +91,9 @@ def make_engine(cfg: Config, seeds: list):
     optionally evaluate(x, labels, loss) -> per-replica metrics and dropout_units (keep-mask width).
     """
     m, o, t = cfg.model, cfg.optim, cfg.train
+    if t.engine == "hooked":  # minibatches with the methods registry's hook points
+        from .hooked import HookedPopulation
+        return HookedPopulation(cfg, seeds)
     if t.engine == "minibatch":
         from .minibatch import MinibatchPopulation
         return MinibatchPopulation(cfg, seeds)

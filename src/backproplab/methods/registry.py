@@ -208,6 +208,15 @@ def check_config(cfg) -> None:
             why = incompatibility(a, b)
             if why:
                 raise UserError(f"methods {a} and {b} are incompatible: {why}")
+    if cfg.train.engine == "hooked" and not any(get_method(n).slot == "optimizer" for n in names):
+        implicit = get_method(cfg.optim.name)  # optim.name is the optimizer when no method replaces it
+        for n in names:
+            why = incompatibility(implicit.name, n)
+            if why:
+                raise UserError(f"optim.name={implicit.name} and method {n} are incompatible: {why}")
+        why = implicit.check(cfg, {}) if implicit.check else None
+        if why:
+            raise UserError(f"optim.name={implicit.name}: {why}")
     for s in specs:
         m = get_method(s.name)
         if m.requires and not set(m.requires) & set(names):

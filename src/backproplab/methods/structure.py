@@ -113,7 +113,7 @@ register(Method("nf", kind="normalization", touches=("model", "gradients"), hook
                                    "agc": "nf already clips with AGC (set nf:clip=...)"},
                 summary="normalizer-free: scaled weight standardization + AGC",
                 what="Every conv and H3 weight is used as gamma (W - mean) / (std sqrt(fan_in)) per output unit "
-                     "(gamma = 1/std of the activation of a unit Gaussian: 1.7139 for ReLU), and gradients are "
+                     "(gamma = 1/std of the activation of a unit Gaussian: 1.7129 for ReLU), and gradients are "
                      "clipped with AGC (final layer excluded). No normalization layers.",
                 paper="Brock, De & Smith 2021 (NF-ResNets); Brock, De, Smith & Simonyan 2021 (NFNets, AGC)",
                 oracle="the standardized weight has zero mean and variance gamma^2/fan_in per unit; AGC as agc"))
