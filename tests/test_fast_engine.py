@@ -6,6 +6,9 @@ autograd's by ~1e-6 of the tensor's largest entry (asserted: < 1e-5). Over many 
 these differences compound; measured after 1000 steps of the 1989 recipe: <= 3e-6 of each
 tensor's largest weight, so a 500-step pass is asserted to 2e-5. Within the engine nothing
 is approximate: a population's replica and a resumed run are compared bit for bit.
+The 1989 optimizer (sdlm) is checked the same way: its per-example curvature estimate
+against methods/sdlm.py's reference, a pass against the eager engine's sdlm, and bit
+for bit against itself.
 """
 import numpy as np
 import pytest
@@ -13,7 +16,8 @@ import torch
 
 from backproplab.data import pass_randomness, shift_images
 from backproplab.engine.eager import EagerPopulation, example_loss
-from backproplab.engine.fast import FastPopulation, example_grads
+from backproplab.engine.fast import FastPopulation, example_curvature, example_grads
+from backproplab.methods.sdlm import net1989_gn_diag
 from backproplab.models.net1989 import PARAM_NAMES, Net1989, init_params
 
 
@@ -122,9 +126,10 @@ def test_adamw_steps_match_torch(data):
     assert int(fast.state()["step"]) == len(lrs)
 
 
-RECIPES = {
-    "1989": (dict(), 0, 0.0),
-    "modern": (dict(act="relu", out_act="none", loss="ce", optim="adamw", weight_decay=0.01, dropout=0.25), 1, 0.25),
+RECIPES = {  # engine kwargs, shift, dropout, lr scale (sdlm divides the step by mu + h ~ 0.02)
+    "1989": (dict(), 0, 0.0, 1.0),
+    "modern": (dict(act="relu", out_act="none", loss="ce", optim="adamw", weight_decay=0.01, dropout=0.25), 1, 0.25, 1.0),
+    "sdlm": (dict(act="scaled_tanh", out_act="scaled_tanh", optim="sdlm", dropout=0.25), 1, 0.25, 0.05),
 }
 
 
@@ -137,10 +142,10 @@ def _randomness(seeds, n, shift, dropout, pass_idx=0):
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_population_replica_equals_solo(data, recipe):
     X, L = data
-    kw, shift, dropout = RECIPES[recipe]
+    kw, shift, dropout, scale = RECIPES[recipe]
     n, seeds = 150, [0, 1, 2, 3]
     shifts, keep = _randomness(seeds, n, shift, dropout)
-    lr = np.linspace(0.01, 0.001, n).astype(np.float32)
+    lr = (np.linspace(0.01, 0.001, n) * scale).astype(np.float32)
     pop = FastPopulation([_params(s) for s in seeds], kernel="population", **kw)
     pop.train_pass(X[:n], L[:n], lr, shifts, keep)
     out = pop.params()
@@ -156,10 +161,10 @@ def test_population_replica_equals_solo(data, recipe):
 @pytest.mark.parametrize("replicas,kernel", [(1, "auto"), (3, "population")])
 def test_resume_from_state_is_bit_identical(data, recipe, replicas, kernel):
     X, L = data
-    kw, shift, dropout = RECIPES[recipe]
+    kw, shift, dropout, scale = RECIPES[recipe]
     n, cut, seeds = 120, 50, list(range(replicas))
     shifts, keep = _randomness(seeds, n, shift, dropout)
-    lr = np.linspace(0.01, 0.001, n).astype(np.float32)
+    lr = (np.linspace(0.01, 0.001, n) * scale).astype(np.float32)
     part = lambda a, s: None if a is None else a[:, s]          # noqa: E731
 
     whole = FastPopulation([_params(s) for s in seeds], kernel=kernel, **kw)
@@ -174,6 +179,53 @@ def test_resume_from_state_is_bit_identical(data, recipe, replicas, kernel):
     for a, b in zip(whole.params(), second.params()):
         assert _identical(a, b)
     assert int(second.state()["step"]) == n
+    ref = whole.state()
+    assert all(np.array_equal(v, ref[k]) for k, v in second.state().items())   # sdlm's h too
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
+def test_sdlm_curvature_matches_reference(data, variant):
+    """Each example's Gauss-Newton diagonal estimate against net1989_gn_diag (torch), and the
+    solo and population kernels' estimates against each other bit for bit."""
+    act, out_act, loss, shift, dropout = variant
+    X, L = data
+    rng = np.random.default_rng(5)
+    for seed, i in ((0, 11), (2, 5000)):
+        p = _params(seed)
+        keep = (rng.random(192) >= dropout) if dropout else None
+        xt = torch.as_tensor(X[i]).reshape(1, 1, 16, 16)
+        if shift is not None:
+            xt = shift_images(xt, np.asarray(shift).reshape(1, 2))
+        ref = net1989_gn_diag({n: torch.as_tensor(v) for n, v in p.items()}, xt, act, out_act, loss,
+                              None if keep is None else torch.as_tensor(keep).reshape(1, 192), dropout)
+        ref = {n: v.numpy() for n, v in ref.items()}
+        solo, pop = (example_curvature(p, X[i], int(L[i]), act, out_act, loss, shift, keep, dropout, population=k)
+                     for k in (False, True))
+        assert _rel(solo, ref) < 1e-5 and _identical(solo, pop)
+        assert all(solo[n].min() >= 0 and solo[n].max() > 0 for n in PARAM_NAMES)
+
+
+@pytest.mark.parametrize("variant", [("scaled_tanh", "scaled_tanh", "mse", 0, 0.0, 5e-4),
+                                     ("relu", "none", "ce", 1, 0.25, 2e-4)], ids=lambda v: "-".join(map(str, v)))
+def test_sdlm_pass_matches_eager(data, variant):
+    """300 steps of the 1989 optimizer from the same init: weights and the running curvature
+    h agree with the eager engine's sdlm path (same state keys) to float tolerance."""
+    act, out_act, loss, shift, dropout, lr = variant
+    X, L = data
+    n = 300
+    kw = dict(act=act, out_act=out_act, loss=loss, optim="sdlm", dropout=dropout, mu=0.03, gamma=0.02)
+    shifts, keep = _randomness([4], n, shift, dropout)
+    lrs = np.full(n, lr, np.float32)
+    fast = FastPopulation([_params(4)], **kw)
+    fast.train_pass(X[:n], L[:n], lrs, shifts, keep)
+    eager = EagerPopulation([_params(4)], **kw)
+    eager.train_pass(X[:n], L[:n], lrs, shifts, keep)
+    assert _rel(fast.params()[0], eager.params()[0]) < 2e-5
+    fs, es = fast.state(), eager.state()
+    assert set(fs) - {"step", "replicas"} == set(es)
+    h_fast, h_eager = ({n: st[f"0.h.{n}"] for n in PARAM_NAMES} for st in (fs, es))
+    assert _rel(h_fast, h_eager) < 2e-5
+    assert not _identical(fast.params()[0], _params(4)) and min(h_eager[n].max() for n in PARAM_NAMES) > 0
 
 
 def test_replicas_are_grouped_by_kernel():
@@ -201,6 +253,8 @@ def test_bad_input_is_refused(data):
         FastPopulation([_params(0)], act="gelu")
     with pytest.raises(ValueError, match="replicas"):
         fp.load_state(FastPopulation([_params(0)]).state())
+    with pytest.raises(ValueError, match="mu"):
+        FastPopulation([_params(0)], optim="sdlm", mu=0.0)
 
 
 def test_tanh_approximation_is_within_a_few_ulp():

@@ -20,10 +20,11 @@ import numpy as np
 from numba import njit
 
 from ..models.net1989 import PARAM_NAMES
-from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants
+from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants, tree16, vstep
+from ._kernels_sdlm import pop_curvature, pop_workspace
 from ._kernels_solo import PROF, _tick
 from ._layout import L, POP_OFFSETS
-from ._simd import ftz_on, mxcsr_set, rdtsc, vadd, vfma, vload, vmul, vstep, vsplat, vstore, vzero
+from ._simd import ftz_on, mxcsr_set, rdtsc, vadd, vfma, vload, vmul, vsplat, vstore, vzero
 
 F0, F1 = np.float32(0.0), np.float32(1.0)
 Q1W, Q1B, Q2W, Q2B, Q3W, Q3B, Q4W, Q4B = (POP_OFFSETS[n] for n in PARAM_NAMES)
@@ -36,29 +37,14 @@ def XP(y, x):
     return (y * 20 + x) * L
 
 
-@njit(inline="always")
-def _tree(part):
-    """The halving tree over the 16 partial vectors part[0:256]: (l + l+8) + ..., as vhsum."""
-    s0 = vadd(vload(part, 0), vload(part, 128))
-    s1 = vadd(vload(part, 16), vload(part, 144))
-    s2 = vadd(vload(part, 32), vload(part, 160))
-    s3 = vadd(vload(part, 48), vload(part, 176))
-    s4 = vadd(vload(part, 64), vload(part, 192))
-    s5 = vadd(vload(part, 80), vload(part, 208))
-    s6 = vadd(vload(part, 96), vload(part, 224))
-    s7 = vadd(vload(part, 112), vload(part, 240))
-    s0, s1, s2, s3 = vadd(s0, s4), vadd(s1, s5), vadd(s2, s6), vadd(s3, s7)
-    s0, s1 = vadd(s0, s2), vadd(s1, s3)
-    return vadd(s0, s1)
-
-
 @njit(cache=not PROF)
 def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
-             act, out_act, loss, opt, wd, b1, b2, eps, table, h1pos, prof):
+             act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, table, h1pos, prof):
     """Train one block of 16 replicas on X[n], n in order (all lanes see the same examples).
 
     P, M, V: flat (POP_OFFSETS['total'],) parameters and AdamW moments of the block, lane
-    r = replica r (opt=2: M receives the gradient, nothing is stepped). shifts (16, N, 2) int8 or (0, N, 2); keep (16, N, 192) bool
+    r = replica r (opt=2: M receives the gradient, nothing is stepped; opt=3: M the running
+    curvature, V this example's estimate, see _kernels_sdlm.py). shifts (16, N, 2) int8 or (0, N, 2); keep (16, N, 192) bool
     or (0, N, 192). table: H2_TABLE (12, 8) int64; h1pos: the solo H1 position order (64,).
     prof: int64 (8 N,), cycles per phase and step when PROF is set.
     """
@@ -79,6 +65,7 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     dh2 = abuf(192 * L, 0.0)
     dz1 = abuf(768 * L, 0.0)
     kc = abuf(8, 0.0)
+    cw = pop_workspace()
     m1 = vsplat(f32(-1.0))
     zero = vzero()
     has_shift = shifts.shape[0] > 0
@@ -87,7 +74,7 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     t0 = 0
     for n in range(X.shape[0]):
         step[0] += 1
-        step_constants(kc, lrs[n], opt, step[0], wd, b1, b2, eps)
+        step_constants(kc, lrs[n], opt, step[0], wd, b1, b2, eps, mu, gamma)
         if PROF:
             t0 = rdtsc()
         # ---- input
@@ -232,7 +219,7 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                 for o in range(1, 12):
                     acc = vfma(vload(P, Q3W + (m * 192 + o * 16 + ll) * L), vload(h2, (o * 16 + ll) * L), acc)
                 vstore(part, ll * L, acc)
-            h, d = act_fwd(vadd(_tree(part), vload(P, Q3B + m * L)), act)
+            h, d = act_fwd(vadd(tree16(part), vload(P, Q3B + m * L)), act)
             vstore(h3, m * L, h)
             vstore(d3, m * L, d)
         # ---- output: solo's two 16-lane halves (units 30, 31 are zero there)
@@ -242,11 +229,13 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                 if ll < 14:
                     acc = vfma(vload(P, Q4W + (q * 30 + 16 + ll) * L), vload(h3, (16 + ll) * L), acc)
                 vstore(part, ll * L, acc)
-            yv, dv = out_fwd(vadd(_tree(part), vload(P, Q4B + q * L)), out_act)
+            yv, dv = out_fwd(vadd(tree16(part), vload(P, Q4B + q * L)), out_act)
             vstore(y, q * L, yv)
             vstore(d4, q * L, dv)
         for r in range(L):
             loss_grad(y, d4, r, L, labels[n], loss, g4)
+        if opt == 3:
+            pop_curvature(V, P, xpad, h1p, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, table, h1pos, cw)
         if PROF:
             t0 = _tick(prof, n * 8 + 3, t0)
         # ---- backward: output layer
@@ -384,7 +373,7 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                         acc = vfma(z3, vload(xpad, x3 + o), acc)
                         vstore(part25, ((ky * 5 + kx) * 16 + ll) * L, acc)
             for k in range(25):
-                vstep(P, M, V, Q1W + (c * 25 + k) * L, _tree(part25[k * 256:(k + 1) * 256]), kc, opt)
+                vstep(P, M, V, Q1W + (c * 25 + k) * L, tree16(part25[k * 256:(k + 1) * 256]), kc, opt)
         if PROF:
             t0 = _tick(prof, n * 8 + 7, t0)
     mxcsr_set(mx)

@@ -26,9 +26,10 @@ import numpy as np
 from numba import njit
 
 from ..models.net1989 import PARAM_NAMES
-from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants
+from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants, vstep
+from ._kernels_sdlm import solo_curvature, solo_workspace
 from ._layout import H1TS, SOLO_OFFSETS, W2R
-from ._simd import (ftz_on, mxcsr_set, rdtsc, vadd, vfma, vgather, vhsum, vload, vmac4, vmul, vperm2, vstep, vsplat, vstore,
+from ._simd import (ftz_on, mxcsr_set, rdtsc, vadd, vfma, vgather, vhsum, vload, vmac4, vmul, vperm2, vsplat, vstore,
                     vstore_mask, vtree16, vzero)
 
 F0, F1 = np.float32(0.0), np.float32(1.0)
@@ -39,11 +40,13 @@ W2O = 5 * W2R                                       # floats per output plane of
 
 @njit(cache=not PROF)   # a profiling build must not land in the cache
 def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
-              act, out_act, loss, opt, wd, b1, b2, eps, tb, prof):
+              act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, tb, prof):
     """Train one replica on X[n], n in order.
 
     P: the parameters, flat solo layout (SOLO_OFFSETS), stepped in place. M, V: AdamW
-    moments (same layout); with opt=2 nothing is stepped and M receives the gradient. shifts (N, 2) int8 or (0, 2); keep (N, 192) bool or (0, 192) with
+    moments (same layout); with opt=2 nothing is stepped and M receives the gradient; with
+    opt=3 (SDLM) M is the running curvature and V receives this example's estimate
+    (_kernels_sdlm.py). shifts (N, 2) int8 or (0, 2); keep (N, 192) bool or (0, 192) with
     scale = 1/(1-p). step: int64 (1,), the optimizer's step count. tb: solo_tables() as a
     tuple. prof: int64 (16,), cycles per phase when PROF is set.
     """
@@ -69,6 +72,7 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     dz2 = abuf(192, 0.0)
     dz1 = abuf(768 + 64, 0.0)     # 64 zeros past the end feed dW1's pad lanes
     kc = abuf(8, 0.0)
+    cw = solo_workspace()
     m1 = vsplat(f32(-1.0))
     zero = vzero()
     has_shift = shifts.shape[0] > 0
@@ -77,7 +81,7 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     t0 = 0
     for n in range(X.shape[0]):
         step[0] += 1
-        step_constants(kc, lrs[n], opt, step[0], wd, b1, b2, eps)
+        step_constants(kc, lrs[n], opt, step[0], wd, b1, b2, eps, mu, gamma)
         if PROF:
             t0 = rdtsc()
         # ---- input: xs[i, j] = x[i-dy, j-dx], -1 outside; xpad = xs with a 2-pixel -1 border
@@ -228,6 +232,8 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
         vstore(y, 0, yv)
         vstore(d4, 0, dv)
         loss_grad(y, d4, 0, 1, labels[n], loss, g4)
+        if opt == 3:
+            solo_curvature(V, P, P1, h1, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, tb, cw)
         if PROF:
             t0 = _tick(prof, n * 8 + 3, t0)
         # ---- backward: output layer (dh3 summed over q in order)

@@ -121,62 +121,6 @@ def vfma(typingctx, a, b, c):
 
 
 @intrinsic
-def vstep(typingctx, P, M, V, i, g, k, opt):
-    """Hand over the gradient g of P.flat[i:i+16] right after the parameters' last use.
-
-    opt 0 (SGD):   P = fma(k[0], g, P)                     k[0] = -lr
-    opt 1 (AdamW): torch.optim.AdamW's single-tensor step with moments M, V:
-                   P *= k[1] (1 - lr wd); M += k[2] (g - M) (lerp, k[2] = 1 - b1);
-                   V = V k[4] + k[3] g g; P += k[7] M / (sqrt(V) k[5] + k[6])
-                   (k[5] = 1/sqrt(1 - b2^t), k[6] = eps, k[7] = -lr / (1 - b1^t))
-    opt 2 (grad):  M = g (the gradient, for checks; nothing is stepped)
-    An intrinsic, so the hot loops pass no array to a helper (numba would refcount it).
-    """
-    def cg(context, builder, sig, args):
-        Pa, Ma, Va, idx, g, ka, opt = args
-        at = lambda j, a: builder.bitcast(_ptr(context, builder, sig.args[j], a, idx), _VT.as_pointer())  # noqa: E731
-        kz = context.make_array(sig.args[5])(context, builder, ka).data
-        kk = lambda j: _splat(builder, builder.load(builder.gep(kz, [ir.Constant(_I32, j)])))  # noqa: E731
-        fma = _intrinsic_fn(builder, "llvm.fma.v16f32", _VT, [_VT] * 3)
-        is_adam = builder.icmp_signed("==", opt, ir.Constant(opt.type, 1))
-        with builder.if_else(is_adam) as (adam, other):
-            with adam:
-                pp, pm, pv = at(0, Pa), at(1, Ma), at(2, Va)
-                w = builder.fmul(builder.load(pp, align=4), kk(1))
-                m = builder.load(pm, align=4)
-                m = builder.call(fma, [kk(2), builder.fsub(g, m), m])
-                v = builder.call(fma, [builder.fmul(g, kk(3)), g, builder.fmul(builder.load(pv, align=4), kk(4))])
-                # sqrt(V) and the division by the denominator from the 14-bit estimates and one
-                # Newton step each (~2^-28; a vsqrtps + 2 vdivps cost ~35 cycles a vector and
-                # made AdamW double the solo step); 1e-35 keeps rsqrt(0) = inf out (sqrt -> 3e-18,
-                # far below eps's last bit)
-                c = lambda x: ir.Constant(_VT, [x] * LANES)  # noqa: E731
-                vv = builder.call(_intrinsic_fn(builder, "llvm.maxnum.v16f32", _VT, [_VT] * 2), [v, c(1e-35)])
-                y = builder.call(_intrinsic_fn(builder, "llvm.x86.avx512.rsqrt14.ps.512", _VT, [_VT, _VT, ir.IntType(16)]),
-                                 [vv, c(0.0), ir.Constant(ir.IntType(16), -1)])
-                hy = builder.fmul(builder.fmul(vv, c(0.5)), y)            # v y / 2
-                y = builder.fmul(y, builder.call(fma, [builder.fsub(c(0.0), hy), y, c(1.5)]))
-                sq = builder.fmul(vv, y)
-                den = builder.call(fma, [sq, kk(5), kk(6)])               # k[5] = 1 / sqrt(1 - b2^t)
-                r = builder.call(_intrinsic_fn(builder, "llvm.x86.avx512.rcp14.ps.512", _VT, [_VT, _VT, ir.IntType(16)]),
-                                 [den, c(0.0), ir.Constant(ir.IntType(16), -1)])
-                r = builder.call(fma, [builder.call(fma, [builder.fsub(c(0.0), den), r, c(1.0)]), r, r])
-                builder.store(builder.call(fma, [kk(7), builder.fmul(m, r), w]), pp, align=4)
-                builder.store(m, pm, align=4)
-                builder.store(v, pv, align=4)
-            with other:
-                is_sgd = builder.icmp_signed("==", opt, ir.Constant(opt.type, 0))
-                with builder.if_else(is_sgd) as (sgd, grad):
-                    with sgd:
-                        pp = at(0, Pa)
-                        builder.store(builder.call(fma, [kk(0), g, builder.load(pp, align=4)]), pp, align=4)
-                    with grad:
-                        builder.store(g, at(1, Ma), align=4)
-        return context.get_dummy_value()
-    return types.void(P, M, V, i, g, k, opt), cg
-
-
-@intrinsic
 def ftz_on(typingctx):
     """Set MXCSR's flush-to-zero and denormals-are-zero bits; return the old MXCSR.
 

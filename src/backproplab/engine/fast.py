@@ -1,8 +1,9 @@
 """The fast per-example engine: Net1989 replicas trained one example at a time on one core.
 
 Semantics: the eager engine's (engine/eager.py) - for each example in order, zero_grad,
-forward, loss.backward(), optimizer.step() with torch.optim.SGD / AdamW - for every
-replica. Numerics: float32, fused multiply-adds in a fixed order, tanh by a rational
+forward, loss.backward(), optimizer.step() with torch.optim.SGD / AdamW, or the 1989
+optimizer's step (methods/sdlm.py: a Gauss-Newton diagonal estimate from the weights
+before the step, a running average h, the step lr / (mu + h) * grad) - for every replica. Numerics: float32, fused multiply-adds in a fixed order, tanh by a rational
 approximation within ~5 ulp, denormals flushed to zero inside the kernels; so weights
 agree with the eager engine to float tolerance (see tests/test_fast_engine.py), not bit
 for bit.
@@ -75,8 +76,8 @@ class FastPopulation:
         _check_cpu()
         if kernel not in ("auto", "population", "solo"):
             raise ValueError(f"kernel={kernel!r}: choose auto, population or solo")
-        if optim == "sdlm":
-            raise ValueError("optim='sdlm' is not in the fast engine yet; use the eager engine (--engine eager)")
+        if optim == "sdlm" and not (mu > 0 and 0 < gamma <= 1):
+            raise ValueError(f"sdlm needs mu > 0 and 0 < gamma <= 1 (got mu={mu}, gamma={gamma})")
         if len(params) == 0:
             raise ValueError("FastPopulation needs at least one replica")
         for p in params:
@@ -91,6 +92,7 @@ class FastPopulation:
                        _choice("optim", optim, {k: v for k, v in OPT.items() if k != "grad"}))
         self.weight_decay, self.betas, self.eps = float(weight_decay), tuple(map(float, betas)), float(eps)
         self.dropout = float(dropout)
+        self.mu, self.gamma = float(mu), float(gamma)
         self._scale = np.float32(1.0 / (1.0 - self.dropout))   # torch: x * keep * (1/(1-p)), scalar in float32
         self._groups = _groups(self.R, kernel)
         self._dummy = np.zeros(1, np.float32)                   # M, V of plain SGD (never touched)
@@ -107,8 +109,10 @@ class FastPopulation:
         return [LY.from_solo(arr)] if kind == "solo" else [LY.from_pop(arr[None], r) for r in range(k)]
 
     def _set(self, params, m=None, v=None):
+        """m, v: AdamW's moments, or for sdlm m = the running curvature h (v is then scratch
+        for each example's estimate)."""
         self._P = [self._pack(kind, [params[r] for r in rs]) for kind, rs in self._groups]
-        if self.optim == "adamw":
+        if self.optim in ("adamw", "sdlm"):
             self._M = [aligned_copy(np.zeros_like(p)) if m is None else self._pack(kind, [m[r] for r in rs])
                        for (kind, rs), p in zip(self._groups, self._P)]
             self._V = [aligned_copy(np.zeros_like(p)) if v is None else self._pack(kind, [v[r] for r in rs])
@@ -166,7 +170,7 @@ class FastPopulation:
     def _args(self, opt):
         act, out_act, loss, _ = self._codes
         b1, b2 = self.betas
-        return (act, out_act, loss, opt, self.weight_decay, b1, b2, self.eps)
+        return (act, out_act, loss, opt, self.weight_decay, b1, b2, self.eps, self.mu, self.gamma)
 
     # ---- state --------------------------------------------------------------------
     def params(self) -> list:
@@ -174,10 +178,12 @@ class FastPopulation:
         return self._gather(self._P)
 
     def state(self) -> dict:
-        """Everything needed to resume bit-exactly: weights, AdamW moments, step count
-        (torch layouts, one key per replica and tensor)."""
+        """Everything needed to resume bit-exactly: weights, AdamW moments or sdlm's running
+        curvature (the eager engine's keys), step count (torch layouts, one key per replica and tensor)."""
         out = {"step": np.array(self._step, np.int64), "replicas": np.array(self.R, np.int64)}
-        for what, arrs in (("", self._P), ("exp_avg.", self._M), ("exp_avg_sq.", self._V)):
+        kept = ((("exp_avg.", self._M), ("exp_avg_sq.", self._V)) if self.optim == "adamw" else
+                (("h.", self._M),) if self.optim == "sdlm" else ())
+        for what, arrs in (("", self._P),) + kept:
             if arrs is None:
                 continue
             for r, p in enumerate(self._gather(arrs)):
@@ -193,6 +199,8 @@ class FastPopulation:
             return [{n: np.asarray(state[f"{r}.{what}{n}"], np.float32) for n in PARAM_NAMES} for r in range(self.R)]
         if self.optim == "adamw":
             self._set(get(""), get("exp_avg."), get("exp_avg_sq."))
+        elif self.optim == "sdlm":
+            self._set(get(""), get("h."))
         else:
             self._set(get(""))
         self._step = int(np.asarray(state["step"]))
@@ -231,12 +239,24 @@ def example_grads(params: dict, x, label: int, act="tanh", out_act="tanh", loss=
     x (16, 16); shift (dy, dx) or None; keep (192,) bool or None. population=True runs the
     population kernel (the replica in lane 0 of a block) instead of the solo kernel.
     """
+    return _one_example("grad", params, x, label, act, out_act, loss, shift, keep, dropout, population)
+
+
+def example_curvature(params: dict, x, label: int, act="tanh", out_act="tanh", loss="mse", shift=None, keep=None,
+                      dropout=0.0, population=False) -> dict:
+    """The fast engine's Gauss-Newton diagonal estimate of one example (what sdlm averages;
+    methods/sdlm.py's net1989_gn_diag), torch layouts; arguments as example_grads."""
+    return _one_example("sdlm", params, x, label, act, out_act, loss, shift, keep, dropout, population)
+
+
+def _one_example(what, params, x, label, act, out_act, loss, shift, keep, dropout, population):
+    """One kernel step with lr 0: 'grad' leaves the gradient in M, 'sdlm' the estimate in V."""
     kind = "pop" if population else "solo"
     fp = FastPopulation([params], act=act, out_act=out_act, loss=loss, dropout=dropout)
     P = FastPopulation._pack(kind, [params])
-    G = aligned_copy(np.zeros_like(P))
+    M, V = aligned_copy(np.zeros_like(P)), aligned_copy(np.zeros_like(P))
     sh = None if shift is None else np.asarray(shift, np.int8).reshape(1, 1, 2)
     kp = None if keep is None else np.asarray(keep, np.bool_).reshape(1, 1, 192)
-    _run(kind, aligned_copy(np.asarray(x, np.float32).reshape(1, 16, 16)), np.array([label], np.int64), np.zeros(1, np.float32),
-         sh, kp, fp._scale, P, G, fp._dummy, 0, fp._args(OPT["grad"]))
-    return FastPopulation._unpack(kind, G, 1)[0]
+    _run(kind, aligned_copy(np.asarray(x, np.float32).reshape(1, 16, 16)), np.array([label], np.int64),
+         np.zeros(1, np.float32), sh, kp, fp._scale, P, M, V, 0, fp._args(OPT[what]))
+    return FastPopulation._unpack(kind, M if what == "grad" else V, 1)[0]

@@ -102,7 +102,7 @@ def make_engine(cfg: Config, seeds: list):
               betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)
     if o.name == "sdlm":
         kw.update(mu=o.mu, gamma=o.gamma)
-    if t.engine == "eager" or o.name == "sdlm":  # the fast kernels do not carry the 1989 optimizer
+    if t.engine == "eager":
         if t.device == "cuda" and not torch.cuda.is_available():
             raise UserError("train.device=cuda but CUDA is not available on this machine")
         from .eager import EagerPopulation
