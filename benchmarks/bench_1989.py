@@ -8,6 +8,9 @@ warm-up (numba compilation included there):
   fast    FastPopulation, one replica (the solo kernel)
   pop N   FastPopulation with N replicas (N = 1, 8, 16, 32): models x steps per second
   modern  the modern recipe (ReLU, cross-entropy, AdamW, dropout, shifts), solo and 16
+  sdlm    rung 1b: the paper's optimizer (stochastic diagonal Levenberg-Marquardt, scaled
+          tanh, mse, lr 0.0005): the eager engine's sdlm path (EagerPopulation: autograd plus
+          methods/sdlm.py's curvature, batch of one) against the fast engine, solo and 16
 Each figure is the median of the repeats. A training step is 382 kFLOP (forward, input
 gradients and weight gradients: 3 x 2 x 63,660 multiply-adds); the 23-pass replay is
 167,693 steps, 64 GFLOP; its floor is that over the core's measured peak (16-lane fused
@@ -54,6 +57,21 @@ def eager_seconds(x, labels, steps):
 
 
 MODERN = dict(act="relu", out_act="none", loss="ce", optim="adamw", weight_decay=0.01, dropout=0.25)
+SDLM = dict(act="scaled_tanh", out_act="scaled_tanh", optim="sdlm", mu=0.02, gamma=0.01)   # rung 1b
+SDLM_LR = 0.0005
+
+
+def sdlm_seconds(x, labels, replicas, steps, eager=False):
+    """Rung 1b's step (SDLM) on `replicas` replicas: the fast engine, or the eager engine's sdlm path."""
+    from backproplab.engine.eager import EagerPopulation
+    from backproplab.engine.fast import FastPopulation
+    from backproplab.models.net1989 import init_params
+    params = [{n: v.numpy() for n, v in init_params(s).items()} for s in range(replicas)]
+    engine = (EagerPopulation if eager else FastPopulation)(params, **SDLM)
+    lr = np.full(steps, SDLM_LR, np.float32)
+    t0 = time.perf_counter()
+    engine.train_pass(x[:steps], labels[:steps], lr)
+    return time.perf_counter() - t0
 
 
 def fast_seconds(x, labels, replicas, steps, modern=False):
@@ -109,6 +127,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="fast-engine steps per repeat (default 7291)")
     ap.add_argument("--eager-steps", type=int, default=None, help="eager steps per repeat (default 2000)")
     ap.add_argument("--pop-steps", type=int, default=None, help="population steps per repeat (default 1000)")
+    ap.add_argument("--sdlm-eager-steps", type=int, default=None, help="eager sdlm steps per repeat (default 500)")
     ap.add_argument("--repeats", type=int, default=None, help="repeats, median quoted (default 5)")
     ap.add_argument("--populations", default="1,8,16,32")
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
@@ -119,6 +138,7 @@ def main(argv=None):
     eager_steps = a.eager_steps or (100 if quick else 2000)
     pop_steps = a.pop_steps or (100 if quick else 1000)
     repeats = a.repeats or (2 if quick else 5)
+    sdlm_eager_steps = a.sdlm_eager_steps or (30 if quick else 500)
     torch.set_num_threads(1)
 
     from backproplab.data import load_dataset
@@ -126,8 +146,8 @@ def main(argv=None):
     ds = load_dataset()
     x = aligned_copy(ds.train_x.reshape(-1, 16, 16).numpy())   # slices x[:steps] stay aligned: no copy per pass
     labels = ds.train_labels.numpy()
-    if steps > len(x) or pop_steps > len(x):
-        ap.error(f"--steps and --pop-steps are at most {len(x)} (one pass, in order)")
+    if max(steps, pop_steps, sdlm_eager_steps) > len(x):
+        ap.error(f"--steps, --pop-steps and --sdlm-eager-steps are at most {len(x)} (one pass, in order)")
 
     t0 = time.perf_counter()
     eager_seconds(x, labels, 20)
@@ -136,6 +156,7 @@ def main(argv=None):
         fast_seconds(x, labels, r, 20)                      # compile both kernels, untimed
     fast_seconds(x, labels, 1, 20, True)
     fast_seconds(x, labels, 16, 20, True)
+    sdlm_seconds(x, labels, 1, 20), sdlm_seconds(x, labels, 16, 20), sdlm_seconds(x, labels, 1, 5, eager=True)
     warmup = time.perf_counter() - t0
 
     eager = statistics.median(eager_seconds(x, labels, eager_steps) for _ in range(repeats)) / eager_steps
@@ -143,6 +164,10 @@ def main(argv=None):
     peak = peak_gflops()
     modern = statistics.median(fast_seconds(x, labels, 1, steps, True) for _ in range(repeats)) / steps
     modern16 = statistics.median(fast_seconds(x, labels, 16, pop_steps, True) for _ in range(repeats)) / pop_steps
+    sdlm_eager = statistics.median(sdlm_seconds(x, labels, 1, sdlm_eager_steps, eager=True)
+                                   for _ in range(repeats)) / sdlm_eager_steps
+    sdlm = statistics.median(sdlm_seconds(x, labels, 1, steps) for _ in range(repeats)) / steps
+    sdlm16 = statistics.median(sdlm_seconds(x, labels, 16, pop_steps) for _ in range(repeats)) / pop_steps
     pop = {}
     for r in pops:
         t = statistics.median(fast_seconds(x, labels, r, pop_steps) for _ in range(repeats)) / pop_steps
@@ -156,7 +181,11 @@ def main(argv=None):
         "replay_eager_23_passes_s": eager * REPLAY_STEPS, "replay_flop_floor_s": floor,
         "replay_vs_floor": fast * REPLAY_STEPS / floor, "populations": pop,
         "modern_us_per_step": modern * 1e6, "modern_pop16_us_per_replica_step": modern16 * 1e6 / 16,
-        "steps": {"fast": steps, "eager": eager_steps, "population": pop_steps}, "repeats": repeats,
+        "sdlm": {"eager_us_per_step": sdlm_eager * 1e6, "fast_us_per_step": sdlm * 1e6,
+                 "speedup_vs_eager": sdlm_eager / sdlm, "fast_vs_fast_sgd": sdlm / fast,
+                 "pop16_us_per_replica_step": sdlm16 * 1e6 / 16, "replay_23_passes_s": sdlm * REPLAY_STEPS},
+        "steps": {"fast": steps, "eager": eager_steps, "population": pop_steps, "sdlm_eager": sdlm_eager_steps},
+        "repeats": repeats,
         "warmup_s": warmup, "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()),
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "numba": __import__("numba").__version__,
