@@ -86,7 +86,7 @@ class Standardize:
 
 def _no_train_shift(cfg, opts):
     if cfg.train.shift > 0:
-        return f"and train.shift={cfg.train.shift} both shift the inputs; set train.shift=0"
+        return f"train.shift={cfg.train.shift} already shifts the inputs; set train.shift=0"
     return None
 
 

@@ -25,7 +25,7 @@ class BF16(FP32):
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-_P = dict(kind="precision", touches=("model",), hooks=("forward", "eval"), slot="precision", options={})
+_P = dict(kind="precision", touches=("model",), hooks=("forward",), slot="precision", options={})
 
 register(Method("fp32", impl="precision:FP32", **_P, summary="float32 everywhere (the default, stated)",
                 what="All arithmetic in IEEE float32: weights, activations, gradients, optimizer state.",

@@ -124,24 +124,30 @@ class Method:
 
 
 _REGISTRY: dict = {}
+_PENDING: dict = {}   # family -> its methods in registration order, until _load() ranks them
 _LOADED = False
 
 
 def register(m: Method) -> Method:
     assert m.kind in KINDS and set(m.touches) <= set(TOUCHES) and set(m.hooks) <= set(HOOKS), m.name
-    assert m.name not in _REGISTRY, m.name
-    m = dataclasses.replace(m, rank=len(_REGISTRY))
-    _REGISTRY[m.name] = m
+    family = m.impl.split(":")[0]
+    assert family in FAMILIES and m.name not in [p.name for p in _PENDING.get(family, [])], m.name
+    _PENDING.setdefault(family, []).append(m)
     return m
 
 
 def _load():
+    # ranks follow FAMILIES, then the order inside each file, whatever imported a family first
     global _LOADED
     if not _LOADED:
-        _LOADED = True
         for fam in FAMILIES:
             importlib.import_module(f"backproplab.methods.{fam}")
+        for fam in FAMILIES:
+            for m in _PENDING[fam]:
+                assert m.name not in _REGISTRY, m.name
+                _REGISTRY[m.name] = dataclasses.replace(m, rank=len(_REGISTRY))
         _symmetrize()
+        _LOADED = True
 
 
 def _symmetrize():
@@ -233,8 +239,10 @@ def check_config(cfg) -> None:
 
 
 def with_method(cfg, spec):
-    """A copy of cfg plus one method, replacing a method of the same slot (another optimizer,
-    schedule, norm, precision or average). Not validated: call config.validate on the result."""
+    """A copy of cfg plus one method that takes over what it replaces: a method of the same slot
+    (optimizer, schedule, norm, precision, average), and the config fields doing the same job
+    (a schedule clears optim.lr_end, dropout clears model.dropout, shift clears train.shift).
+    Not validated: call config.validate on the result."""
     import copy
     spec = parse_method(spec) if isinstance(spec, str) else resolve(spec)
     m = get_method(spec.name)
@@ -242,6 +250,12 @@ def with_method(cfg, spec):
     out.methods = [s for s in out.methods if not (m.slot and get_method(s.name).slot == m.slot)
                    and s.name != spec.name] + [spec]
     out.train.engine = "hooked"
+    if m.slot == "schedule":
+        out.optim.lr_end = None
+    if m.name == "dropout":
+        out.model.dropout = 0.0
+    if m.name == "shift":
+        out.train.shift = 0
     return out
 
 

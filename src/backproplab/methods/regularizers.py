@@ -91,7 +91,7 @@ def _ce_only(cfg, opts):
 
 def _no_model_dropout(cfg, opts):
     if cfg.model.dropout > 0:
-        return f"and model.dropout={cfg.model.dropout} both drop H2's outputs; set model.dropout=0"
+        return f"model.dropout={cfg.model.dropout} already drops H2's outputs; set model.dropout=0"
     return None
 
 

@@ -1,0 +1,95 @@
+"""`backproplab methods [NAME]` (the registry, or one card) and `backproplab train PRESET +method=... key=value`."""
+import json
+import sys
+
+
+def register(sub, add_common):
+    m = sub.add_parser("methods", help="the training-methods registry: name, kind, what it touches, summary")
+    add_common(m)
+    m.add_argument("name", nargs="?", help="print this method's card")
+    t = sub.add_parser("train", help="train a preset with methods: train modern +method=sam +method=swa:start=0.5")
+    add_common(t)
+    t.add_argument("preset", help="config preset (modern, modern_smoke, rung5, lecun1989, ...)")
+    t.add_argument("items", nargs="*", metavar="+method=NAME[:k=v,...] | key=value",
+                   help="methods and config overrides, e.g. +method=cosine optim.lr_end=none")
+    t.add_argument("--seeds", type=int, help="replicas trained at once (train.seeds)")
+    t.add_argument("--resume", action="store_true", help="continue the stopped run with this config in --out")
+    t.add_argument("--quiet", action="store_true", help="no per-pass lines")
+
+
+def _emit_json(obj):
+    print(json.dumps(obj, sort_keys=True))
+
+
+def cmd_methods(args):
+    from ..methods.registry import get_method, list_methods
+    if args.name:
+        m = get_method(args.name)
+        print(m.card())
+        if args.json:
+            _emit_json(_record(m))
+        return 0
+    ms = list_methods()
+    w = max(len(m.name) for m in ms)
+    print(f"{'name':{w}s}  {'kind':13s}  {'touches':28s}  summary")
+    for m in ms:
+        print(f"{m.name:{w}s}  {m.kind:13s}  {','.join(m.touches):28s}  {m.summary}")
+    print(f"{len(ms)} methods; `backproplab methods NAME` prints a card; "
+          f"`backproplab train PRESET +method=NAME[:k=v,...]` uses them")
+    if args.json:
+        _emit_json({"methods": [_record(m) for m in ms]})
+    return 0
+
+
+def _record(m) -> dict:
+    return {"name": m.name, "kind": m.kind, "touches": list(m.touches), "hooks": list(m.hooks), "slot": m.slot,
+            "summary": m.summary, "options": {k: {"default": o.default, "unit": o.unit} for k, o in m.options.items()},
+            "incompatible_with": sorted(m.incompatible_with), "requires": list(m.requires), "paper": m.paper}
+
+
+def train_config(preset_name, items, seeds=None):
+    """A validated config from a preset, +method=... items and key=value overrides; methods put the
+    run on the hooked engine unless train.engine is given."""
+    from ..config import apply_overrides, preset
+    cfg = preset(preset_name)
+    items = list(items)
+    if any(i.startswith("+method=") for i in items) and cfg.train.engine != "hooked":
+        items.insert(0, "train.engine=hooked")
+    if seeds is not None:
+        items.append(f"train.seeds={seeds}")
+    return apply_overrides(cfg, items)
+
+
+def cmd_train(args):
+    cfg = train_config(args.preset, args.items, args.seeds)  # config errors before torch is busy
+    from ..engine.train import environment, train
+    from ..report.console import ProgressBar, repro_table
+    from ..store import add_run
+    bar = ProgressBar(cfg.train.passes)
+
+    def log(line):
+        bar.clear()
+        if not args.quiet:
+            print(line, flush=True)
+
+    if not args.quiet:
+        names = [s.name + (":" + ",".join(f"{k}={v}" for k, v in s.options.items()) if s.options else "")
+                 for s in cfg.methods]
+        print(f"{cfg.name} ({cfg.digest()}), engine {cfg.train.engine}, methods: {' '.join(names) or 'none'}",
+              flush=True)
+    result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
+    bar.clear()
+    summary = result.summary()
+    summary["methods"] = [s.name for s in cfg.methods]
+    summary["run_id"] = add_run(args.out, "train", cfg.name, result.status, result.config, summary, result.history,
+                                environment())
+    if not args.quiet:
+        print(repro_table(result))
+    if result.status != "finished":
+        print(f"backproplab: {result.message}", file=sys.stderr)
+    if args.json:
+        _emit_json(summary)
+    return 0 if result.status == "finished" else 3
+
+
+COMMANDS = {"methods": cmd_methods, "train": cmd_train}
