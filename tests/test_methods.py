@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backproplab.config import MethodSpec, apply_overrides, from_dict, preset, validate
 from backproplab.data import load_dataset
@@ -16,6 +17,7 @@ from backproplab.engine.checkpoint import load_checkpoint
 from backproplab.engine.hooked import HOOK_ATTR, HookedPopulation
 from backproplab.engine.train import checkpoint_path, train
 from backproplab.errors import UserError
+from backproplab.models.net1989 import Net1989
 from backproplab.methods.registry import (HOOKS, build_switch, get_method, incompatibility, list_methods,
                                           parse_method, with_method)
 
@@ -47,6 +49,46 @@ def tiny_cfg(*methods, over=()):
 @pytest.fixture(scope="module")
 def tiny():
     return load_dataset("mnist10k", 64, 32)
+
+
+# -- oracle helpers (test_methods_oracle*.py): 96 digits, one replica, constant lr ----------------
+D96 = load_dataset("mnist10k", 96, 32)
+X, Y = D96.train_x.reshape(-1, 1, 16, 16), D96.train_labels.long()
+
+
+def run_engine(cfg, n=96, passes=1, record=None):
+    """One replica, `passes` passes over the first n digits at constant lr; record(ctx) after each step."""
+    eng = HookedPopulation(cfg, [0])
+    rep = eng.replicas[0]
+    if record:
+        inner = rep.opt.step
+        rep.opt.step = lambda ctx: (inner(ctx), record(ctx))
+    for _ in range(passes):
+        eng.train_pass(X[:n].reshape(-1, 16, 16).numpy(), Y[:n].numpy(), np.full(n, cfg.optim.lr))
+        eng.end_pass()
+    return eng
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def torch_run(model, opt, n=96, batch=16, loss=F.cross_entropy, per_step=None):
+    for i, a in enumerate(range(0, n, batch)):
+        if per_step:
+            opt = per_step(i, opt)
+        opt.zero_grad()
+        loss(model(X[a:a + batch]), Y[a:a + batch]).backward()
+        opt.step()
+    return flat(model)
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(b), rtol=rtol, atol=atol)
+
+
+def net():
+    return Net1989(0, act="relu", out_act="none")
 
 
 class Stop(Exception):

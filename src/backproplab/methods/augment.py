@@ -25,7 +25,8 @@ def random_shifts(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def rotate_scale_images(x: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (B, C, H, W); angles (B,) radians, counter-clockwise on the screen; scales (B,) > 1 enlarges.
+    """x (B, C, H, W); angles (B,) radians, clockwise on the screen (row 0 at the top: the top
+    edge moves to the right); scales (B,) > 1 enlarges.
 
     Bilinear resampling about the image centre; pixels from outside the image are -1
     (blank paper): grid_sample pads with 0, so it runs on x + 1.

@@ -1,9 +1,20 @@
-"""Normalization and depth: methods that change the model (built as models/modnet.ModNet).
+"""Normalization, depth and number formats: methods that change the model or how it computes.
 
-Each sets keys of the ModNet spec at the build hook; the layer maths is in modnet.py.
-Norm sites: after the H1 and H2 convolutions, the first convolution of each residual
-block, and H3 (before the activation). Residual blocks sit between H1 and H2 at 12x8x8.
+Norm and depth methods set keys of the ModNet spec (models/modnet.py, where the layer
+maths is) at the build hook. Norm sites: after the H1 and H2 convolutions, the first
+convolution of each residual block, and H3 (before the activation). Residual blocks sit
+between H1 and H2 at 12x8x8.
+
+Precision: fp32 (the default, stated) and bf16 autocast on the CPU. The switch gives the
+engine a context manager for the forward pass (hook `forward`); weights, gradients,
+optimizer state and the loss stay float32 (mixed precision: the matrix products and
+convolutions run in bfloat16). Evaluation runs under the same context, so the evaluated
+model is the one that was trained.
 """
+import contextlib
+
+import torch
+
 from .gradients import agc_
 from .registry import Method, Option, register
 
@@ -117,3 +128,30 @@ register(Method("nf", kind="normalization", touches=("model", "gradients"), hook
                      "clipped with AGC (final layer excluded). No normalization layers.",
                 paper="Brock, De & Smith 2021 (NF-ResNets); Brock, De, Smith & Simonyan 2021 (NFNets, AGC)",
                 oracle="the standardized weight has zero mean and variance gamma^2/fan_in per unit; AGC as agc"))
+
+
+class FP32:
+    def __init__(self, opts, **ctx):
+        pass
+
+    def forward_context(self):
+        return contextlib.nullcontext()
+
+
+class BF16(FP32):
+    def forward_context(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+_P = dict(kind="precision", touches=("model",), hooks=("forward",), slot="precision", options={})
+
+register(Method("fp32", impl="structure:FP32", **_P, summary="float32 everywhere (the default, stated)",
+                what="All arithmetic in IEEE float32: weights, activations, gradients, optimizer state.",
+                paper="-", oracle="the run without any precision method: bit-identical weights"))
+register(Method("bf16", impl="structure:BF16", **_P,
+                summary="bfloat16 autocast on the CPU for the forward pass; float32 weights and optimizer",
+                what="The forward pass runs under torch.autocast('cpu', bfloat16): convolutions and matrix "
+                     "products in bfloat16 (8-bit mantissa), reductions and the loss in float32; weights, "
+                     "gradients and optimizer state stay float32. Speed depends on the CPU's bf16 support.",
+                paper="Kalamkar et al. 2019, 'A Study of BFLOAT16 for Deep Learning Training'",
+                oracle="the forward under torch.autocast by hand: same loss; within 2% of the float32 loss"))

@@ -1,0 +1,240 @@
+"""Oracles for the methods that change the model, the data or the number format: the layer
+written out with torch.nn.functional / torch.nn modules, the mask formulas with the same
+generator draws, index arithmetic for shifts, torch.rot90 and bilinear formulas for
+rotations and scalings. Collected with the training-side oracles in test_methods_oracle.py.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backproplab.data.augment import shift_images
+from backproplab.methods.augment import RotateScale, Shift, pass_generator, rotate_scale_images
+from backproplab.models.modnet import ModNet, act_gain, dropout_mask, scaled_ws
+from backproplab.models.net1989 import Net1989
+
+from test_methods import X, Y, close, flat, net, run_engine, tiny_cfg
+
+
+def manual(m, x, h1=None, h3=None, h2=None, norm=lambda s, a: a):
+    """Net1989's forward written out, with places to insert what a method does."""
+    f = F.relu
+    z = f(norm("h1", F.conv2d(F.pad(x, (2, 2, 2, 2), value=-1.0), m.h1_w, stride=2) + m.h1_b))
+    z = h1(z) if h1 else z
+    z = f(norm("h2", F.conv2d(F.pad(z, (2, 2, 2, 2), value=-1.0), Net1989.h2_dense(m), stride=2) + m.h2_b))
+    z = z.flatten(1)
+    z = h2(z) if h2 else z
+    z = f(norm("h3", h3(z) if h3 else z @ m.h3_w.t() + m.h3_b))
+    return z @ m.out_w.t() + m.out_b
+
+
+def _noisy(**kw):
+    m = ModNet(0, act="relu", out_act="none", **kw)
+    m.gen = torch.Generator().manual_seed(5)
+    return m, torch.Generator().manual_seed(5)
+
+
+def oracle_dropout(name):
+    mask = dropout_mask((400, 192), 0.25, torch.Generator().manual_seed(1))
+    assert set(mask.unique().tolist()) == {0.0, float(torch.tensor(1 / 0.75))}
+    assert abs(float((mask == 0).float().mean()) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / mask.numel())
+    m, g = _noisy(drop=0.25)
+    close(m(X[:16]), manual(m, X[:16], h2=lambda z: z * dropout_mask(z.shape, 0.25, g)))
+    m.eval()
+    close(m(X[:16]), manual(m, X[:16]), rtol=0, atol=0)
+
+
+def oracle_dropconnect(name):
+    m, g = _noisy(dropconnect=0.25)
+
+    def loop(z):  # one masked weight matrix per example
+        masks = dropout_mask((len(z), 30, 192), 0.25, g)
+        return torch.stack([(m.h3_w * masks[i]) @ z[i] + m.h3_b for i in range(len(z))])
+    close(m(X[:16]), manual(m, X[:16], h3=loop))
+
+
+def oracle_spatial_dropout(name):
+    m, g = _noisy(spatial=0.5)
+    masks = []
+
+    def h1(z):
+        masks.append(dropout_mask((len(z), 12, 1, 1), 0.5, g))
+        return z * masks[0]
+    close(m(X[:16]), manual(m, X[:16], h1=h1))
+    assert 0 < float((masks[0] == 0).float().mean()) < 1
+
+
+def _block(m, i, z):
+    h = F.conv2d(F.relu(F.conv2d(z, getattr(m, f"b{i}a_w"), getattr(m, f"b{i}a_b"), padding=1)),
+                 getattr(m, f"b{i}b_w"), getattr(m, f"b{i}b_b"), padding=1)
+    return h
+
+
+def oracle_stochastic_depth(name):
+    m, g = _noisy(blocks=2, drop_path=0.5)
+
+    def blocks(z):
+        for i in range(2):  # block i drops with p (i + 1) / L
+            z = z + _block(m, i, z) * dropout_mask((len(z), 1, 1, 1), 0.5 * (i + 1) / 2, g)
+        return z
+    close(m(X[:16]), manual(m, X[:16], h1=blocks))
+
+
+def oracle_resblocks(name):
+    m = ModNet(0, act="relu", out_act="none", blocks=2)
+    close(m(X[:16]), manual(m, X[:16], h1=lambda z: (lambda z1: z1 + _block(m, 1, z1))(z + _block(m, 0, z))))
+    assert sum(p.numel() for p in m.parameters()) == 9760 + 2 * 2616
+
+
+def oracle_rezero(name):
+    m = ModNet(0, act="relu", out_act="none", blocks=1, rezero=True)
+    assert torch.equal(m(X[:16]), Net1989(0, act="relu", out_act="none")(X[:16]))
+    F.cross_entropy(m(X[:16]), Y[:16]).backward()
+    ys = []
+
+    def h1(z):
+        y = z + m.b0_alpha.detach() * _block(m, 0, z)
+        y.retain_grad()
+        ys.append((y, _block(m, 0, z).detach()))
+        return y
+    F.cross_entropy(manual(m, X[:16], h1=h1), Y[:16]).backward()
+    y, branch = ys[0]
+    close(m.b0_alpha.grad, (y.grad * branch).sum(), rtol=1e-4, atol=1e-7)
+    assert float(m.b0_alpha.grad) != 0
+
+
+def _norm_oracle(kind, make):
+    m = ModNet(0, act="relu", out_act="none", norm=kind)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("_ng", "_nb")):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    mods = {s: make(s, c, getattr(m, f"{s}_ng"), getattr(m, f"{s}_nb")) for s, c in m.sites.items()}
+    close(m(X[:16]), manual(m, X[:16], norm=lambda s, a: mods[s](a)), rtol=1e-4, atol=1e-5)
+    return m, mods
+
+
+def oracle_batchnorm(name):
+    def make(s, c, w, b):
+        bn = (torch.nn.BatchNorm1d if s == "h3" else torch.nn.BatchNorm2d)(c)
+        bn.weight.data, bn.bias.data = w.detach(), b.detach()
+        return bn
+    m, mods = _norm_oracle("batch", make)
+    close(m.h1_rm, mods["h1"].running_mean)
+    close(m.h3_rv, mods["h3"].running_var)
+
+
+def oracle_layernorm(name):
+    def make(s, c, w, b):
+        shape = (-1, 1, 1) if s != "h3" else (-1,)
+        return lambda a: F.layer_norm(a, a.shape[1:]) * w.view(shape) + b.view(shape)
+    _norm_oracle("layer", make)
+
+
+def oracle_groupnorm(name):
+    def make(s, c, w, b):
+        gn = torch.nn.GroupNorm(math.gcd(4, c), c)
+        gn.weight.data, gn.bias.data = w.detach(), b.detach()
+        return gn
+    _norm_oracle("group", make)
+
+
+def oracle_nonorm(name):
+    a = run_engine(tiny_cfg("nonorm"))
+    b = run_engine(tiny_cfg())
+    assert torch.equal(a.replicas[0].w, b.replicas[0].w)
+    assert torch.equal(ModNet(0, "relu", "none")(X[:16]), Net1989(0, "relu", "none")(X[:16]))
+
+
+def oracle_nf(name):
+    assert abs(act_gain("relu") - math.sqrt(2 / (1 - 1 / math.pi))) < 1e-6
+    w = torch.randn(30, 192)
+    v = scaled_ws(w, 1.5)
+    close(v.mean(1), torch.zeros(30), atol=1e-6, rtol=0)
+    close(v.var(1, unbiased=False) * 192, torch.full((30,), 1.5 ** 2), rtol=1e-3, atol=0)
+    m = ModNet(0, act="relu", out_act="none", ws=True)
+    out = m(X[:16])
+    m.ws = False
+    with torch.no_grad():
+        for k in ("h1_w", "h2_w", "h3_w"):
+            getattr(m, k).copy_(scaled_ws(getattr(m, k), act_gain("relu")))
+    close(out, m(X[:16]))
+
+
+def oracle_fp32(name):
+    assert torch.equal(run_engine(tiny_cfg("fp32")).replicas[0].w, run_engine(tiny_cfg()).replicas[0].w)
+
+
+def oracle_bf16(name):
+    eng = run_engine(tiny_cfg("bf16"), n=16)
+    m = net()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(X[:16])
+    loss = F.cross_entropy(out.float(), Y[:16])
+    g = torch.autograd.grad(loss, list(m.parameters()))
+    close(eng.replicas[0].w, flat(m) - 0.05 * torch.cat([t.reshape(-1) for t in g]))
+    with torch.no_grad():
+        ref = F.cross_entropy(m(X[:16]), Y[:16])
+    lv = float(loss.detach())
+    assert lv != float(ref) and abs(lv / float(ref) - 1) < 0.02
+
+
+# -- data --------------------------------------------------------------------------------------
+class _C:
+    pass_idx = 3
+
+
+def oracle_shift(name):
+    sw = Shift({"max": 2}, rank=30, seed=7)
+    sw.pass_start(_C)
+    x = X[:16]
+    out = sw.batch(x, _C)
+    sh = torch.randint(-2, 3, (16, 2), generator=pass_generator(7, 3, 130))
+    for i, (dy, dx) in enumerate(sh.tolist()):
+        for r in range(16):
+            for c in range(16):
+                inside = 0 <= r - dy < 16 and 0 <= c - dx < 16
+                assert float(out[i, 0, r, c]) == (float(x[i, 0, r - dy, c - dx]) if inside else -1.0)
+    assert torch.equal(out, shift_images(x, sh))
+
+
+def oracle_rotate_scale(name):
+    x = X[:4]
+    close(rotate_scale_images(x, torch.zeros(4), torch.ones(4)), x, rtol=0, atol=1e-5)
+    # positive angles turn clockwise on the screen (row 0 at the top): torch.rot90 from columns towards rows
+    close(rotate_scale_images(x, torch.full((4,), math.pi / 2), torch.ones(4)), torch.rot90(x, 1, (3, 2)),
+          rtol=0, atol=1e-5)
+    z = rotate_scale_images(x, torch.zeros(4), torch.full((4,), 2.0))
+    # scale 2: output pixel j samples the input at (j - 7.5) / 2 + 7.5 (bilinear, separable)
+    j = (torch.arange(16.0) - 7.5) / 2 + 7.5
+    lo, fr = j.floor().long(), j - j.floor()
+    rows = x[:, :, lo] * (1 - fr).view(-1, 1) + x[:, :, lo + 1] * fr.view(-1, 1)
+    expect = rows[:, :, :, lo] * (1 - fr) + rows[:, :, :, lo + 1] * fr
+    close(z, expect, rtol=0, atol=1e-5)
+    sw = RotateScale({"degrees": 10.0, "scale": 0.1}, rank=31, seed=0)
+    sw.pass_start(_C)
+    assert not torch.equal(sw.batch(x, _C), x)
+
+
+def oracle_standardize(name):
+    eng = run_engine(tiny_cfg("standardize"), n=32)
+    sw = dict(eng.replicas[0].switches)["standardize"]
+    z = (X[:32] - sw.mean) / sw.std
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-5
+    m = eng.replicas[0].model
+    m.eval()
+    with torch.no_grad():
+        close(eng.replicas[0].outputs(X[:8]), m(z[:8]))
+
+ORACLES_MODEL = {"dropout": oracle_dropout, "dropconnect": oracle_dropconnect,
+                 "spatial_dropout": oracle_spatial_dropout, "stochastic_depth": oracle_stochastic_depth,
+                 "shift": oracle_shift, "rotate_scale": oracle_rotate_scale, "standardize": oracle_standardize,
+                 "batchnorm": oracle_batchnorm, "layernorm": oracle_layernorm, "groupnorm": oracle_groupnorm,
+                 "nonorm": oracle_nonorm, "resblocks": oracle_resblocks, "rezero": oracle_rezero, "nf": oracle_nf,
+                 "fp32": oracle_fp32, "bf16": oracle_bf16}
+
+
+@pytest.mark.parametrize("name", sorted(ORACLES_MODEL))
+def test_oracle_model(name):
+    ORACLES_MODEL[name](name)
