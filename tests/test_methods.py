@@ -236,6 +236,22 @@ def test_population_resume_with_train_randomness_and_many_methods(tiny, tmp_path
     assert solo.final[0]["weights_sha256"] == full.final[1]["weights_sha256"]
 
 
+def test_vit_on_hooked_engine_takes_training_methods(tiny):
+    over = ["train.engine=hooked", "data.n_train=64", "data.n_test=32", "train.passes=1", "train.batch=16",
+            "optim.lr_end=none", "+method=sam", "+method=cosine", "+method=agc", "+method=label_smoothing"]
+    r = train(apply_overrides(preset("rung6"), over), data=tiny)
+    assert r.status == "finished" and math.isfinite(r.final[0]["test_loss"]) and "head_w" in r.params[0]
+
+
+def test_per_example_preset_with_a_method_runs_batch_one(tiny):
+    c = apply_overrides(preset("smoke"), ["train.engine=hooked", "+method=momentum", "data.n_train=64",
+                                          "train.passes=1"])
+    eng = HookedPopulation(c, [0])
+    eng.train_pass(tiny.train_x.reshape(-1, 16, 16).numpy(), tiny.train_labels.numpy(), np.full(64, 0.03))
+    eng.end_pass()
+    assert c.train.batch == 1 and eng.t == 64
+
+
 def test_no_methods_matches_minibatch_engine(tiny):
     over = ["data.n_train=64", "data.n_test=32", "train.passes=2", "train.batch=16"]
     a = train(apply_overrides(preset("modern_smoke"), over), data=tiny)

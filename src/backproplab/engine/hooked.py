@@ -26,7 +26,7 @@ from ..config import MethodSpec
 from ..data.augment import shift_images
 from ..errors import UserError
 from ..methods.augment import pass_generator
-from ..methods.registry import build_switch, get_method, resolve
+from ..methods.registry import HOOKS, build_switch, get_method, resolve
 from ..models.modnet import FINAL_PARAMS, ModNet
 from ..models.registry import build_model, dropout_units
 from .evaluate import metrics_from_outputs
@@ -34,6 +34,9 @@ from .minibatch import batch_loss
 
 EVAL_CHUNK = 2048    # images per forward pass at evaluation and BatchNorm recomputation
 NOISE_TAG = 1        # generator tag of the model's noise (data methods use 100 + rank)
+# the hooks after the backward pass, in the registry's one written order:
+# after_backward, before_step, step, after_step
+AFTER_BACKWARD = HOOKS[HOOKS.index("after_backward"):HOOKS.index("after_step") + 1]
 # switch attribute each hook calls
 HOOK_ATTR = {"build": "build", "pass_start": "pass_start", "lr": "lr", "batch": "batch",
              "forward": "forward_context", "loss": "loss", "after_backward": "after_backward",
@@ -79,8 +82,8 @@ class Replica:
             p.data = self.views[n]
         self.eval_buffers = None  # BatchNorm statistics recomputed for averaged weights
         c = self.ctx = Ctx()
-        c.cfg, c.seed, c.model, c.w, c.views, c.params, c.param_names = cfg, seed, self.model, self.w, \
-            self.views, self.params, self.names
+        c.cfg, c.seed, c.model = cfg, seed, self.model
+        c.w, c.views, c.params, c.param_names = self.w, self.views, self.params, self.names
         c.final_names = tuple(n for n in self.names if n in FINAL_PARAMS)
         c.base_lr, c.passes, c.closure = cfg.optim.lr, cfg.train.passes, self._closure
         opt = self._hook("step")
@@ -92,7 +95,10 @@ class Replica:
 
     def _hook(self, hook, attr=None):
         attr = attr or HOOK_ATTR[hook]
-        return [sw for _, sw in self.switches if hasattr(sw, attr)]
+        cache = self.__dict__.setdefault("_hooks", {})  # switches never change after construction
+        if attr not in cache:
+            cache[attr] = [sw for _, sw in self.switches if hasattr(sw, attr)]
+        return cache[attr]
 
     @contextlib.contextmanager
     def _forward_ctx(self):
@@ -127,7 +133,7 @@ class Replica:
         c.gen_state = self.model.gen.get_state()
         c.g = self._closure()
         c.gviews = self._views(c.g)
-        for hook in ("after_backward", "before_step", "step", "after_step"):
+        for hook in AFTER_BACKWARD:
             for sw in self._hook(hook):
                 getattr(sw, hook)(c)
 
