@@ -98,7 +98,8 @@ class Method:
         lines = [f"{self.name}  ({self.kind}; touches {', '.join(self.touches)})", "", self.summary, ""]
         lines += textwrap.wrap(self.what, 88)
         lines += ["", "When it runs: " + ", ".join(f"{h} (hook {HOOKS.index(h) + 1} of {len(HOOKS)})"
-                                                   for h in self.hooks)]
+                                                   for h in self.hooks)
+                  + f"; rank {self.rank} (the order inside a hook)"]
         if self.options:
             lines.append("Options (defaults):")
             for k, o in self.options.items():

@@ -105,7 +105,9 @@ def _no_lr_end(cfg, opts):
 
 
 FLOOR = Option(0.0, "fraction of optim.lr", "lowest rate", 0.0, 1.0)
-_S = dict(kind="schedule", touches=("schedule",), hooks=("lr",), slot="schedule", check=_no_lr_end)
+_S = dict(kind="schedule", touches=("schedule",), hooks=("lr",), slot="schedule", check=_no_lr_end,
+          interactions="replaces the linear optim.lr -> optim.lr_end decay, so it needs optim.lr_end=none "
+                       "(registry.with_method clears it); warmup multiplies it.")
 
 
 def _reg(name, impl, summary, what, paper, oracle, options=None):
