@@ -214,13 +214,7 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                 is_lm = builder.icmp_signed("==", opt, ir.Constant(opt.type, 3))
                 with builder.if_else(is_lm) as (lm, plain):
                     with lm:
-                        pp, ph = at(0, Pa), at(1, Ma)
-                        h = builder.call(fma, [builder.load(at(2, Va), align=4), kk(2),
-                                               builder.fmul(builder.load(ph, align=4), kk(1))])
-                        r = _recip(builder, fma, builder.fadd(h, kk(3)))
-                        builder.store(builder.call(fma, [builder.fmul(g, kk(0)), r, builder.load(pp, align=4)]),
-                                      pp, align=4)
-                        builder.store(h, ph, align=4)
+                        _lm_step(builder, fma, at(0, Pa), at(1, Ma), g, builder.load(at(2, Va), align=4), kk)
                     with plain:
                         is_sgd = builder.icmp_signed("==", opt, ir.Constant(opt.type, 0))
                         with builder.if_else(is_sgd) as (sgd, grad):
@@ -231,3 +225,26 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                                 builder.store(g, at(1, Ma), align=4)
         return context.get_dummy_value()
     return types.void(P, M, V, i, g, k, opt), cg
+
+
+def _lm_step(builder, fma, pp, ph, g, hn, kk):
+    """SDLM at pointers pp (P), ph (h): h = fma(hn, k[2], h k[1]); P = fma(k[0] g, 1/(h + k[3]), P)."""
+    h = builder.call(fma, [hn, kk(2), builder.fmul(builder.load(ph, align=4), kk(1))])
+    r = _recip(builder, fma, builder.fadd(h, kk(3)))
+    builder.store(builder.call(fma, [builder.fmul(g, kk(0)), r, builder.load(pp, align=4)]), pp, align=4)
+    builder.store(h, ph, align=4)
+
+
+@intrinsic
+def vstep_h(typingctx, P, M, i, g, hn, k):
+    """vstep's SDLM step (opt 3) with this example's estimate hn given as a vector, not read
+    from V: for W3, whose estimate is the outer product s3 x h2^2, computed where it is used
+    (a population's W3 estimate would be 368 KB written and read back each step)."""
+    def cg(context, builder, sig, args):
+        Pa, Ma, idx, g, hn, ka = args
+        at = lambda j, a: builder.bitcast(_ptr(context, builder, sig.args[j], a, idx), _VT.as_pointer())  # noqa: E731
+        kz = context.make_array(sig.args[5])(context, builder, ka).data
+        kk = lambda j: _splat(builder, builder.load(builder.gep(kz, [ir.Constant(_I32, j)])))  # noqa: E731
+        _lm_step(builder, _intrinsic_fn(builder, "llvm.fma.v16f32", _VT, [_VT] * 3), at(0, Pa), at(1, Ma), g, hn, kk)
+        return context.get_dummy_value()
+    return types.void(P, M, i, g, hn, k), cg

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from ..models.net1989 import PARAM_NAMES
-from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants, tree16, vstep
+from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants, tree16, vstep, vstep_h
 from ._kernels_sdlm import pop_curvature, pop_workspace
 from ._kernels_solo import PROF, _tick
 from ._layout import L, POP_OFFSETS
@@ -66,6 +66,7 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     dz1 = abuf(768 * L, 0.0)
     kc = abuf(8, 0.0)
     cw = pop_workspace()
+    s3c, h2q = cw[1], cw[2]                     # sdlm: s3 and h2^2 from the curvature pass
     m1 = vsplat(f32(-1.0))
     zero = vzero()
     has_shift = shifts.shape[0] > 0
@@ -263,7 +264,11 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                     c0, c1, c2, c3 = vfma(w0, dm, c0), vfma(w1, dm, c1), vfma(w2, dm, c2), vfma(w3, dm, c3)
                     c4, c5, c6, c7 = vfma(w4, dm, c4), vfma(w5, dm, c5), vfma(w6, dm, c6), vfma(w7, dm, c7)
                 for j in range(8):
-                    vstep(P, M, V, w + j * L, vmul(dm, vload(h2, (u0 + j) * L)), kc, opt)
+                    g = vmul(dm, vload(h2, (u0 + j) * L))
+                    if opt == 3:                                # sdlm: W3's estimate s3[m] h2^2 here
+                        vstep_h(P, M, w + j * L, g, vmul(vload(s3c, m * L), vload(h2q, (u0 + j) * L)), kc)
+                    else:
+                        vstep(P, M, V, w + j * L, g, kc, opt)
             for j, c in enumerate((c0, c1, c2, c3, c4, c5, c6, c7)):
                 vstore(dh2, (u0 + j) * L, c)
         for m in range(30):

@@ -4,6 +4,8 @@ After the forward pass and before the gradient's backward pass (which steps the 
 a kernel with opt=3 calls one of these to write this example's positive Gauss-Newton
 diagonal estimate of every parameter into Hn (the kernel's layout, zeros where no
 parameter); vstep then folds it into the running average and divides the step by it.
+W3's estimate, the outer product s3 x h2^2, is not written: the backward pass forms it
+where it steps W3 (vstep_h) from s3 and h2^2 left in the workspace.
 The maths is methods/sdlm.py's net1989_gn_diag: second derivatives travel down like
 the gradient, with squared weights, squared activation slopes and squared inputs:
   s4 = loss curvature (loss_curv)        s3 = f'(z3)^2 sum_q W4[q]^2 s4[q]
@@ -78,8 +80,6 @@ def solo_curvature(Hn, P, P1, h1, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss,
             else:
                 c0, c1, c2 = vfma(w0, sm, c0), vfma(w1, sm, c1), vfma(w2, sm, c2)
                 c3, c4, c5 = vfma(w3, sm, c3), vfma(w4, sm, c4), vfma(w5, sm, c5)
-            for j in range(6):
-                vstore(Hn, w + 16 * j, vmul(sm, vload(h2q, (o0 + j) * 16)))
         for j, c in enumerate((c0, c1, c2, c3, c4, c5)):
             vstore(s2, (o0 + j) * 16, c)
     for o in range(12):
@@ -199,8 +199,6 @@ def pop_curvature(Hn, P, xpad, h1p, d1, h2, d2, km, h3, d3, y, d4, has_keep, los
             else:
                 c0, c1, c2, c3 = vfma(w0, sm, c0), vfma(w1, sm, c1), vfma(w2, sm, c2), vfma(w3, sm, c3)
                 c4, c5, c6, c7 = vfma(w4, sm, c4), vfma(w5, sm, c5), vfma(w6, sm, c6), vfma(w7, sm, c7)
-            for j in range(8):
-                vstore(Hn, w + j * L, vmul(sm, vload(h2q, (u0 + j) * L)))
         for j, c in enumerate((c0, c1, c2, c3, c4, c5, c6, c7)):
             vstore(s2, (u0 + j) * L, c)
     for u in range(192):

@@ -12,7 +12,9 @@ Layouts are in _layout.py. One step, in the order of the code:
          windows; dW2[o] = sum over H2 positions in order of dz2 * H1T runs (H1T: the 12
          planes of each padded H1 position side by side); dW1 by 16-way transposing trees
 Each gradient is handed to vstep right after the parameter's last use, which steps the
-parameter in place (SGD or AdamW; or stores the gradient). The population kernel
+parameter in place (SGD, AdamW or SDLM; or stores the gradient). SDLM's curvature
+estimate is written by a separate pass between the loss and the backward pass
+(_kernels_sdlm.py), from the same weights the gradient sees. The population kernel
 performs the same roundings in the same order for each replica (see _kernels_pop.py).
 
 Profile: BACKPROPLAB_PROFILE=1 compiles cycle counters in (prof gets 8 phases per step,
@@ -26,7 +28,7 @@ import numpy as np
 from numba import njit
 
 from ..models.net1989 import PARAM_NAMES
-from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants, vstep
+from ._kernels_common import abuf, act_fwd, loss_grad, out_fwd, step_constants, vstep, vstep_h
 from ._kernels_sdlm import solo_curvature, solo_workspace
 from ._layout import H1TS, SOLO_OFFSETS, W2R
 from ._simd import (ftz_on, mxcsr_set, rdtsc, vadd, vfma, vgather, vhsum, vload, vmac4, vmul, vperm2, vsplat, vstore,
@@ -73,6 +75,7 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     dz1 = abuf(768 + 64, 0.0)     # 64 zeros past the end feed dW1's pad lanes
     kc = abuf(8, 0.0)
     cw = solo_workspace()
+    s3c, h2q = cw[1], cw[2]                     # sdlm: s3 and h2^2 from the curvature pass
     m1 = vsplat(f32(-1.0))
     zero = vzero()
     has_shift = shifts.shape[0] > 0
@@ -265,7 +268,11 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                     c0, c1, c2 = vfma(w0, dm, c0), vfma(w1, dm, c1), vfma(w2, dm, c2)
                     c3, c4, c5 = vfma(w3, dm, c3), vfma(w4, dm, c4), vfma(w5, dm, c5)
                 for j in range(6):
-                    vstep(P, M, V, w + 16 * j, vmul(dm, vload(h2, (o0 + j) * 16)), kc, opt)
+                    g = vmul(dm, vload(h2, (o0 + j) * 16))
+                    if opt == 3:                                # sdlm: W3's estimate s3[m] h2^2 here
+                        vstep_h(P, M, w + 16 * j, g, vmul(vsplat(s3c[m]), vload(h2q, (o0 + j) * 16)), kc)
+                    else:
+                        vstep(P, M, V, w + 16 * j, g, kc, opt)
             for j, c in enumerate((c0, c1, c2, c3, c4, c5)):
                 vstore(dh2, (o0 + j) * 16, c)
         vstep(P, M, V, OB3, vload(d3, 0), kc, opt)

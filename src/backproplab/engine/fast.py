@@ -3,8 +3,9 @@
 Semantics: the eager engine's (engine/eager.py) - for each example in order, zero_grad,
 forward, loss.backward(), optimizer.step() with torch.optim.SGD / AdamW, or the 1989
 optimizer's step (methods/sdlm.py: a Gauss-Newton diagonal estimate from the weights
-before the step, a running average h, the step lr / (mu + h) * grad) - for every replica. Numerics: float32, fused multiply-adds in a fixed order, tanh by a rational
-approximation within ~5 ulp, denormals flushed to zero inside the kernels; so weights
+before the step, a running average h, the step lr / (mu + h) * grad; _kernels_sdlm.py)
+- for every replica. Numerics: float32, fused multiply-adds in a fixed order, tanh by a
+rational approximation within ~5 ulp, denormals flushed to zero inside the kernels; so weights
 agree with the eager engine to float tolerance (see tests/test_fast_engine.py), not bit
 for bit.
 
@@ -250,13 +251,15 @@ def example_curvature(params: dict, x, label: int, act="tanh", out_act="tanh", l
 
 
 def _one_example(what, params, x, label, act, out_act, loss, shift, keep, dropout, population):
-    """One kernel step with lr 0: 'grad' leaves the gradient in M, 'sdlm' the estimate in V."""
+    """One kernel step with lr 0: 'grad' leaves the gradient in M; 'sdlm' with gamma = 1
+    leaves h = 1 * estimate + 0 * h, the estimate exactly, in M."""
     kind = "pop" if population else "solo"
-    fp = FastPopulation([params], act=act, out_act=out_act, loss=loss, dropout=dropout)
+    fp = FastPopulation([params], act=act, out_act=out_act, loss=loss, dropout=dropout,
+                        optim="sdlm" if what == "sdlm" else "sgd", gamma=1.0)
     P = FastPopulation._pack(kind, [params])
     M, V = aligned_copy(np.zeros_like(P)), aligned_copy(np.zeros_like(P))
     sh = None if shift is None else np.asarray(shift, np.int8).reshape(1, 1, 2)
     kp = None if keep is None else np.asarray(keep, np.bool_).reshape(1, 1, 192)
     _run(kind, aligned_copy(np.asarray(x, np.float32).reshape(1, 16, 16)), np.array([label], np.int64),
          np.zeros(1, np.float32), sh, kp, fp._scale, P, M, V, 0, fp._args(OPT[what]))
-    return FastPopulation._unpack(kind, M if what == "grad" else V, 1)[0]
+    return FastPopulation._unpack(kind, M, 1)[0]
