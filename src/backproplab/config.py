@@ -188,7 +188,8 @@ def rung6() -> Config:
 def modern() -> Config:
     """the rung-5 recipe in minibatches on the hooked engine (the base methods are added to):
     net1989, ReLU, dropout 0.25, shifts 1, AdamW (weight decay 0.01), cross-entropy; batch 32,
-    lr 3e-3 -> 1e-4 linearly per step, 80 passes."""
+    lr 3e-3 -> 1e-4 linearly per step, 80 passes. Test error 1.91 +- 0.20% over seeds 0-2
+    (`backproplab train modern --seeds 3`)."""
     c = rung5()
     c.name = "modern"
     c.train.engine, c.train.batch = "hooked", 32
