@@ -136,7 +136,10 @@ def rung1b() -> Config:
     c = rung1()
     c.name = "rung1b"
     c.model.act = c.model.out_act = "scaled_tanh"
-    c.optim.name, c.optim.lr = "sdlm", 0.0005  # lr / (mu + h): about 0.025 where h is small
+    # lr / (mu + h): about 0.025 where h is small. Checked against 0.00025, 0.001, 0.002, 0.004
+    # (4 seeds, 23 passes, trained on 6,291 training digits, judged on the other 1,000): 0.0005
+    # has the lowest held-out loss; 0.001 reaches a lower training loss but a higher held-out one.
+    c.optim.name, c.optim.lr = "sdlm", 0.0005
     return c
 
 
