@@ -84,7 +84,7 @@ def cmd_train(args):
     summary["run_id"] = add_run(args.out, "train", cfg.name, result.status, result.config, summary, result.history,
                                 environment())
     if not args.quiet:
-        print(repro_table(result))
+        print(repro_table(result, published=cfg.name.startswith(("lecun1989", "rung1", "smoke"))))
     if result.status != "finished":
         print(f"backproplab: {result.message}", file=sys.stderr)
     if args.json:

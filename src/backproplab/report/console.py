@@ -41,11 +41,12 @@ def _fmt(vals, digits=2, pct=True):
     return f"{vals.mean():.{digits}f}{unit} +- {vals.std(ddof=1):.{digits}f}"
 
 
-def repro_table(result) -> str:
+def repro_table(result, published: bool = True) -> str:
+    """published: add the 1989 paper's and the public reproduction's rows (for the 1989 setup)."""
     f = result.final
     label = f"this run ({result.config['train']['engine']}, {len(f)} seed{'s' if len(f) > 1 else ''})"
     rows = [("", "train error", "misses", "test error", "misses")]
-    for name, tre, trm, tee, tem in PUBLISHED_1989:
+    for name, tre, trm, tee, tem in (PUBLISHED_1989 if published else ()):
         rows.append((name, f"{tre:.2f}%", str(trm), f"{tee:.2f}%", str(tem)))
     rows.append((label, _fmt([r["train_error"] for r in f]), _fmt([r["train_misses"] for r in f], 1, False),
                  _fmt([r["test_error"] for r in f]), _fmt([r["test_misses"] for r in f], 1, False)))
