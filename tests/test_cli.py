@@ -92,10 +92,10 @@ def test_out_is_a_file(tmp_path):
 
 def test_corrupt_checkpoint_on_resume(tmp_path):
     assert run_cli("repro", *TINY, "--out", tmp_path).returncode == 0
-    ck = next((tmp_path / "checkpoints").iterdir())
     store_before = (tmp_path / "runs.db").read_bytes()
-    ck.write_bytes(ck.read_bytes()[:-50])
-    _assert_one_line_error(run_cli("repro", *TINY, "--out", tmp_path, "--resume"), "corrupt")
+    for ck in (tmp_path / "checkpoints").iterdir():  # the newest and the kept previous checkpoint
+        ck.write_bytes(ck.read_bytes()[:-50])
+    _assert_one_line_error(run_cli("repro", *TINY, "--out", tmp_path, "--resume"), "corrupt", "unusable too")
     assert (tmp_path / "runs.db").read_bytes() == store_before
 
 

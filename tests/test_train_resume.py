@@ -57,7 +57,9 @@ def test_checkpoint_written_atomically_and_config_saved(tmp_path):
     ck = checkpoint_path(cfg, tmp_path)
     state = load_checkpoint(ck)
     assert state["config"] == cfg.to_json() and state["passes_done"] == 3
-    assert [p.name for p in ck.parent.iterdir()] == [ck.name]  # no temporary files left behind
+    prev = ck.with_name(ck.stem + ".prev.pt")  # the checkpoint before the newest is kept
+    assert sorted(p.name for p in ck.parent.iterdir()) == sorted([ck.name, prev.name])  # no temporary files
+    assert load_checkpoint(prev)["passes_done"] == 2
 
 
 def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):

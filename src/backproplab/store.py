@@ -1,9 +1,17 @@
 """Results store: one SQLite file per output folder, one row per run, JSON columns.
 
-Records are written in one transaction; WAL and a busy timeout let several processes
-write the same store.
+Records are written in one transaction, so a process killed mid-write leaves the store
+as it was. Several processes may write the same store at once: WAL journaling lets
+readers and one writer overlap, the busy timeout makes a writer wait for another, and
+a write that still finds the database locked (SQLite gives up at once in a few cases,
+such as two connections both upgrading a read to a write) is retried with backoff.
+
+A file that is not a backproplab store (another program's SQLite database, anything
+else) is never modified: it is checked before the first write, and reads open it
+read-only.
 """
 import json
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -24,46 +32,146 @@ CREATE TABLE IF NOT EXISTS runs (
 )
 """
 DB_NAME = "runs.db"
+COLUMNS = ("id", "created", "kind", "name", "status", "config", "summary", "history", "env")
+BUSY_TIMEOUT_S = 30.0     # how long one statement waits for another writer's lock
+RETRIES = 8               # further attempts after "database is locked"; backoff 0.05 s doubling to 2 s
 
 
-def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
-    """create=False opens an existing store for reading and refuses a file that is not one
-    (a foreign SQLite database is never modified)."""
+def _busy(e: sqlite3.OperationalError) -> bool:
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def _with_retries(fn):
+    delay = 0.05
+    for attempt in range(RETRIES + 1):
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or attempt == RETRIES:
+                raise
+            time.sleep(delay * (1.0 + random.random()))  # jitter: writers that collided do not collide again
+            delay = min(2 * delay, 2.0)
+
+
+def _uri(path: Path, mode: str) -> str:
+    return f"{path.resolve().as_uri()}?mode={mode}"  # as_uri quotes '?', '#' and spaces in the path
+
+
+def _foreign_reason(con: sqlite3.Connection) -> str | None:
+    """None for a backproplab store or an empty database; else what is wrong with it."""
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()}
+    if not tables - {"sqlite_sequence"}:
+        return None
+    if "runs" not in tables:
+        return "it has no runs table"
+    cols = {r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
+    missing = [c for c in COLUMNS if c not in cols]
+    return f"its runs table lacks {', '.join(missing)}" if missing else None
+
+
+def _connect_ro(path: Path) -> sqlite3.Connection:
+    """A read-only connection that never writes the file (nor creates one)."""
+    con = sqlite3.connect(_uri(path, "ro"), uri=True, timeout=BUSY_TIMEOUT_S)
     try:
-        if not create:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
-            con.execute("PRAGMA busy_timeout=30000")
-            cols = [r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()]
-            if not {"kind", "config", "summary", "history"} <= set(cols):
-                con.close()
-                raise UserError(f"{path} is not a backproplab results store (no runs table)")
-            return con
-        con = sqlite3.connect(str(path), timeout=30.0)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA busy_timeout=30000")
-        con.execute(SCHEMA)
+        _with_retries(lambda: con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall())
         return con
+    except sqlite3.OperationalError as e:
+        con.close()
+        if "unable to open" not in str(e) and "readonly" not in str(e):
+            raise
+    # A WAL file a killed writer left needs recovery, which a read-only connection may not do,
+    # and in a folder nobody may write no -shm file can be made: read the main file as it is
+    # (it holds every checkpointed record and the schema).
+    return sqlite3.connect(_uri(path, "ro") + "&immutable=1", uri=True)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a file that is not a backproplab store, touching nothing in it."""
+    try:
+        con = _connect_ro(path)
+        try:
+            reason = _with_retries(lambda: _foreign_reason(con))
+        finally:
+            con.close()
     except sqlite3.DatabaseError as e:
-        raise UserError(f"results store {path} is unusable: {e}") from None
+        raise UserError(f"{path} is not a usable results store ({e})") from None
+    if reason:
+        raise UserError(f"{path} is not a backproplab results store ({reason}); nothing was written to it")
+    try:  # our store: an ordinary connection's close removes the -wal and -shm files the check left
+        con = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
+        try:
+            con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        pass  # a read-only folder: nothing was created there either
+
+
+def open_store_readonly(path: Path) -> sqlite3.Connection:
+    """A connection for reading a checked store: an ordinary one where the folder is writable
+    (so that closing it leaves no -wal and -shm files), else a read-only one."""
+    path = Path(path)
+    _check_file(path)
+    try:
+        con = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
+        try:
+            _with_retries(lambda: con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone())
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+        return _connect_ro(path)  # a read-only folder or file
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"results store {path} is unreadable: {e}") from None
+
+
+def _connect_write(path: Path) -> sqlite3.Connection:
+    if path.exists():
+        _check_file(path)  # before anything (even the journal mode) changes it
+
+    def connect():
+        con = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S)
+        try:
+            con.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(SCHEMA)
+            con.commit()
+        except BaseException:
+            con.close()
+            raise
+        return con
+    return _with_retries(connect)
 
 
 def store_path(folder) -> Path:
     return Path(folder) / DB_NAME
 
 
+def check_store(folder) -> None:
+    """Before a long job: refuse an output folder whose runs.db is not a usable store."""
+    path = store_path(folder)
+    if path.exists():
+        _check_file(path)
+
+
 def add_run(folder, kind: str, name: str, status: str, config: dict, summary: dict, history: list,
             env: dict) -> int:
-    con = _connect(store_path(folder))
+    path = store_path(folder)
+    row = (time.time(), kind, name, status, json.dumps(config), json.dumps(summary), json.dumps(history),
+           json.dumps(env))
     try:
-        with con:
-            cur = con.execute(
-                "INSERT INTO runs (created, kind, name, status, config, summary, history, env) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), kind, name, status, json.dumps(config), json.dumps(summary),
-                 json.dumps(history), json.dumps(env)))
-            return int(cur.lastrowid)
-    finally:
-        con.close()
+        con = _connect_write(path)
+        try:
+            def insert():
+                with con:  # one transaction: all of the record or none of it
+                    cur = con.execute("INSERT INTO runs (created, kind, name, status, config, summary, history, env) "
+                                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    return int(cur.lastrowid)
+            return _with_retries(insert)
+        finally:
+            con.close()
+    except sqlite3.Error as e:  # full disk, read-only file, locked for longer than all retries
+        raise UserError(f"cannot write results store {path}: {e}") from None
 
 
 def list_runs(folder) -> list[dict]:
@@ -73,19 +181,22 @@ def list_runs(folder) -> list[dict]:
         path = store_path(folder)
     if not path.is_file():
         raise UserError(f"no results store at {path} (run something with --out {folder} first)")
-    con = _connect(path, create=False)
+    con = open_store_readonly(path)
     try:
-        rows = con.execute("SELECT id, created, kind, name, status, config, summary, history, env "
-                           "FROM runs ORDER BY id").fetchall()
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='runs'").fetchone():
+            return []  # created by a writer killed before its first record
+        rows = _with_retries(lambda: con.execute(f"SELECT {', '.join(COLUMNS)} FROM runs ORDER BY id").fetchall())
     except sqlite3.DatabaseError as e:
         raise UserError(f"results store {path} is unreadable: {e}") from None
     finally:
         con.close()
-    keys = ("id", "created", "kind", "name", "status", "config", "summary", "history", "env")
     out = []
     for row in rows:
-        rec = dict(zip(keys, row))
-        for k in ("config", "summary", "history", "env"):
-            rec[k] = json.loads(rec[k])
+        rec = dict(zip(COLUMNS, row))
+        try:
+            for k in ("config", "summary", "history", "env"):
+                rec[k] = json.loads(rec[k])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"results store {path}: run {rec['id']} has a damaged {k} column ({e})") from None
         out.append(rec)
     return out

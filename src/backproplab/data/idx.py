@@ -6,10 +6,12 @@ type, dimensions and length; an invalid file raises UserError naming the file.
 """
 import gzip
 import hashlib
+import math
 import os
 import struct
 import tempfile
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ def _open_bytes(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream
             raise UserError(f"{path}: corrupt gzip data ({e})") from None
     return raw
 
@@ -46,7 +48,7 @@ def read_idx(path) -> np.ndarray:
     if len(raw) < head:
         raise UserError(f"{path}: truncated IDX header")
     dims = struct.unpack(">" + "I" * ndim, raw[4:head])
-    n = int(np.prod(dims, dtype=np.int64))
+    n = math.prod(dims)  # Python ints: a forged header cannot overflow into a plausible size
     if len(raw) - head != n:
         raise UserError(f"{path}: truncated or padded IDX file: header says {n} bytes of data, "
                         f"found {len(raw) - head}")
@@ -89,6 +91,8 @@ def load_idx_folder(folder):
         y = read_idx(_find(folder, f"{split}_labels"))
         if x.ndim != 3 or y.ndim != 1:
             raise UserError(f"{folder}: {split} images must be 3-D and labels 1-D")
+        if x.shape[1:] != (28, 28):  # the 1989 preprocessing resizes 28x28 digits to 16x16
+            raise UserError(f"{folder}: {split} images are {x.shape[1]}x{x.shape[2]} pixels; expected 28x28")
         if len(x) != len(y):
             raise UserError(f"{folder}: {len(x)} {split} images but {len(y)} labels")
         if y.size and y.max() > 9:

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..config import Config, validate
 from ..data import load_dataset, pass_randomness
 from ..errors import UserError
 from ..models.net1989 import PARAM_NAMES, init_params, weights_sha256
-from .checkpoint import load_checkpoint, save_checkpoint, to_numpy_state
+from .checkpoint import check_config, has_checkpoint, load_checkpoint, save_checkpoint, to_numpy_state
 from .evaluate import evaluate
 
 CHUNKS_PER_PASS = 8
@@ -138,8 +139,12 @@ def prepare_out(out) -> Path | None:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create output folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"output folder {out} is not writable")
+    try:  # a real write: permission bits do not bind root, and a read-only mount only shows on writing
+        fd, probe = tempfile.mkstemp(dir=out / "checkpoints", prefix=".probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"output folder {out} is not writable: {e.strerror or e}") from None
     return out
 
 
@@ -155,23 +160,32 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
     out = prepare_out(out)
     data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
-    engine = make_engine(cfg, seeds)
+    try:
+        engine = make_engine(cfg, seeds)
+    except (ValueError, RuntimeError) as e:  # an engine refusing a setting or this machine
+        raise UserError(f"cannot build the {cfg.train.engine} engine: {e}") from None
     units = getattr(engine, "dropout_units", 192)
     history, start, seconds, eval_seconds = [], 0, 0.0, 0.0
     ckpt = checkpoint_path(cfg, out) if out is not None else None
-    if resume and ckpt is not None and ckpt.exists():
+    status, message = "finished", ""
+    if resume and ckpt is not None and has_checkpoint(ckpt):
         state = load_checkpoint(ckpt)
-        if state.get("config") != cfg.to_json():
-            raise UserError(f"checkpoint {ckpt} was made with a different config")
-        engine.load_state(to_numpy_state(state["engine"]))
-        history, start = list(state["history"]), int(state["passes_done"])
-        seconds, eval_seconds = float(state["seconds"]), float(state["eval_seconds"])
+        check_config(ckpt, state.get("config"), cfg.to_json())
+        try:
+            engine.load_state(to_numpy_state(state["engine"]))
+            history, start = list(state["history"]), int(state["passes_done"])
+            seconds, eval_seconds = float(state["seconds"]), float(state["eval_seconds"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise UserError(f"checkpoint {ckpt} does not fit this model: {type(e).__name__} {e}") from None
+        # a diverged run is final: resuming reports it again instead of re-running the bad pass
+        status, message = str(state.get("status", "finished")), str(state.get("message", ""))
         if log:
             log(f"resumed from {ckpt} after pass {start}")
+        if status != "finished":
+            start = cfg.train.passes
     x = data.train_x.reshape(-1, 16, 16).numpy()
     labels = data.train_labels.numpy()
     n, m, t = len(x), cfg.model, cfg.train
-    status, message = "finished", ""
     for p in range(start, t.passes):
         lrs = step_lrs(cfg, p, n)
         rand = [pass_randomness(s, p, n, t.shift, m.dropout, units) for s in seeds]
@@ -188,23 +202,32 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
             engine.end_pass()
         dt = time.perf_counter() - t0
         seconds += dt
-        if (p + 1) % t.eval_every == 0 or p + 1 == t.passes:
+        bad_w = [seeds[r] for r, prm in enumerate(engine.params()) if not _finite(prm)]
+        if bad_w or (p + 1) % t.eval_every == 0 or p + 1 == t.passes:  # a diverged pass is always evaluated
             t0 = time.perf_counter()
             rec = _evaluate_pass(engine, data, cfg, p, dt)
             eval_seconds += time.perf_counter() - t0
             history.append(rec)
             if log:
                 log(format_pass(rec, t.passes))
-            bad = [seeds[r] for r, v in enumerate(rec["train"]) if not math.isfinite(v["loss"])]
-            if bad:
-                status, message = "diverged", f"diverged in pass {p + 1}: NaN/Inf loss (seeds {bad})"
-                break
+            bad_l = [seeds[r] for r, v in enumerate(rec["train"]) if not math.isfinite(v["loss"])]
+            if bad_w or bad_l:
+                what = ([f"NaN/Inf weights (seeds {bad_w})"] if bad_w else []) + \
+                       ([f"NaN/Inf loss (seeds {bad_l})"] if bad_l else [])
+                status, message = "diverged", f"diverged in pass {p + 1}: " + "; ".join(what)
         if ckpt is not None:
             save_checkpoint(ckpt, {"config": cfg.to_json(), "passes_done": p + 1, "history": history,
-                                   "seconds": seconds, "eval_seconds": eval_seconds, "engine": engine.state()})
+                                   "seconds": seconds, "eval_seconds": eval_seconds, "engine": engine.state(),
+                                   "status": status, "message": message})
+        if status != "finished":
+            break
     params = engine.params()
     return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1]), seconds, eval_seconds,
                   n, status, message, params)
+
+
+def _finite(params: dict) -> bool:
+    return all(bool(np.isfinite(np.asarray(v)).all()) for v in params.values())
 
 
 def _evaluate_pass(engine, data, cfg, p, dt) -> dict:

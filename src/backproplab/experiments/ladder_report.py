@@ -6,15 +6,17 @@ import numpy as np
 import torch
 
 from ..engine.train import environment, prepare_out
+from ..errors import UserError
 from ..store import add_run, list_runs
 from .ladder import RUNGS, format_table, ladder_rows, run_ladder
 
 
-def _already_recorded(out, digest) -> bool:
+def _already_recorded(out, digest, status) -> bool:
+    # a diverged rung is as final as a finished one (its checkpoint says so): recorded once too
     try:
         return any(r["kind"] == "ladder" and r["summary"].get("config_digest") == digest and
-                   r["status"] == "finished" for r in list_runs(out))
-    except Exception:  # no store yet
+                   r["status"] == status for r in list_runs(out))
+    except UserError:  # no store yet
         return False
 
 
@@ -27,7 +29,7 @@ def run_and_report(rungs, seeds, out, resume, jobs, smoke, source, log=None, eng
     env = environment()
     for r, (cfg, res) in ordered.items():
         s = res.summary()
-        if not _already_recorded(out, s["config_digest"]):
+        if not _already_recorded(out, s["config_digest"], res.status):
             add_run(out, "ladder", cfg.name, res.status, res.config, s, res.history, env)
         if res.status != "finished":
             print(f"backproplab: rung {r}: {res.message}", file=sys.stderr)
