@@ -1,0 +1,159 @@
+"""`backproplab speedrun` (the 1989 net to the rung-5 error in seconds) and `backproplab rezero`
+(deep residual stacks with and without normalization)."""
+import json
+import math
+
+from ..errors import UserError
+
+
+def register(sub, add_common):
+    s = sub.add_parser("speedrun", help="the 1989 net to rung 5's test error in seconds on one core")
+    add_common(s)
+    s.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 (default 8)")
+    s.add_argument("--population", action="store_true",
+                   help="train all seeds at once in one process (batched products) instead of one after another")
+    s.add_argument("--epochs", type=int, help="passes over the training set (recipe default 30)")
+    s.add_argument("--batch", type=int, help="examples per step (recipe default 128)")
+    s.add_argument("--lr", type=float, help="peak learning rate (recipe default 0.02)")
+    s.add_argument("--tta", type=int, help="test-time shifts averaged: 1 (none), 5 or 9 (default 9)")
+    s.add_argument("--reference-steps", type=int, default=300,
+                   help="steps of the per-example eager rung-5 reference to time (default 300; 0 skips it)")
+    s.add_argument("--target", type=float, help="test error to beat in percent (default: rung 5's measured mean)")
+    s.add_argument("--smoke", action="store_true",
+                   help="test size: 1000 training and 500 test digits, 5 epochs of batch 32")
+    r = sub.add_parser("rezero", help="ReZero vs none/BatchNorm/LayerNorm in deep residual MLP and conv stacks")
+    add_common(r)
+    r.add_argument("--depths", default="8,32,64,128", help="residual layers, comma-separated (default 8,32,64,128)")
+    r.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
+    r.add_argument("--budget-steps", type=int, help="training steps per run (default 300 mlp, 150 conv)")
+    r.add_argument("--stacks", default="mlp,conv", help="mlp, conv or both (default)")
+    r.add_argument("--norms", default="none,batch,layer_pre,layer_post,rezero", help="block variants to compare")
+    r.add_argument("--smoke", action="store_true", help="test size: depths 2,4, 12 steps, 2 seeds, 600 digits")
+
+
+def _finite(obj):  # NaN (a variant that never reached its target) is not JSON: null
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _emit_json(obj):
+    print(json.dumps(_finite(obj), sort_keys=True, allow_nan=False))
+
+
+def _fmt(m, s):
+    return f"{m:.2f} +- {s:.2f} %"
+
+
+def cmd_speedrun(args):
+    from ..experiments.speedrun import RUNG5_ERROR, RUNG5_SOURCE, Recipe
+    if args.seeds < 1 or args.reference_steps < 0:
+        raise UserError("--seeds must be >= 1 and --reference-steps >= 0")
+    rc = Recipe()
+    for k in ("epochs", "batch", "lr", "tta"):
+        if getattr(args, k) is not None:
+            setattr(rc, k, getattr(args, k))
+    n_train = n_test = None
+    ref_steps = args.reference_steps
+    if args.smoke:
+        n_train, n_test, ref_steps = 1000, 500, min(ref_steps, 20)
+        rc.epochs = 5 if args.epochs is None else rc.epochs
+        rc.batch = 32 if args.batch is None else rc.batch
+    rc.check()
+    target = RUNG5_ERROR if args.target is None else args.target
+    import torch
+    torch.set_num_threads(1)
+    from ..data import load_dataset
+    from ..engine.train import environment, prepare_out
+    from ..experiments.speedrun import reference_step_seconds, run_speedrun
+    from ..store import add_run
+    out = prepare_out(args.out)
+    data = load_dataset("mnist10k", n_train, n_test)
+    print(f"recipe: Net1989 (ReLU, logits; 9,760 parameters), {rc.epochs} epochs, batch {rc.batch}, "
+          f"{rc.optimizer} lr {rc.lr:g} (warm-up {rc.warmup:.0%}, then linear to 0), label smoothing {rc.smooth:g}, "
+          f"dropout {rc.dropout:g}, {'shifts of up to 1 pixel' if rc.shift else 'no shifts'}, test-time "
+          f"average over {rc.tta} shift{'s' if rc.tta > 1 else ''}; "
+          f"{'one population of ' + str(args.seeds) + ' seeds' if args.population else 'each seed alone'}, "
+          f"1 thread", flush=True)
+    res = run_speedrun(data, list(range(args.seeds)), rc, population=args.population, n_train=n_train,
+                       n_test=n_test)
+    ref = reference_step_seconds(data, ref_steps) if ref_steps else None
+    per_seed = res["train_seconds_per_seed"] if args.population else res["train_seconds_max_seed"]
+    res.update({"target": target, "target_source": RUNG5_SOURCE if args.target is None else "--target",
+                "meets_target": res["test_error"] <= target, "smoke": args.smoke, "reference": ref,
+                "speedup": ref["full_seconds"] / per_seed if ref else None})
+    n = res["seeds"]
+    print(f"test error {_fmt(res['test_error'], res['test_error_std'])} (mean +- std, n={n}); without test-time "
+          f"shifts {_fmt(res['test_error_no_tta'], res['test_error_no_tta_std'])}")
+    print(f"target {target:.2f} % ({res['target_source']}): {'met' if res['meets_target'] else 'NOT met'}")
+    if args.population:
+        print(f"training: {res['train_seconds_total']:.2f} s wall for all {n} seeds in one process "
+              f"({res['train_seconds_per_seed']:.2f} s a seed), cpu {res['train_cpu_seconds_total']:.2f} s")
+    else:
+        print(f"training: {res['train_seconds_per_seed']:.2f} s wall a seed on average, slowest seed "
+              f"{res['train_seconds_max_seed']:.2f} s, total {res['train_seconds_total']:.2f} s "
+              f"(cpu {res['train_cpu_seconds_total']:.2f} s)")
+    print(f"evaluation (not in the training time): {res['eval_seconds_total']:.2f} s; "
+          f"{res['steps']} steps, {res['gflop_per_seed']:.0f} GFLOP a seed")
+    if ref:
+        print(f"per-example reference (rung 5 on the eager engine): {ref['step_seconds'] * 1e3:.2f} ms a step over "
+              f"{ref['steps_timed']} timed steps x {ref['full_steps']:,} steps = {ref['full_seconds'] / 60:.1f} min; "
+              f"speed-up {res['speedup']:.0f}x (per seed, {'population' if args.population else 'slowest seed'})")
+    status = "finished" if res["meets_target"] or args.smoke else "missed"
+    res["run_id"] = add_run(out, "speedrun", "speedrun-smoke" if args.smoke else "speedrun", status,
+                            {"recipe": res["recipe"], "seeds": n, "population": args.population,
+                             "n_train": n_train, "n_test": n_test}, {k: v for k, v in res.items() if k != "per_seed"},
+                            res["per_seed"], environment())
+    if args.json:
+        _emit_json(res)
+    return 0
+
+
+def cmd_rezero(args):
+    from ..experiments import rezero as rz
+    stacks = rz.parse_names(args.stacks, rz.KINDS, "stacks")
+    norms = rz.parse_names(args.norms, rz.NORMS, "norms")
+    depths = rz.parse_ints(args.depths, "depths")
+    if args.seeds < 1 or (args.budget_steps is not None and args.budget_steps < rz.WINDOW):
+        raise UserError(f"--seeds must be >= 1 and --budget-steps >= {rz.WINDOW}")
+    steps, n_train, n_test, seeds = args.budget_steps, None, None, args.seeds
+    if args.smoke:
+        depths, steps, n_train, n_test, seeds = [2, 4], steps or 12, 600, 200, min(seeds, 2)
+    import torch
+    torch.set_num_threads(1)
+    from ..data import load_dataset
+    from ..engine.train import environment, prepare_out
+    from ..store import add_run
+    out = prepare_out(args.out)
+    data = load_dataset("mnist10k", n_train, n_test)
+    runs = rz.run_study(data, stacks, depths, norms, seeds, steps,
+                        log=(lambda s: print(s, flush=True)) if not args.json else (lambda s: None))
+    rows = rz.summarize(runs)
+    claims = rz.claims(rows)
+    print(rz.format_table(rows))
+    for c in claims:
+        others = ", ".join(f"{k} {v:.0f}" for k, v in c["others_steps"].items()) or "no other variant reached it"
+        mine = "never" if math.isnan(c["rezero_steps"]) else f"{c['rezero_steps']:.0f}"
+        none = "" if c["none_diverged"] is None else f"; residual without norm diverged in {c['none_diverged']} seeds"
+        print(f"{c['stack']} depth {c['depth']}: ReZero trains without normalization: "
+              f"{'yes' if c['rezero_trains'] else 'no'}; fastest to the target: {'yes' if c['rezero_fastest'] else 'no'}"
+              f" (mean steps to target: ReZero {mine}; {others}){none}")
+    (out / "rezero").mkdir(exist_ok=True)
+    png = rz.plot(rows, runs, out / "rezero" / ("rezero-smoke.png" if args.smoke else "rezero.png"))
+    if png:
+        print(f"wrote {png}")
+    summary = {"rows": rows, "claims": claims, "plot": str(png) if png else None, "seeds": seeds,
+               "stacks": {k: rz.STACKS[k] for k in stacks}, "budget_steps": steps, "lr": rz.LR, "smoke": args.smoke}
+    summary["run_id"] = add_run(out, "rezero", "rezero-smoke" if args.smoke else "rezero", "finished",
+                                {"depths": depths, "stacks": stacks, "norms": norms, "seeds": seeds, "steps": steps},
+                                summary, [{k: v for k, v in r.items()} for r in runs], environment())
+    if args.json:
+        _emit_json(summary)
+    return 0
+
+
+COMMANDS = {"speedrun": cmd_speedrun, "rezero": cmd_rezero}

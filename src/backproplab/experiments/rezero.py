@@ -1,0 +1,203 @@
+"""The ReZero study at small scale: does x + a*F(x) (a = 0 at init) let deep residual stacks
+train without normalization, and do they converge faster?
+
+For each stack (mlp, conv), depth and block variant (models/deep.py) and seed: Adam at a
+fixed learning rate, no warm-up, no clipping, the same minibatches for every variant of a
+seed, a fixed budget of steps. Recorded per run:
+  final loss        cross-entropy on a fixed subset of the training digits after the last step
+  steps to target   first step at which the mean of the last WINDOW minibatch losses is <= target
+  test error        on a fixed subset of the test digits after the last step
+  diverged          a non-finite minibatch loss (the run stops there)
+"""
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..models.deep import KINDS, NORMS, DeepNet, stack_macs
+
+WINDOW = 10          # minibatch losses averaged for the steps-to-target test
+N_EVAL = 512         # training digits for the final loss, test digits for the test error
+# Per stack: width, batch, default step budget, target loss. The conv stack runs at 8x8 with
+# width 8 so that depth 128 stays affordable on one core (about 0.1 s a step).
+STACKS = {"mlp": dict(width=64, batch=64, steps=300, target=0.5),
+          "conv": dict(width=8, batch=32, steps=150, target=0.5)}
+DEFAULT_DEPTHS = (8, 32, 64, 128)
+LR = 1e-3
+
+
+def parse_ints(text, what, lo=1, hi=1024):
+    try:
+        vals = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--{what} {text!r}: expected comma-separated integers") from None
+    if not vals or any(not lo <= v <= hi for v in vals):
+        raise UserError(f"--{what} {text!r}: each value must be in {lo}..{hi}")
+    return vals
+
+
+def parse_names(text, known, what):
+    vals = [t.strip() for t in str(text).split(",") if t.strip()]
+    bad = [v for v in vals if v not in known]
+    if bad or not vals:
+        raise UserError(f"--{what}: unknown {', '.join(bad) or repr(text)}; choose from {', '.join(known)}")
+    return vals
+
+
+def run_one(data, kind, depth, norm, seed, steps, width, batch, target, lr=LR) -> dict:
+    model = DeepNet(kind, depth, width, norm, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(10_000 + int(seed))  # batches depend on the seed only, not the variant
+    n = len(data.train_x)
+    losses, reached, diverged = [], None, False
+    t0 = time.process_time()
+    model.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, n, (batch,), generator=g)
+        loss = F.cross_entropy(model(data.train_x[idx]), data.train_labels[idx])
+        v = float(loss.detach())
+        if not math.isfinite(v):
+            diverged = True
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(v)
+        if reached is None and len(losses) >= WINDOW and np.mean(losses[-WINDOW:]) <= target:
+            reached = step
+    cpu = time.process_time() - t0
+    final_loss, test_error = float("nan"), float("nan")
+    if not diverged:
+        model.eval()
+        with torch.no_grad():
+            fl = F.cross_entropy(model(data.train_x[:N_EVAL]), data.train_labels[:N_EVAL])
+            pred = model(data.test_x[:N_EVAL]).argmax(1)
+        final_loss = float(fl) if math.isfinite(float(fl)) else float("nan")
+        test_error = 100.0 * float((pred != data.test_labels[:N_EVAL]).float().mean())
+        diverged = not math.isfinite(final_loss)
+    return {"stack": kind, "depth": depth, "norm": norm, "seed": seed, "steps": steps, "final_loss": final_loss,
+            "test_error": test_error, "steps_to_target": reached, "target": target, "diverged": diverged,
+            "cpu_seconds": cpu, "losses": losses, "rezero_a": model.residual_weights(),
+            "macs": stack_macs(kind, depth, width)}
+
+
+def run_study(data, stacks, depths, norms, seeds, steps=None, log=print) -> list[dict]:
+    runs = []
+    for kind in stacks:
+        p = STACKS[kind]
+        for depth in depths:
+            for norm in norms:
+                for s in range(seeds):
+                    r = run_one(data, kind, depth, norm, s, steps or p["steps"], p["width"], p["batch"], p["target"])
+                    runs.append(r)
+                    log(f"{kind:4s} depth {depth:3d} {norm:10s} seed {s}: final loss {r['final_loss']:.3f}"
+                        f"{' DIVERGED' if r['diverged'] else ''}, target at "
+                        f"{r['steps_to_target'] if r['steps_to_target'] else '-'} ({r['cpu_seconds']:.1f} s cpu)")
+    return runs
+
+
+def _ms(vals):
+    v = np.array([x for x in vals if math.isfinite(x)], dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize(runs) -> list[dict]:
+    """One row per (stack, depth, norm): means and sample std over seeds."""
+    rows, keys = [], []
+    for r in runs:
+        k = (r["stack"], r["depth"], r["norm"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        rr = [r for r in runs if (r["stack"], r["depth"], r["norm"]) == k]
+        fl, fs = _ms([r["final_loss"] for r in rr])
+        te, ts = _ms([r["test_error"] for r in rr])
+        hit = [r["steps_to_target"] for r in rr if r["steps_to_target"] is not None]
+        st, ss = _ms([float(h) for h in hit])
+        rows.append({"stack": k[0], "depth": k[1], "norm": k[2], "seeds": len(rr), "final_loss": fl,
+                     "final_loss_std": fs, "test_error": te, "test_error_std": ts, "reached": len(hit),
+                     "steps_to_target": st, "steps_to_target_std": ss, "target": rr[0]["target"],
+                     "steps": rr[0]["steps"], "diverged": sum(r["diverged"] for r in rr)})
+    return rows
+
+
+def claims(rows) -> list[dict]:
+    """The seed's two claims, per (stack, depth), read off the table:
+    trains_without_norm: every ReZero seed reaches the target loss and none diverges;
+    faster: ReZero's mean steps to target is below that of every variant in which all seeds got there.
+    """
+    out = []
+    for kind, depth in sorted({(r["stack"], r["depth"]) for r in rows}, key=lambda t: (KINDS.index(t[0]), t[1])):
+        by = {r["norm"]: r for r in rows if r["stack"] == kind and r["depth"] == depth}
+        rz = by.get("rezero")
+        if rz is None:
+            continue
+        ok = rz["reached"] == rz["seeds"] and rz["diverged"] == 0
+        others = {n: r["steps_to_target"] for n, r in by.items() if n != "rezero" and r["reached"] == r["seeds"]}
+        faster = ok and all(rz["steps_to_target"] < v for v in others.values())
+        none = by.get("none")
+        out.append({"stack": kind, "depth": depth, "rezero_trains": ok, "rezero_fastest": faster,
+                    "none_diverged": None if none is None else none["diverged"],
+                    "rezero_steps": rz["steps_to_target"], "others_steps": others})
+    return out
+
+
+def format_table(rows) -> str:
+    lines = [f"{'stack':5s} {'depth':>5s} {'block':10s} {'final loss':>16s} {'test err %':>14s} "
+             f"{'steps to target':>18s} {'diverged':>8s}"]
+    for r in rows:
+        fl = "diverged" if math.isnan(r["final_loss"]) else f"{r['final_loss']:.3f} +- {r['final_loss_std']:.3f}"
+        te = "-" if math.isnan(r["test_error"]) else f"{r['test_error']:.1f} +- {r['test_error_std']:.1f}"
+        st = (f"{r['steps_to_target']:.0f} +- {r['steps_to_target_std']:.0f}" if r["reached"] else "never") + \
+            f" ({r['reached']}/{r['seeds']})"
+        lines.append(f"{r['stack']:5s} {r['depth']:5d} {r['norm']:10s} {fl:>16s} {te:>14s} {st:>18s} "
+                     f"{r['diverged']:>4d}/{r['seeds']}")
+    return "\n".join(lines)
+
+
+def plot(rows, runs, path):
+    from ..report.plots import _plt
+    plt = _plt()
+    if plt is None:
+        return None
+    kinds = [k for k in KINDS if any(r["stack"] == k for r in rows)]
+    fig, axes = plt.subplots(2, len(kinds), figsize=(6 * len(kinds), 8), squeeze=False)
+    for j, kind in enumerate(kinds):
+        ax = axes[0][j]
+        for norm in NORMS:
+            rr = [r for r in rows if r["stack"] == kind and r["norm"] == norm and not math.isnan(r["final_loss"])]
+            if rr:
+                ax.errorbar([r["depth"] for r in rr], [r["final_loss"] for r in rr],
+                            yerr=[r["final_loss_std"] for r in rr], fmt="o-", capsize=3, label=norm)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("depth (residual layers)")
+        steps = next(r["steps"] for r in rows if r["stack"] == kind)
+        ax.set_ylabel(f"training loss after {steps} steps")
+        ax.set_title(f"{kind}: final loss (mean +- std; diverged runs left out)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        deepest = max(r["depth"] for r in rows if r["stack"] == kind)
+        ax = axes[1][j]
+        for norm in NORMS:
+            curves = [r["losses"] for r in runs if r["stack"] == kind and r["depth"] == deepest and r["norm"] == norm]
+            if curves:
+                n = min(len(c) for c in curves)
+                if n >= WINDOW:
+                    m = np.mean([np.convolve(c[:n], np.ones(WINDOW) / WINDOW, "valid") for c in curves], axis=0)
+                    ax.plot(np.arange(WINDOW, n + 1), m, label=norm)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"minibatch loss (mean of {WINDOW})")
+        ax.set_title(f"{kind}, depth {deepest}: training curves (seed mean)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
