@@ -1,0 +1,114 @@
+"""`backproplab effects`: each training method alone on top of a base recipe, with error bars,
+a significance test, time to the base's error, a Pareto plot and a composition table."""
+import json
+import math
+
+
+def register(sub, add_common):
+    e = sub.add_parser("effects", help="each method alone on a base recipe: error, time to the base's error, "
+                                       "95%% CI and Welch test; Pareto plot; pairs vs the product of singles")
+    add_common(e)
+    e.add_argument("--base", default="modern", help="base preset (default modern)")
+    e.add_argument("--seeds", type=int, default=8, help="seeds per method (default 8)")
+    e.add_argument("--methods", help="comma-separated methods (default: every registered method the base can take)")
+    e.add_argument("--pairs", help="pairs to compose, e.g. ema+label_smoothing,sam+swa "
+                                   "(default: all pairs among the --top-pairs fastest singles)")
+    e.add_argument("--top-pairs", type=int, default=3, help="singles with the largest speed-up paired (default 3)")
+    e.add_argument("--passes", type=int, help="passes for the base and every method (default: the base's)")
+    e.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (default 1)")
+    e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
+    e.add_argument("--smoke", action="store_true",
+                   help="test size: the base's smoke preset (500/200 digits, 2 passes), 2 methods, <= 2 seeds")
+
+
+def _finite(obj):  # NaN (an undefined interval) is not JSON: null
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _parse(args):
+    from ..config import preset
+    from ..errors import UserError
+    from ..methods.registry import get_method
+    if args.seeds < 1 or args.jobs < 1 or args.top_pairs < 0 or (args.passes is not None and args.passes < 1):
+        raise UserError("--seeds, --jobs and --passes must be >= 1, --top-pairs >= 0")
+    preset(args.base)  # an unknown base is named before anything trains
+    methods = None
+    if args.methods is not None:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise UserError("--methods: give at least one method name")
+        for m in methods:
+            get_method(m)
+    pairs = None
+    if args.pairs is not None:
+        pairs = []
+        for item in filter(None, (p.strip() for p in args.pairs.split(","))):
+            parts = item.split("+")
+            if len(parts) != 2 or not all(parts):
+                raise UserError(f"--pairs: {item!r} is not NAME+NAME")
+            for m in parts:
+                get_method(m)
+            pairs.append((parts[0], parts[1]))
+    if args.pairs is None and args.top_pairs == 0:
+        pairs = []
+    return methods, pairs
+
+
+def _recorded(out, digest, status) -> bool:
+    from ..errors import UserError
+    from ..store import list_runs
+    try:
+        return any(r["kind"] == "effects-run" and r["summary"].get("config_digest") == digest and r["status"] == status
+                   for r in list_runs(out))
+    except UserError:  # no store yet
+        return False
+
+
+def cmd_effects(args):
+    methods, pairs = _parse(args)  # config and name errors before torch is busy
+    seeds = min(args.seeds, 2) if args.smoke else args.seeds
+    from ..engine.train import environment, prepare_out
+    from ..experiments import effects as fx
+    from ..store import add_run
+    out = prepare_out(args.out)
+    rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
+                                                        args.smoke, args.passes, pairs, args.top_pairs,
+                                                        log=lambda s: print(s, flush=True))
+    env = environment()
+    for key, res in results.items():
+        s = res.summary()
+        s["method"] = key
+        if not _recorded(out, s["config_digest"], res.status):
+            add_run(out, "effects-run", cfgs[key].name, res.status, res.config, s, res.history, env)
+    print(f"\nbase {cfgs[fx.BASE_KEY].name}: {rows[0]['test_error']:.2f} +- {rows[0]['test_error_std']:.2f} % "
+          f"(n={rows[0]['seeds']}); time to base = training seconds a seed until the seed-mean test error first "
+          f"reaches {rows[0]['base_error']:.2f} %")
+    print(fx.format_table(rows))
+    for k, why in skipped.items():
+        print(f"skipped {k}: {why}")
+    print()
+    print(fx.format_composition(comp))
+    folder = out / "effects"
+    folder.mkdir(exist_ok=True)
+    name = cfgs[fx.BASE_KEY].name
+    png = fx.pareto_plot(rows, folder / f"pareto-{name}.png",
+                         f"effects on {name}: {seeds} seeds, {cfgs[fx.BASE_KEY].train.passes} passes")
+    if png:
+        print(f"wrote {png}")
+    summary = {"base": name, "seeds": seeds, "passes": cfgs[fx.BASE_KEY].train.passes, "rows": rows,
+               "composition": comp, "skipped": skipped, "plot": str(png) if png else None, "smoke": args.smoke}
+    status = "finished" if all(r["status"] == "finished" for r in rows) else "partial"
+    summary["run_id"] = add_run(out, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),
+                                _finite(summary), [], env)
+    if args.json:
+        print(json.dumps(_finite(summary), sort_keys=True, allow_nan=False))
+    return 0 if status == "finished" else 3
+
+
+COMMANDS = {"effects": cmd_effects}

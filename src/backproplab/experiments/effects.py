@@ -1,0 +1,256 @@
+"""Measured effects: each method alone on top of a base recipe, then pairs of methods.
+
+Every run is the base config plus methods (methods.registry.with_method: a method replaces
+the base's method or config field doing the same job), trained on n seeds by train() with
+an evaluation after every pass. Per run and against the base:
+  test error        mean and sample std over seeds after the last pass
+  difference        method - base, 95% confidence interval (Welch-Satterthwaite t) and
+                    Welch's t-test p-value (scipy.stats.ttest_ind, equal_var=False)
+  time to base      training seconds a seed until the seed-mean test error first reaches
+                    the base's final mean (None: never); also in passes, which do not
+                    depend on the machine's load
+  speed-up          base's time to its own final error / the method's time
+Composition: for pairs of compatible methods, the measured speed-up against the product
+of the two single speed-ups (1.0 = they compose multiplicatively).
+"""
+import math
+import warnings
+
+import numpy as np
+
+from ..config import preset, validate
+from ..errors import UserError
+
+SMOKE_METHODS = ("label_smoothing", "ema")
+
+
+def base_config(base: str, seeds: int, smoke: bool, passes=None):
+    from ..config import PRESETS
+    if smoke and f"{base}_smoke" in PRESETS:
+        cfg = preset(f"{base}_smoke")
+    else:
+        cfg = preset(base)
+        if smoke:  # test size for a base without its own smoke preset
+            cfg.name += "_smoke"
+            cfg.data.n_train, cfg.data.n_test, cfg.train.passes = 500, 200, 2
+    if passes is not None:
+        cfg.train.passes = passes
+    if cfg.train.engine != "hooked":
+        cfg.train.engine = "hooked"  # methods run on the hooked engine; the base runs there too
+    cfg.train.seeds, cfg.train.eval_every = seeds, 1
+    return validate(cfg)
+
+
+def with_methods(base_cfg, names):
+    from ..methods.registry import with_method
+    cfg = base_cfg
+    for n in names:
+        cfg = with_method(cfg, n)
+    cfg.name = base_cfg.name + "+" + "+".join(names)
+    return validate(cfg)
+
+
+def single_configs(base_cfg, methods):
+    """-> ({method: Config}, {method: why skipped}); a method that cannot run on the base is skipped."""
+    from ..methods.registry import get_method
+    cfgs, skipped = {}, {}
+    for m in methods:
+        get_method(m)  # unknown names are the user's error, not a skip
+        try:
+            cfgs[m] = with_methods(base_cfg, [m])
+        except UserError as e:
+            skipped[m] = str(e)
+    return cfgs, skipped
+
+
+def pair_configs(base_cfg, pairs):
+    from ..methods.registry import incompatibility
+    cfgs, skipped = {}, {}
+    for a, b in pairs:
+        why = incompatibility(a, b)
+        key = f"{a}+{b}"
+        if why:
+            skipped[key] = why
+            continue
+        try:
+            cfgs[key] = with_methods(base_cfg, [a, b])
+        except UserError as e:
+            skipped[key] = str(e)
+    return cfgs, skipped
+
+
+def curve(res):
+    """-> passes (P,), seed-mean test error (P,), cumulative training seconds a seed (P,)."""
+    R = len(res.final)
+    passes = np.array([h["pass"] for h in res.history])
+    err = np.array([np.mean([t["error"] for t in h["test"]]) for h in res.history])
+    secs = np.cumsum([h["seconds"] for h in res.history]) / R
+    return passes, err, secs
+
+
+def time_to(res, target: float):
+    """(seconds a seed, passes) until the seed-mean test error is <= target, or (None, None)."""
+    passes, err, secs = curve(res)
+    hit = np.nonzero(err <= target + 1e-9)[0]
+    if len(hit) == 0:
+        return None, None
+    return float(secs[hit[0]]), int(passes[hit[0]])
+
+
+def welch(a, b):
+    """a, b: samples -> (mean(a) - mean(b), 95% CI low, high, p-value); nan when undefined."""
+    from scipy import stats
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan"), float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return d, d, d, (1.0 if d == 0 else 0.0)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    h = float(stats.t.ppf(0.975, df)) * se
+    with warnings.catch_warnings():  # nearly constant samples: scipy warns, the p-value is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return d, d - h, d + h, p
+
+
+def analyse(results: dict, base_key: str) -> list[dict]:
+    """results: key -> Result (the base under base_key). -> one row per key, the base first."""
+    base = results[base_key]
+    b_err = [f["test_error"] for f in base.final]
+    target = float(np.mean(b_err))
+    b_time, b_passes = time_to(base, target)
+    rows = []
+    for key in [base_key] + [k for k in results if k != base_key]:
+        res = results[key]
+        err = [f["test_error"] for f in res.final]
+        d, lo, hi, p = welch(err, b_err)
+        t, ps = time_to(res, target)
+        total = float(curve(res)[2][-1]) if res.history else float("nan")
+        rows.append({"method": key, "status": res.status, "seeds": len(err), "test_error": float(np.mean(err)),
+                     "test_error_std": float(np.std(err, ddof=1)) if len(err) > 1 else 0.0,
+                     "diff": d, "ci_low": lo, "ci_high": hi, "p_value": p, "seconds_per_seed": total,
+                     "time_to_base": t, "passes_to_base": ps, "base_error": target,
+                     "speedup": (b_time / t) if (t and b_time) else None,
+                     "speedup_passes": (b_passes / ps) if (ps and b_passes) else None})
+    return rows
+
+
+def compose(rows: list[dict]) -> list[dict]:
+    """Pairs 'a+b' whose singles 'a' and 'b' are rows too: measured speed-up vs the product."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for r in rows:
+        parts = r["method"].split("+")
+        if len(parts) != 2 or parts[0] not in by or parts[1] not in by:
+            continue
+        sa, sb = by[parts[0]]["speedup"], by[parts[1]]["speedup"]
+        prod = sa * sb if sa and sb else None
+        out.append({"pair": r["method"], "speedup": r["speedup"], "speedup_a": sa, "speedup_b": sb,
+                    "product": prod, "ratio": (r["speedup"] / prod) if (r["speedup"] and prod) else None,
+                    "test_error": r["test_error"], "diff": r["diff"], "p_value": r["p_value"]})
+    return out
+
+
+def top_pairs(rows: list[dict], k: int) -> list[tuple]:
+    """All pairs among the k single methods with the largest speed-up above 1."""
+    fast = sorted([r for r in rows[1:] if r["speedup"] and r["speedup"] > 1.0 and "+" not in r["method"]],
+                  key=lambda r: -r["speedup"])[:k]
+    names = [r["method"] for r in fast]
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+
+
+def _f(v, fmt, none="-"):
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'method':24s} {'test error %':>14s} {'diff vs base [95% CI]':>26s} {'p':>7s} "
+             f"{'s/seed':>7s} {'to base: s':>10s} {'passes':>6s} {'speed-up':>8s}"]
+    for i, r in enumerate(rows):
+        diff = "(base)" if i == 0 else f"{r['diff']:+.2f} [{_f(r['ci_low'], '+.2f')}, {_f(r['ci_high'], '+.2f')}]"
+        lines.append(f"{r['method'][:24]:24s} {r['test_error']:6.2f} +- {r['test_error_std']:4.2f} {diff:>26s} "
+                     f"{'' if i == 0 else _f(r['p_value'], '.3f'):>7s} {r['seconds_per_seed']:7.1f} "
+                     f"{_f(r['time_to_base'], '.1f', 'never'):>10s} {_f(r['passes_to_base'], 'd'):>6s} "
+                     f"{_f(r['speedup'], '.2f'):>8s}")
+    return "\n".join(lines)
+
+
+def format_composition(comp: list[dict]) -> str:
+    if not comp:
+        return "composition: no pair of methods with both singles measured"
+    lines = [f"{'pair':32s} {'speed-up':>8s} {'a x b':>14s} {'product':>8s} {'measured/product':>16s}"]
+    for c in comp:
+        lines.append(f"{c['pair'][:32]:32s} {_f(c['speedup'], '.2f'):>8s} "
+                     f"{_f(c['speedup_a'], '.2f') + ' x ' + _f(c['speedup_b'], '.2f'):>14s} "
+                     f"{_f(c['product'], '.2f'):>8s} {_f(c['ratio'], '.2f'):>16s}")
+    return "\n".join(lines)
+
+
+def pareto_plot(rows, path, title):
+    from ..report.plots import _plt
+    plt = _plt()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    pts = sorted((r["seconds_per_seed"], r["test_error"], r["method"]) for r in rows)
+    front, best = [], float("inf")
+    for s, e, m in pts:
+        if e < best:
+            front.append((s, e))
+            best = e
+    for i, r in enumerate(rows):  # the base (black square), single methods (blue), pairs (purple)
+        color = "black" if i == 0 else ("tab:purple" if "+" in r["method"] else "tab:blue")
+        ax.errorbar(r["seconds_per_seed"], r["test_error"], yerr=r["test_error_std"], fmt="s" if i == 0 else "o",
+                    color=color, capsize=3, alpha=0.8)
+        ax.annotate(r["method"], (r["seconds_per_seed"], r["test_error"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.plot(*zip(*front), "--", color="tab:red", alpha=0.6, drawstyle="steps-post", label="Pareto front")
+    ax.axhline(rows[0]["test_error"], color="grey", lw=0.8, alpha=0.6, label="base error")
+    ax.set_xlabel("training seconds a seed (measured; the machine may be shared)")
+    ax.set_ylabel("test error % (mean +- std over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+BASE_KEY = "base"
+
+
+def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke=False, passes=None,
+                pairs=None, top_k=3, log=print):
+    """methods: names (None: every registered method that runs on the base; smoke: SMOKE_METHODS).
+    pairs: [(a, b)] or None for all pairs among the top_k single speed-ups.
+    -> (rows, composition, skipped {key: why}, results {key: Result}, configs {key: Config})."""
+    from ..methods.registry import list_methods
+    from .pool import run_configs
+    base_cfg = base_config(base, seeds, smoke, passes)
+    if methods is None:
+        methods = list(SMOKE_METHODS) if smoke else [m.name for m in list_methods()]
+    singles, skipped = single_configs(base_cfg, methods)
+    cfgs = {BASE_KEY: base_cfg, **singles}
+    log(f"effects: base {base_cfg.name} ({base_cfg.train.passes} passes, {seeds} seeds), "
+        f"{len(singles)} methods" + (f", {len(skipped)} skipped" if skipped else ""))
+    describe = lambda k, res: f"{k}: test error {np.mean([f['test_error'] for f in res.final]):.2f}% " \
+                              f"in {res.seconds / max(len(res.final), 1):.1f} s a seed"  # noqa: E731
+    results = run_configs(cfgs, out, resume, jobs, log, describe)
+    rows = analyse(results, BASE_KEY)
+    chosen = top_pairs(rows, top_k) if pairs is None else list(pairs)
+    for a, b in chosen:
+        for m in (a, b):
+            if m not in singles:
+                raise UserError(f"pair {a}+{b}: {m} is not among the measured single methods")
+    pcfgs, pskip = pair_configs(base_cfg, chosen)
+    skipped.update(pskip)
+    if pcfgs:
+        log(f"effects: {len(pcfgs)} pairs: {', '.join(pcfgs)}")
+        results.update(run_configs(pcfgs, out, resume, jobs, log, describe))
+        cfgs.update(pcfgs)
+        rows = analyse(results, BASE_KEY)
+    return rows, compose(rows), skipped, results, cfgs

@@ -1,0 +1,89 @@
+"""Effects: the statistics against scipy, time to the base's error and composition on known
+curves, methods that cannot run on the base skipped with a reason, a smoke run of the command."""
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from backproplab.engine.train import Result
+from backproplab.experiments import effects as fx
+from conftest import run_cli
+
+
+def fake(errors_by_pass, seconds_by_pass):
+    """A Result whose replicas have these test errors after each pass (rows: passes, cols: seeds)."""
+    hist = [{"pass": p + 1, "seconds": s, "train": [], "test": [{"error": e, "loss": 0.0, "misses": 0} for e in row]}
+            for p, (row, s) in enumerate(zip(errors_by_pass, seconds_by_pass))]
+    final = [{"seed": k, "test_error": e} for k, e in enumerate(errors_by_pass[-1])]
+    return Result({}, list(range(len(final))), hist, final, float(sum(seconds_by_pass)), 0.0)
+
+
+def test_welch_interval_and_p_value_match_scipy():
+    a, b = [1.9, 2.1, 1.7, 2.4, 2.0], [2.2, 2.6, 2.3, 2.9]
+    d, lo, hi, p = fx.welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    ci = ref.confidence_interval(0.95)
+    assert d == pytest.approx(np.mean(a) - np.mean(b))
+    assert (lo, hi, p) == pytest.approx((ci.low, ci.high, ref.pvalue), rel=1e-9)
+    assert np.isnan(fx.welch([1.0], [2.0, 3.0])[1])
+
+
+def test_time_to_base_speedup_and_composition_on_known_curves():
+    # 2 seeds each; seconds are for both seeds together (the engine trains them in turn)
+    results = {
+        "base": fake([[5, 5], [3, 3], [2, 2], [2, 2]], [2, 2, 2, 2]),      # reaches its final 2.0 at pass 3: 3 s a seed
+        "a": fake([[4, 4], [2, 2], [1.5, 1.5], [1.4, 1.6]], [2, 2, 2, 2]),  # 2.0 at pass 2: 2 s a seed
+        "b": fake([[2, 2], [1, 1], [1, 1], [1, 1]], [4, 4, 4, 4]),          # 2.0 at pass 1: 2 s a seed
+        "a+b": fake([[1, 3], [1, 1], [1, 1], [1, 1]], [2, 2, 2, 2]),        # mean 2.0 at pass 1: 1 s a seed
+        "c": fake([[9, 9], [8, 8], [7, 7], [6, 6]], [1, 1, 1, 1]),          # never
+    }
+    rows = {r["method"]: r for r in fx.analyse(results, "base")}
+    assert rows["base"]["time_to_base"] == 3.0 and rows["base"]["speedup"] == 1.0
+    assert rows["a"]["time_to_base"] == 2.0 and rows["a"]["passes_to_base"] == 2
+    assert rows["a"]["speedup"] == pytest.approx(1.5) and rows["b"]["speedup"] == pytest.approx(1.5)
+    assert rows["b"]["speedup_passes"] == pytest.approx(3.0)
+    assert rows["c"]["time_to_base"] is None and rows["c"]["speedup"] is None
+    assert rows["a"]["diff"] == pytest.approx(-0.5) and rows["b"]["seconds_per_seed"] == pytest.approx(8.0)
+    comp = fx.compose(list(rows.values()))
+    assert len(comp) == 1 and comp[0]["pair"] == "a+b"
+    assert comp[0]["speedup"] == pytest.approx(3.0) and comp[0]["product"] == pytest.approx(2.25)
+    assert comp[0]["ratio"] == pytest.approx(3.0 / 2.25)
+    assert fx.top_pairs(list(rows.values()), 3) == [("a", "b")]
+
+
+def test_methods_that_cannot_run_on_the_base_are_skipped_with_the_reason():
+    base = fx.base_config("modern", 1, smoke=True)
+    cfgs, skipped = fx.single_configs(base, ["label_smoothing", "rezero"])
+    assert list(cfgs) == ["label_smoothing"] and [s.name for s in cfgs["label_smoothing"].methods] == ["label_smoothing"]
+    assert "rezero" in skipped and "resblocks" in skipped["rezero"]
+    pairs, pskip = fx.pair_configs(base, [("adam", "nesterov"), ("ema", "label_smoothing")])
+    assert list(pairs) == ["ema+label_smoothing"] and "optimizer" in pskip["adam+nesterov"]  # one optimizer a run
+    assert sorted(s.name for s in pairs["ema+label_smoothing"].methods) == ["ema", "label_smoothing"]
+
+
+def test_cli_smoke_table_plot_composition_and_records(tmp_path):
+    r = run_cli("effects", "--smoke", "--methods", "label_smoothing,ema", "--pairs", "label_smoothing+ema",
+                "--out", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [x["method"] for x in res["rows"]] == ["base", "label_smoothing", "ema", "label_smoothing+ema"]
+    assert all(x["seeds"] == 2 for x in res["rows"]) and len(res["composition"]) == 1
+    assert (tmp_path / "effects" / "pareto-modern_smoke.png").stat().st_size > 1000
+    from backproplab.store import list_runs
+    kinds = [x["kind"] for x in list_runs(tmp_path)]
+    assert kinds.count("effects-run") == 4 and kinds[-1] == "effects"
+    again = run_cli("effects", "--smoke", "--methods", "label_smoothing,ema", "--pairs", "label_smoothing+ema",
+                    "--out", tmp_path, "--resume", "--json")
+    assert again.returncode == 0, again.stderr
+    assert [x["kind"] for x in list_runs(tmp_path)].count("effects-run") == 4  # resumed runs not recorded twice
+    assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == res["rows"]
+
+
+@pytest.mark.parametrize("args", [["--methods", "nosuch"], ["--pairs", "ema"], ["--pairs", "ema+nosuch"],
+                                  ["--seeds", "0"], ["--base", "nosuch"], ["--passes", "0"]])
+def test_bad_arguments_exit_2(tmp_path, capsys, args):
+    from backproplab.cli import main
+    assert main(["effects", "--smoke", "--out", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
