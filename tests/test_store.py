@@ -182,3 +182,47 @@ def test_reading_leaves_the_store_byte_identical(tmp_path):
     assert len(list_runs(tmp_path)) == 3
     check_store(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# ---- doctor: store health and checkpoints, in words, touching nothing ---------------------
+def _doctor(out, data=None):
+    from backproplab.doctor import run_doctor
+    return {c["check"]: c for c in run_doctor(out, data=data)}
+
+
+def test_doctor_reports_store_checkpoints_and_data_in_words(tmp_path, capsys):
+    from backproplab.cli import main
+    from backproplab.engine.checkpoint import prev_path, save_checkpoint
+    ck = tmp_path / "checkpoints" / "run-abc.pt"
+    ck.parent.mkdir()
+    for k in (1, 2):  # the second save keeps the first as run-abc.prev.pt
+        save_checkpoint(ck, {"config": "{}", "passes_done": k})
+    add_run(tmp_path, *_record(0, 0))
+    healthy = _doctor(tmp_path)
+    assert all(c["ok"] for c in healthy.values()), healthy
+    assert "1 run (1 finished)" in healthy["results store"]["detail"]
+    assert "2 checkpoint files verified" in healthy["checkpoints"]["detail"]
+
+    raw = bytearray(ck.read_bytes())
+    raw[-3] ^= 1
+    ck.write_bytes(bytes(raw))
+    (ck.parent / f".{ck.name}.tmp.99999999").write_bytes(b"half")
+    db = store.store_path(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    sick = _doctor(tmp_path, data=tmp_path / "no-such-idx")
+    assert {k for k, c in sick.items() if not c["ok"]} == {"checkpoints", "data folder"}
+    words = sick["checkpoints"]["detail"]
+    assert "run-abc.pt is corrupt" in words and f"will continue from {prev_path(ck).name}" in words
+    assert "1 temporary files of killed runs" in words
+    assert "does not exist" in sick["data folder"]["detail"]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    db.unlink()
+    _foreign(db, "CREATE TABLE users (name TEXT);")
+    foreign = _doctor(tmp_path)
+    assert not foreign["results store"]["ok"] and "no runs table" in foreign["results store"]["detail"]
+    capsys.readouterr()
+    assert main(["doctor", "--out", str(tmp_path), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["ok"] is False and {c["check"] for c in report["checks"] if not c["ok"]} == \
+           {"results store", "checkpoints"}

@@ -309,6 +309,8 @@ def validate(cfg: Config) -> Config:
                 lo, hi, incl = RANGES[key]
                 if not ((v >= lo if incl else v > lo) and v <= hi):
                     raise UserError(f"{key}={v}: must be {'>=' if incl else '>'} {lo} and <= {hi}")
+    if cfg.model.dropout >= 1.0:  # the kept units would be scaled by 1/(1-p) = inf
+        raise UserError(f"model.dropout={cfg.model.dropout}: must be < 1 (1 drops every unit)")
     per_example = cfg.train.engine in ("fast", "eager")
     if per_example and cfg.train.batch > 1:
         raise UserError(f"train.batch={cfg.train.batch} needs train.engine=minibatch (fast and eager are per example)")

@@ -94,6 +94,8 @@ def _check_file(path: Path) -> None:
             reason = _with_retries(lambda: _foreign_reason(con))
         finally:
             con.close()
+    except sqlite3.OperationalError as e:  # the file may be fine: the disk, permissions, a lock
+        raise UserError(f"cannot read results store {path}: {e}") from None
     except sqlite3.DatabaseError as e:
         raise UserError(f"{path} is not a usable results store ({e})") from None
     if reason:

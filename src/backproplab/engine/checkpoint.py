@@ -144,7 +144,10 @@ def read_checkpoint(path) -> dict:
         raise UserError(f"checkpoint {path} is corrupt (checksum mismatch)")
     try:
         state = torch.load(io.BytesIO(body), weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, AttributeError, TypeError) as e:
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint {path} refused: it holds objects other than tensors, numbers and "
+                        f"strings, which safe loading (weights_only) does not run") from None
+    except (RuntimeError, ValueError, EOFError, AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} refused: {first}") from None
     if not isinstance(state, dict):
