@@ -1,6 +1,7 @@
 """The command line: parses, calls a function, prints. Errors: one line on stderr, exit 2."""
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -60,6 +61,7 @@ def build_parser():
     ds.add_argument("--resume", action="store_true", help="skip finished cells, continue stopped ones")
     doc = sub.add_parser("doctor", help="check the environment, the data and an output folder")
     _add_common(doc)
+    doc.add_argument("--data", help="also check this folder of IDX files")
     s = sub.add_parser("runs", help="list the results store, one line per run")
     _add_common(s)
     for mod in _command_modules():
@@ -77,8 +79,19 @@ def _command_modules():
     return [importlib.import_module(f"backproplab.commands.{m}") for m in COMMAND_MODULES]
 
 
+def _json_safe(obj):
+    """NaN and Inf (a diverged run's losses) are not JSON: they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _emit_json(obj):
-    print(json.dumps(obj, sort_keys=True))
+    print(json.dumps(_json_safe(obj), sort_keys=True, allow_nan=False))
 
 
 def cmd_repro(args):
@@ -90,7 +103,8 @@ def cmd_repro(args):
     cfg = apply_overrides(cfg, overrides)  # config errors surface before torch is imported
     from .engine.train import environment, train
     from .report.console import ProgressBar, repro_table
-    from .store import add_run
+    from .store import add_run, check_store
+    check_store(args.out)  # a foreign or damaged runs.db is refused before training, not after
     bar = ProgressBar(cfg.train.passes)
 
     def log(line):
@@ -107,7 +121,7 @@ def cmd_repro(args):
     if not args.quiet:
         print(repro_table(result))
     if result.status != "finished":
-        print(f"backproplab: {result.message}", file=sys.stderr)
+        print(f"error: {result.message}; stored as run {run_id} with status {result.status}", file=sys.stderr)
     if args.json:
         _emit_json(summary)
     return 0 if result.status == "finished" else 3
@@ -135,6 +149,8 @@ def cmd_ladder(args):
     if args.seeds < 1 or args.jobs < 1:
         raise UserError("--seeds and --jobs must be >= 1")
     from .experiments.ladder_report import run_and_report
+    from .store import check_store
+    check_store(args.out)
     summary = run_and_report(rungs, args.seeds, args.out, args.resume, args.jobs, args.smoke, args.data,
                              engine=args.engine)
     if args.json:
@@ -149,7 +165,8 @@ def cmd_datascale(args):
     from .engine.train import environment, prepare_out
     from .experiments.datascale import format_table, run_datascale
     from .report import plots
-    from .store import add_run
+    from .store import add_run, check_store
+    check_store(args.out)
     out = prepare_out(args.out)
     cfgs, results, rows = run_datascale(args.data, args.sizes, recipes, args.seeds, args.passes, args.n_test,
                                         out, args.resume, args.jobs, args.smoke, engine=args.engine)
@@ -174,7 +191,7 @@ def cmd_datascale(args):
 
 def cmd_doctor(args):
     from .doctor import run_doctor
-    checks = run_doctor(args.out)
+    checks = run_doctor(args.out, data=args.data)
     for c in checks:
         print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:14s} {c['detail']}")
     if args.json:
