@@ -9,6 +9,7 @@ import torch.nn as nn
 from ..errors import UserError
 from .net1989 import N_PARAMS, MACS, Net1989
 from .vit import ViT, vit_macs_from_cfg
+from .convnet import ConvNet, conv_macs, layer_specs
 
 
 def _net1989(m, seed):
@@ -20,7 +21,11 @@ def _vit(m, seed):
                out_act=m.out_act, dropout=m.dropout)
 
 
-MODELS = {"net1989": _net1989, "vit": _vit}
+def _convnet(m, seed):  # the scaling family: model.depth is its one size knob (models/convnet.py)
+    return ConvNet(seed, size=m.depth, dropout=m.dropout)
+
+
+MODELS = {"net1989": _net1989, "vit": _vit, "convnet": _convnet}
 
 
 def list_models():
@@ -35,6 +40,8 @@ def build_model(cfg_model, seed: int) -> nn.Module:
 
 def dropout_units(cfg_model) -> int:
     """Width of the keep masks the model takes: 192 H2 outputs for net1989, dim for the ViT."""
+    if cfg_model.name == "convnet":
+        return layer_specs(cfg_model.depth)[-1]["cin"]
     return cfg_model.dim if cfg_model.name == "vit" else 192
 
 
@@ -42,6 +49,8 @@ def model_macs(cfg_model) -> int:
     """Multiply-adds of one forward pass of one image."""
     if cfg_model.name == "vit":
         return vit_macs_from_cfg(cfg_model)
+    if cfg_model.name == "convnet":
+        return conv_macs(cfg_model.depth)
     return MACS
 
 
