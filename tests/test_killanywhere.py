@@ -352,6 +352,8 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path):
         (ck.parent / stale).write_bytes(b"half a checkpoint")
     train(cfg, out=tmp_path, resume=True)
     assert sorted(p.name for p in ck.parent.iterdir()) == sorted([ck.name, ckmod.prev_path(ck).name])
+    ckmod.remove_checkpoint(ck)  # a caller done with a run deletes both files
+    assert list(ck.parent.iterdir()) == [] and not ckmod.has_checkpoint(ck)
 
 
 # ---- divergence ----------------------------------------------------------------------

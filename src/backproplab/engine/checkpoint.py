@@ -50,6 +50,13 @@ def has_checkpoint(path) -> bool:
     return Path(path).exists() or prev_path(path).exists()
 
 
+def remove_checkpoint(path) -> None:
+    """Delete a checkpoint for good: the newest file, the previous one, temporary files."""
+    path = Path(path)
+    for f in (path, prev_path(path), *path.parent.glob(f".{path.stem}*.tmp.*")):
+        f.unlink(missing_ok=True)
+
+
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
