@@ -9,6 +9,11 @@ from .fit import frontier_indices
 from .runs import as_runs
 
 
+def _legend(ax, **kw):
+    if ax.get_legend_handles_labels()[0]:      # matplotlib warns on an empty legend
+        ax.legend(**kw)
+
+
 def _save(fig, plt, path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -46,7 +51,7 @@ def loss_vs_compute(runs, frontiers: dict, path) -> str | None:
     ax.set_ylabel("validation loss")
     ax.set_title("Loss vs compute: lower envelope (open markers) and its power-law fit")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     return _save(fig, plt, path)
 
 
@@ -80,7 +85,7 @@ def isoflop_curves(runs, iso: dict, path) -> str | None:
     ax.set_ylabel("validation loss")
     ax.set_title("IsoFLOP profiles (star = parabola minimum)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, ncol=2)
+    _legend(ax, fontsize=6, ncol=2)
     for name, mk in (("N", "o"), ("D", "s"), ("epochs", "^")):
         p = iso["profiles"].get(name)
         if not p:
@@ -101,7 +106,7 @@ def isoflop_curves(runs, iso: dict, path) -> str | None:
     ax2.set_ylabel("compute-optimal value")
     ax2.set_title("Compute-optimal N, D (epochs) from the profiles")
     ax2.grid(alpha=0.3, which="both")
-    ax2.legend(fontsize=7)
+    _legend(ax2, fontsize=7)
     return _save(fig, plt, path)
 
 
@@ -138,7 +143,7 @@ def chinchilla_contours(fit, runs, path) -> str | None:
     ax.set_ylabel("training examples seen D")
     ax.set_title(f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}\n"
                  f"(dashed: equal compute, C = {fit.k:.3g} N^{fit.gamma:.2f} D)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    _legend(ax, fontsize=7, loc="upper left")
     return _save(fig, plt, path)
 
 
@@ -171,5 +176,5 @@ def lr_vs_epochs(lr: dict, path) -> str | None:
     ax.set_xlabel("epoch budget")
     ax.set_ylabel("best learning rate (open: at edge of grid)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, fontsize=7, ncol=2)
     return _save(fig, plt, path)

@@ -105,6 +105,20 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         raise UserError(f"{path} is not an SQLite results store ({e})") from None
 
 
+def _expand_sweep(rec: dict, summary: dict, status: str) -> list[dict]:
+    """A study cell's record holds its whole learning-rate sweep (summary['sweep']: lr,
+    val_loss, status per rate); each rate becomes one run. Other records are one run."""
+    sweep = summary.get("sweep")
+    if not isinstance(sweep, list) or not sweep:
+        return [{**rec, "status": status}]
+    out = []
+    for r in sweep:
+        loss = r.get("val_loss")
+        out.append({**rec, "lr": float(r["lr"]), "loss": np.nan if loss is None else float(loss),
+                    "status": r.get("status", status)})
+    return out
+
+
 def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
                          require_chinchilla: bool = False) -> Runs:
     """Scale runs (records of `kind`) from a results store file (or a folder holding runs.db).
@@ -139,7 +153,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             continue
         try:
             s, c = json.loads(summary), json.loads(config)
-            rec = {f: float(s[f]) for f in REQUIRED}
+            rec = {f: float(s[f]) if s[f] is not None else np.nan for f in REQUIRED}
             for f in ("lr", "epochs", "family"):
                 v = s.get(f, c.get(f) if isinstance(c, dict) else None)
                 rec[f] = v if v is not None else (np.nan if f != "family" else "model")
@@ -147,13 +161,13 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         except (ValueError, TypeError, KeyError, AttributeError):
             skipped["malformed"] += 1
             continue
-        if status == "diverged" or not np.isfinite(rec["loss"]):
-            skipped["diverged"] += 1
-            continue
-        if any(not np.isfinite(rec[f]) or rec[f] <= 0 for f in REQUIRED):
-            skipped["malformed"] += 1
-            continue
-        recs.append(rec)
+        for r in _expand_sweep(rec, s, status):
+            if r["status"] == "diverged" or not np.isfinite(r["loss"]):
+                skipped["diverged"] += 1
+            elif any(not np.isfinite(r[f]) or r[f] <= 0 for f in REQUIRED):
+                skipped["malformed"] += 1
+            else:
+                recs.append({f: r[f] for f in (*FIELDS, "family")})
     if not recs and not kinds.get(kind):
         found = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "no runs at all"
         raise UserError(f"no {kind} runs in {path} (found {found}); run `backproplab scale run` first")

@@ -1,0 +1,105 @@
+"""`backproplab scale run|fit`: scaling studies and their fits (issue 5).
+
+  scale run --family convnet|vit --data mnist10k|PATH [--budget 30m] [--out DIR] [--smoke]
+  scale fit RUNS.db [--out DIR]        fits, tables and PNG plots from a study's store
+  scale fit --synthetic                the fitter on runs made from known constants
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def register(sub, add_common):
+    sc = sub.add_parser("scale", help="scaling laws: run a study (sizes x data x epochs x learning rates), fit it")
+    ss = sc.add_subparsers(dest="scale_cmd")
+    r = ss.add_parser("run", help="run a scaling study; finished cells are skipped on a rerun")
+    add_common(r)
+    r.add_argument("--family", default="convnet", help="convnet (default) or vit")
+    r.add_argument("--data", default="mnist10k", help="mnist10k (embedded, default) or a folder of IDX files")
+    r.add_argument("--budget", help="time budget, e.g. 30m, 90s, 1.5h: the grid is trimmed (costliest cells "
+                                    "first) to fit the projected time")
+    r.add_argument("--smoke", action="store_true", help="test size: 3 sizes x 2 training sets x 2 budgets x 2 rates")
+    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="cells trained at once")
+    r.add_argument("--sizes", help="comma-separated model sizes (default 1-6)")
+    r.add_argument("--n-train", help="comma-separated training-set sizes (default n/4, n/2, n of the data)")
+    r.add_argument("--epochs", help="comma-separated epoch budgets, fractions allowed (default 0.25,0.5,1,2,4,8)")
+    r.add_argument("--lrs", help="comma-separated base learning rates (default: the family's grid)")
+    r.add_argument("--n-val", type=int, help="validation examples: the first n of the test split (default all)")
+    r.add_argument("--batch", type=int, default=32, help="minibatch size (default 32)")
+    r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
+    f = ss.add_parser("fit", help="fit scaling laws to a study's runs (frontier, Chinchilla, IsoFLOP, lr)")
+    add_common(f)
+    f.set_defaults(out=None)
+    f.add_argument("db", nargs="?", help="the study's results store (DIR/runs.db, or DIR)")
+    f.add_argument("--synthetic", action="store_true", help="check the fitter on runs made from known constants")
+    f.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
+    f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    f.add_argument("--noise", type=float, help="--synthetic: sigma of the log-normal loss noise (default 0.01)")
+
+
+def _emit_json(obj):
+    print(json.dumps(obj, sort_keys=True))
+
+
+def cmd_scale(args):
+    if args.scale_cmd == "run":
+        return _run(args)
+    if args.scale_cmd == "fit":
+        return _fit(args)
+    raise UserError("backproplab scale: choose run or fit (see backproplab scale --help)")
+
+
+def _run(args):
+    from ..scaling.study import make_study, parse_budget, run_study
+    budget = parse_budget(args.budget)
+    if args.jobs < 1 or args.batch < 1 or (args.n_val is not None and args.n_val < 1):
+        raise UserError("--jobs, --batch and --n-val must be >= 1")
+    if args.data != "mnist10k" and not Path(args.data).expanduser().exists():
+        raise UserError(f"--data {args.data}: no such file or folder (use mnist10k or a folder of IDX files)")
+    from ..scaling.cells import data_fingerprint, study_data
+    n_val = args.n_val
+    data = study_data(args.data, n_val, 0)
+    study = make_study(args.family, args.data, smoke=args.smoke, sizes=args.sizes, n_train=args.n_train,
+                       epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
+                       data_fingerprint=data_fingerprint(data))
+    if study.spec["n_val"] != n_val:                          # the smoke size uses fewer validation digits
+        data = data[:2] + (data[2][:study.spec["n_val"]], data[3][:study.spec["n_val"]])
+    quiet = args.json
+    summary = run_study(study, args.out, jobs=args.jobs, budget=budget, plan_only=args.plan, data=data,
+                        log=(lambda line: print(line, file=sys.stderr)) if quiet else print)
+    if not args.plan and summary["ran"] + summary["already_done"]:
+        print(f"next: backproplab scale fit {summary['store']}", file=sys.stderr if quiet else sys.stdout)
+    if args.json:
+        _emit_json(summary)
+    return 0 if summary.get("diverged_cells", 0) == 0 else 3
+
+
+def _fit(args):
+    from ..scaling import check_synthetic
+    if args.n_boot < 0:
+        raise UserError("--n-boot must be >= 0")
+    from ..scaling.fitcmd import fit_store, fit_text, synthetic_text
+    if args.synthetic:
+        if args.db:
+            raise UserError("scale fit: give RUNS.db or --synthetic, not both")
+        kw = {} if args.noise is None else {"noise": args.noise}
+        if args.noise is not None and not args.noise >= 0:
+            raise UserError("--noise must be >= 0")
+        res = check_synthetic(n_boot=args.n_boot, seed=args.seed, **kw)
+        print(synthetic_text(res))
+        if args.json:
+            _emit_json(res)
+        return 0
+    if not args.db:
+        raise UserError("scale fit: give the study's results store (RUNS.db) or --synthetic")
+    rep = fit_store(args.db, args.out, n_boot=args.n_boot, seed=args.seed)
+    print(fit_text(rep))
+    if args.json:
+        _emit_json(rep)
+    return 0
+
+
+COMMANDS = {"scale": cmd_scale}

@@ -1,0 +1,227 @@
+"""A scaling study: model sizes x training-set sizes x epoch budgets, each cell a
+learning-rate sweep (cells.py), run `jobs` cells at a time, skipping cells already in
+the store, trimmed to a time budget.
+
+Default grids (the embedded digits: 7,291 training examples, 2,007 for validation):
+  convnet sizes 1..6 (N 2.2k to 79k; the 1989 net's 9.8k between sizes 2 and 3),
+  vit sizes 1..6 (N 2.9k to 90k; size 2 is the 1989-matched micro-ViT),
+  training-set sizes n/4, n/2, n of the available set, epoch budgets 0.25 to 8 (x2),
+  learning rates: SGD with momentum 2^-7..2^-3 for the convnet, AdamW 2^-10..2^-6 for the
+  ViT (pilot sweeps on the digits put the optima inside), extended at an edge.
+That is 6 x 3 x 6 = 108 cells of 5+ learning rates each.
+
+Time: before running, the cost of a step of each size is measured (a few steps, CPU
+time of this process) and every cell projected as steps x time per step plus its
+evaluation; the projection (sum over cells / jobs) is what --budget trims to, most
+expensive cells first. Timings on a shared machine are noisy; the record keeps what
+each cell really took.
+"""
+import concurrent.futures as cf
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..store import check_store, list_runs, store_path
+from .cells import KIND, cell_key, run_cell, study_data, worker_init, worker_run
+from .families import FAMILIES, member
+
+RECIPES = {  # optimizer, base learning-rate grid (factor 2), momentum
+    "convnet": {"optim": "sgd", "lrs": [2.0 ** j for j in range(-7, -2)], "momentum": 0.9},
+    "vit": {"optim": "adamw", "lrs": [2.0 ** j for j in range(-10, -5)], "momentum": 0.9},
+}
+DEFAULT_SIZES = (1, 2, 3, 4, 5, 6)
+DEFAULT_EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)     # of the available training set
+SMOKE = {"sizes": (1, 2, 3), "n_train": (100, 200), "epochs": (0.5, 1.0), "n_val": 300, "lr_count": 2}
+
+
+def parse_budget(text) -> float | None:
+    """'30m', '90s', '1.5h', '45' (seconds) -> seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"--budget {text!r}: give a positive time like 30m, 90s or 1.5h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _floats(text, what) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{what} {text!r}: expected comma-separated numbers") from None
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
+        raise UserError(f"--{what} {text!r}: every value must be a positive number")
+    return sorted(set(vals))
+
+
+@dataclass
+class Study:
+    family: str
+    data: str
+    sizes: list
+    n_train: list
+    epochs: list
+    spec: dict                       # settings every cell shares (see study_spec)
+    cells: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"{self.family} sizes {','.join(map(str, self.sizes))} x training sets "
+                f"{','.join(map(str, self.n_train))} x epochs {','.join(f'{e:g}' for e in self.epochs)} "
+                f"x learning rates {','.join(f'{r:.4g}' for r in self.spec['lrs'])} (factor 2, extended at an edge)")
+
+
+def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None, epochs=None, lrs=None,
+               n_avail=None, n_val=None, batch=32, seed=0, ckpt_seconds=60.0, data_fingerprint="") -> Study:
+    if family not in FAMILIES:
+        raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+    rec = RECIPES[family]
+    sizes = _floats(sizes, "sizes") or list(SMOKE["sizes"] if smoke else DEFAULT_SIZES)
+    if any(s != int(s) for s in sizes):
+        raise UserError(f"--sizes: model sizes are integers, not {', '.join(f'{s:g}' for s in sizes)}")
+    sizes = [int(s) for s in sizes]
+    for s in sizes:
+        member(family, s)                                    # a UserError for a size out of range
+    epochs = _floats(epochs, "epochs") or list(SMOKE["epochs"] if smoke else DEFAULT_EPOCHS)
+    ns = _floats(n_train, "n-train")
+    if ns is None:
+        ns = SMOKE["n_train"] if smoke else [round(f * n_avail) for f in DEFAULT_FRACTIONS]
+    ns = sorted({int(v) for v in ns})
+    if n_avail is not None and ns[-1] > n_avail:
+        raise UserError(f"--n-train {ns[-1]} is larger than the {n_avail} training examples of {data}")
+    base = _floats(lrs, "lrs") or rec["lrs"]
+    if smoke and lrs is None:
+        mid = len(base) // 2
+        base = base[mid - SMOKE["lr_count"] // 2: mid - SMOKE["lr_count"] // 2 + SMOKE["lr_count"]]
+    spec = {"family": family, "optim": rec["optim"], "momentum": rec["momentum"], "weight_decay": 0.0,
+            "batch": int(batch), "seed": int(seed), "data": str(data), "n_val": SMOKE["n_val"] if smoke else n_val,
+            "lrs": base, "extend": 2, "max_extend": 0 if smoke else 2, "ckpt_seconds": ckpt_seconds}
+    # Cells of different settings never mix: the digest is part of every cell's key.
+    spec["digest"] = hashlib.sha256(json.dumps({**{k: spec[k] for k in sorted(spec) if k != "ckpt_seconds"},
+                                                "fingerprint": data_fingerprint}, sort_keys=True)
+                                    .encode()).hexdigest()[:16]
+    st = Study(family, str(data), sizes, ns, epochs, spec)
+    st.cells = [{"family": family, "size": s, "n_train": n, "epochs": e, "key": cell_key(family, s, n, e, spec["digest"])}
+                for s in sizes for n in ns for e in epochs]
+    return st
+
+
+def finished_keys(out) -> set:
+    """Keys of the cells already recorded in the store under `out`."""
+    if not store_path(out).is_file():
+        return set()
+    return {r["config"].get("cell") for r in list_runs(out) if r["kind"] == KIND and isinstance(r["config"], dict)}
+
+
+def calibrate(study: Study, data, steps=6) -> dict:
+    """size -> CPU seconds per training step of the base population (measured, this process)."""
+    import torch
+    from .trainer import CellTrainer
+    tx, ty = data[0], data[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    try:
+        for s in study.sizes:
+            tr = CellTrainer(member(study.family, s), study.spec["lrs"], tx, ty, 1.0, optim=study.spec["optim"],
+                             batch=study.spec["batch"])
+            tr.run(stop_after=2)                              # warm-up (allocations, first-call costs)
+            c0 = time.process_time()
+            tr.run(stop_after=steps)
+            out[s] = (time.process_time() - c0) / steps
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def project(study: Study, per_step: dict, n_val: int) -> None:
+    """Adds 'projected_s' to every cell: its steps x time per step, plus evaluation (a
+    forward pass of the validation set, about a third of a training step per example)."""
+    from ..data.sampler import examples_for
+    b = study.spec["batch"]
+    for c in study.cells:
+        steps = math.ceil(examples_for(c["epochs"], c["n_train"]) / b)
+        c["projected_s"] = per_step[c["size"]] * (steps + n_val / (3 * b))
+
+
+def trim(cells: list, budget: float | None, jobs: int) -> tuple[list, list]:
+    """Cheapest-first cells whose projected total / jobs fits the budget; -> (kept, dropped)."""
+    if budget is None or not cells:
+        return list(cells), []
+    order = sorted(cells, key=lambda c: c["projected_s"])
+    if order[0]["projected_s"] > budget:
+        c = order[0]
+        raise UserError(f"--budget {budget:g} s is too small for one cell: the cheapest "
+                        f"({c['family']} size {c['size']}, {c['n_train']} examples, {c['epochs']:g} epochs) "
+                        f"takes about {c['projected_s']:.1f} s here")
+    kept, total = [], 0.0
+    for c in order:
+        if (total + c["projected_s"]) / jobs > budget:
+            break
+        kept.append(c)
+        total += c["projected_s"]
+    keys = {c["key"] for c in kept}
+    return [c for c in cells if c["key"] in keys], [c for c in cells if c["key"] not in keys]
+
+
+def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=print, data=None) -> dict:
+    """Run (or with plan_only, only project) the study's unfinished cells into `out`."""
+    from ..engine.train import environment
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    check_store(out)                                          # a foreign runs.db: refuse before any work
+    data = data or study_data(study.data, study.spec["n_val"], study.spec["seed"])
+    done = finished_keys(out)
+    todo = [c for c in study.cells if c["key"] not in done]
+    per_step = calibrate(study, data) if todo else {}
+    if todo:
+        project(study, per_step, len(data[3]))
+    kept, dropped = trim(todo, budget, jobs)
+    proj = sum(c["projected_s"] for c in kept) / max(jobs, 1) if kept else 0.0
+    summary = {"family": study.family, "data": study.data, "out": str(out), "store": str(store_path(out)),
+               "grid": study.describe(), "cells": len(study.cells), "already_done": len(study.cells) - len(todo),
+               "to_run": len(kept), "dropped_by_budget": len(dropped), "jobs": jobs,
+               "projected_seconds": proj, "calibration_s_per_step": per_step, "digest": study.spec["digest"]}
+    log(f"scale run: {study.describe()}")
+    log(f"{len(study.cells)} cells: {summary['already_done']} already in {store_path(out)}, {len(kept)} to run"
+        + (f", {len(dropped)} dropped to fit --budget" if dropped else "")
+        + (f"; projected {proj / 60:.1f} min on {jobs} worker(s) (CPU time measured here)" if kept else ""))
+    if plan_only or not kept:
+        summary.update({"ran": 0, "seconds": 0.0})
+        return summary
+    spec = {**study.spec, "env": environment()}
+    order = sorted(kept, key=lambda c: -c["projected_s"])   # longest first: the workers finish together
+    t0, n_done, records = time.perf_counter(), 0, []
+
+    def report(rec):
+        nonlocal n_done
+        n_done += 1
+        s = rec["summary"]
+        lr = f"lr {s['lr']:.4g}{' (edge)' if s['best_at_edge'] else ''}" if s["lr"] else "all diverged"
+        loss = f"val loss {s['loss']:.4f}  error {s['val_error']:5.2f}%" if s["loss"] is not None else ""
+        log(f"[{n_done}/{len(kept)}] {study.family} size {s['size']} n {s['n_train']} epochs {s['epochs']:g}: "
+            f"{lr}  {loss}  ({s['seconds']:.1f} s, {time.perf_counter() - t0:.0f} s elapsed)")
+
+    if jobs <= 1:
+        for c in order:
+            records.append(run_cell(c, spec, data, out))
+            report(records[-1])
+    else:
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,
+                                    initargs=(study.data, study.spec["n_val"], study.spec["seed"])) as pool:
+            futs = [pool.submit(worker_run, c, spec, out) for c in order]
+            for f in cf.as_completed(futs):
+                records.append(f.result())
+                report(records[-1])
+    summary.update({"ran": len(records), "seconds": time.perf_counter() - t0,
+                    "cell_seconds": sum(r["summary"]["seconds"] for r in records),
+                    "diverged_cells": sum(r["status"] != "finished" for r in records)})
+    return summary
