@@ -10,12 +10,12 @@ cleanly, the checkpoint must hold exactly the weights (weights_sha256) and per-p
 metrics of the uninterrupted run. Kill instants come from a generator seeded with
 BACKPROPLAB_KILL_SEED and every assertion message lists them.
 
-Kill points: the CASES below (a methods registry adds its entries to CASES), the ladder
-and a few real CLI processes; each runs rounds until it has its number of kills.
+Kill points: the engines and recipes in CASES, every method of the methods registry (a new
+method is tested the moment it is registered), the smoke ladder and a few real CLI
+processes; each runs rounds of kills until it has its number.
 """
 import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -30,14 +30,13 @@ from pathlib import Path
 
 import pytest
 
-from backproplab.cli import main
 from backproplab.config import apply_overrides, preset
 from backproplab.data import load_dataset
 from backproplab.engine import checkpoint as ckmod
-from backproplab.engine.checkpoint import read_checkpoint, save_checkpoint
-from backproplab.engine.train import checkpoint_path, train
-from backproplab.errors import UserError
-from backproplab.experiments import ladder, ladder_report
+from backproplab.engine.checkpoint import read_checkpoint
+from backproplab.engine.train import train
+from backproplab.experiments import ladder_report
+from backproplab.methods.registry import get_method, list_methods
 from backproplab.store import list_runs
 from conftest import ROOT
 
@@ -63,8 +62,14 @@ CASES = {  # name -> (overrides of the smoke preset, kill points)
                            "train.seeds=2"] + MODERN, 25),
     "minibatch-vit": (["train.engine=minibatch", "model.name=vit", "train.batch=16", "data.n_train=72",
                        "train.passes=4", "train.seeds=2", "train.shift=1", "model.dropout=0.1"] + MODERN, 20),
+    # methods composed on a population, with train()'s shift and dropout streams
+    "hooked-population-methods": (["train.engine=hooked", "train.batch=16", "data.n_train=64", "train.passes=3",
+                                   "train.seeds=2", "model.dropout=0.25", "train.shift=1", "optim.lr=0.05",
+                                   "+method=sam", "+method=swa:start=0", "+method=batchnorm",
+                                   "+method=resblocks", "+method=stochastic_depth", "+method=rotate_scale"], 15),
 }
-LADDER_KILLS, CLI_KILLS = 20, 4  # with CASES: 209 kill points at least
+METHOD_KILLS = 2                  # per registered method (42 now: 84)
+LADDER_KILLS, CLI_KILLS = 20, 4   # with CASES and the methods: 308 kill points at least
 
 
 def _cfg(overrides):
@@ -173,14 +178,11 @@ def _timed(fn):
 
 
 # ---- training runs -------------------------------------------------------------------
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_killed_anywhere_resumes_bit_identical(name, memdir):
-    overrides, target = CASES[name]
-    cfg = _cfg(overrides)
-    data = load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
-    ref = train(cfg, out=memdir / "ref", data=data)  # uninterrupted; also warms the kernels before forking
-    again, t_full = _timed(lambda: train(cfg, out=memdir / "ref2", data=data))  # warm: sets the kill delays
-    assert [f["weights_sha256"] for f in again.final] == [f["weights_sha256"] for f in ref.final]
+def _kill_rounds(name, cfg, data, target, memdir, warm=True):
+    ref, t_full = _timed(lambda: train(cfg, out=memdir / "ref", data=data))  # uninterrupted; warms kernels
+    if warm:  # a second, warm run sets the kill delays
+        again, t_full = _timed(lambda: train(cfg, out=memdir / "ref2", data=data))
+        assert [f["weights_sha256"] for f in again.final] == [f["weights_sha256"] for f in ref.final]
     rng = random.Random(f"{SEED}-{name}")
     io_ops = 5 * cfg.train.passes  # a checkpoint write: write, fsync, link, 2 renames
     total, rnd = [], 0
@@ -195,6 +197,33 @@ def test_killed_anywhere_resumes_bit_identical(name, memdir):
         assert got.status == "finished", msg
         total += kills
         rnd += 1
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_killed_anywhere_resumes_bit_identical(name, memdir):
+    overrides, target = CASES[name]
+    cfg = _cfg(overrides)
+    _kill_rounds(name, cfg, load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test), target, memdir)
+
+
+# Every registered training method alone on a small hooked run, the moment it is registered.
+METHOD_BASE = ["data.n_train=48", "data.n_test=32", "train.passes=3", "train.batch=16", "model.dropout=0",
+               "train.shift=0", "optim.lr_end=none", "optim.name=sgd", "optim.lr=0.05"]
+METHOD_SPEC = {"swa": "swa:start=0", "ema": "ema:decay=0.5", "adam_sgd": "adam_sgd:at=0.5"}  # active early
+METHOD_LR = {"sdlm": "optim.lr=5e-4"}  # the 1989 optimizer's step is lr / (mu + curvature)
+
+
+@pytest.fixture(scope="module")
+def method_data():
+    return load_dataset("mnist10k", 48, 32)
+
+
+@pytest.mark.parametrize("name", [m.name for m in list_methods()])
+def test_method_killed_anywhere(name, memdir, method_data):
+    req = get_method(name).requires
+    items = METHOD_BASE + [METHOD_LR.get(name, "optim.lr=0.05"), f"+method={METHOD_SPEC.get(name, name)}"]
+    cfg = apply_overrides(preset("modern_smoke"), items + ([f"+method={req[0]}"] if req else []))
+    _kill_rounds(f"method-{name}", cfg, method_data, METHOD_KILLS, memdir, warm=False)
 
 
 def test_ladder_killed_anywhere(memdir, monkeypatch):
@@ -272,131 +301,3 @@ def test_cli_repro_killed_anywhere(tmp_path):
     assert len(runs) == 1, f"killed runs left records: kills {kills}"
     assert runs[0]["summary"]["weights_sha256"] == ref.final[0]["weights_sha256"], f"kills {kills} (seed {SEED})"
     assert _metrics(runs[0]["history"]) == _metrics(ref.history), f"kills {kills} (seed {SEED})"
-
-
-# ---- checkpoint files ----------------------------------------------------------------
-def _run_until(cfg, out, stop_at):
-    """Train until pass index stop_at begins (checkpoints of passes 1..stop_at on disk)."""
-    def progress(p, done, total):
-        if p == stop_at:
-            raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, out=out, progress=progress)
-    return checkpoint_path(cfg, out)
-
-
-DAMAGE = {"none": None, "flip": lambda b: b[:-20] + bytes([b[-20] ^ 1]) + b[-19:],
-          "truncate": lambda b: b[: len(b) // 3], "empty": lambda b: b"", "delete": "delete"}
-
-
-def _damage(path, how):
-    if DAMAGE[how] == "delete":
-        path.unlink()
-    elif DAMAGE[how]:
-        path.write_bytes(DAMAGE[how](path.read_bytes()))
-
-
-TINY = FAST + ["data.n_train=60", "train.passes=4", "train.seeds=2"] + MODERN + ["train.shift=1"]
-
-
-@pytest.mark.parametrize("how", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, capsys, how):
-    cfg = _cfg(TINY)
-    ref = train(cfg)
-    ck = _run_until(cfg, tmp_path, 3)
-    _damage(ck, how)
-    capsys.readouterr()
-    seen = set()
-    got = train(cfg, out=tmp_path, resume=True, progress=lambda p, d, t: seen.add(p))
-    err = capsys.readouterr().err.splitlines()
-    assert [f["weights_sha256"] for f in got.final] == [f["weights_sha256"] for f in ref.final]
-    assert _metrics(got.history) == _metrics(ref.history)
-    if how == "none":  # resume trains only the passes after the checkpoint: no replay
-        assert seen == {3} and err == []
-    else:
-        assert seen == {2, 3} and len(err) == 1 and err[0].startswith("warning:"), err
-        assert ck.name in err[0] and ".prev.pt (after pass 2)" in err[0]
-
-
-@pytest.mark.parametrize("change, words", [
-    (["optim.lr=0.002"], "optim.lr: 0.001 in the checkpoint, 0.002 now"),
-    (["train.engine=minibatch", "model.name=vit"], "model.name: 'net1989' in the checkpoint, 'vit' now"),
-])
-def test_checkpoint_of_another_config_is_refused_naming_the_difference(tmp_path, change, words):
-    cfg, other = _cfg(TINY), _cfg(TINY + change)
-    other.name = cfg.name
-    ck = _run_until(cfg, tmp_path, 2)
-    checkpoint_path(other, tmp_path).write_bytes(ck.read_bytes())
-    with pytest.raises(UserError, match=f"different config .*{words}"):
-        train(other, out=tmp_path, resume=True)
-
-
-def test_checkpoint_whose_state_does_not_fit_the_model_is_refused(tmp_path):
-    vit = _cfg(["train.engine=minibatch", "model.name=vit", "data.n_train=32", "train.passes=2"])
-    net = _cfg(["train.engine=minibatch", "data.n_train=32", "train.passes=2"])
-    state = read_checkpoint(_run_until(vit, tmp_path, 1))
-    state["config"] = net.to_json()  # a forged file: the right config, another model's weights
-    save_checkpoint(checkpoint_path(net, tmp_path), state)
-    with pytest.raises(UserError, match="does not fit this model"):
-        train(net, out=tmp_path, resume=True)
-
-
-def test_temporary_files_of_killed_writers_are_removed(tmp_path):
-    cfg = _cfg(TINY)
-    ck = _run_until(cfg, tmp_path, 1)
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)  # a pid that is surely gone
-    for stale in (f".{ck.name}.tmp.{pid}", f".{ckmod.prev_path(ck).name}.tmp.{pid}"):
-        (ck.parent / stale).write_bytes(b"half a checkpoint")
-    train(cfg, out=tmp_path, resume=True)
-    assert sorted(p.name for p in ck.parent.iterdir()) == sorted([ck.name, ckmod.prev_path(ck).name])
-    ckmod.remove_checkpoint(ck)  # a caller done with a run deletes both files
-    assert list(ck.parent.iterdir()) == [] and not ckmod.has_checkpoint(ck)
-
-
-# ---- divergence ----------------------------------------------------------------------
-BLOWUP = ["model.act=relu", "model.out_act=none", "train.loss=ce", "optim.lr=100", "data.n_train=60",
-          "train.passes=4", "train.eval_every=4"]
-
-
-@pytest.mark.parametrize("engine", ["fast", "eager", "minibatch"])
-def test_nan_weights_stop_the_run_at_once_and_stay_stopped(tmp_path, engine):
-    cfg = _cfg([f"train.engine={engine}", *BLOWUP])
-    res = train(cfg, out=tmp_path)
-    # found in pass 1 by the weight check, though the loss is only evaluated every 4 passes
-    assert res.status == "diverged" and res.message.startswith("diverged in pass 1: NaN/Inf weights")
-    assert [h["pass"] for h in res.history] == [1]
-    again = train(cfg, out=tmp_path, resume=True, progress=_no_training)
-    assert (again.status, again.message) == (res.status, res.message)
-    assert json.dumps(again.history) == json.dumps(res.history)  # NaN losses included
-
-
-def test_repro_divergence_is_one_line_exit_3_and_stored(tmp_path, capsys):
-    code = main(["repro", "--preset", "smoke", "--engine", "fast", "--out", str(tmp_path), "--json", "--quiet",
-                 *BLOWUP])
-    out, err = capsys.readouterr()
-    assert code == 3 and len(err.splitlines()) == 1 and err.startswith("error: diverged in pass 1"), err
-    assert "Traceback" not in err and json.loads(out.splitlines()[-1])["status"] == "diverged"
-    assert [r["status"] for r in list_runs(tmp_path)] == ["diverged"]
-
-
-def test_ladder_goes_on_after_a_diverged_rung(tmp_path, monkeypatch):
-    real = ladder.rung_config
-
-    def rung_config(rung, *a, **k):
-        cfg = real(rung, *a, **k)
-        if rung == "2":  # unbounded units and a huge step: overflow in the first pass
-            cfg.model.act, cfg.optim.lr = "relu", 100.0
-        return cfg
-    monkeypatch.setattr(ladder, "rung_config", rung_config)
-    monkeypatch.setattr(ladder_report, "make_plots", lambda *a, **k: [])
-    run = lambda resume: ladder_report.run_and_report(["1", "2", "3"], 1, tmp_path, resume, 1, True,  # noqa: E731
-                                                       "mnist10k", log=lambda s: None, engine="fast")
-    first = run(False)
-    assert [r["status"] for r in first["rungs"]] == ["finished", "diverged", "finished"]
-    assert sorted(r["status"] for r in list_runs(tmp_path)) == ["diverged", "finished", "finished"]
-    again = run(True)
-    assert [r["weights_sha256"] for r in again["rungs"]] == [r["weights_sha256"] for r in first["rungs"]]
-    assert len(list_runs(tmp_path)) == 3  # nothing recorded twice, the diverged rung included
