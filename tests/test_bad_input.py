@@ -6,12 +6,14 @@ every file already in the output folder (a results store and the checkpoints of 
 run) byte-identical, with nothing added.
 """
 import errno
+import gzip
 import hashlib
 import io
 import json
 import os
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import types
@@ -104,7 +106,6 @@ def _evil(raw):
 
 
 def _foreign_db(path):
-    import sqlite3
     path.unlink(missing_ok=True)
     con = sqlite3.connect(str(path))
     con.executescript("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('ann');")
@@ -113,12 +114,16 @@ def _foreign_db(path):
 
 
 def _gz_damaged(c):
-    import gzip
     p = c.idx / "train-images-idx3-ubyte"
     z = bytearray(gzip.compress(p.read_bytes()))
     z[len(z) // 2] ^= 0xFF
     p.unlink()
     (c.idx / "train-images-idx3-ubyte.gz").write_bytes(bytes(z))
+
+
+def _no_test_images(c):
+    _idx_array("t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))(c)
+    _idx_array("t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))(c)
 
 
 def _mkdir(name):
@@ -129,7 +134,6 @@ def _afile(c):
     (c.tmp / "afile").write_text("keep me")
 
 
-rng = np.random.default_rng(0)
 D = R + ["--data", "{idx}", *GOLD, *ALL_DATA]  # repro on the IDX folder
 CASES = [  # (id, argv, words in the error line, setup, how: "in" (main()) or "sub" (a subprocess))
     # configs
@@ -203,9 +207,7 @@ CASES = [  # (id, argv, words in the error line, setup, how: "in" (main()) or "s
      _idx_array("train-labels-idx1-ubyte", np.zeros(29, np.uint8)), "in"),
     ("data-label-range", D, ["label 12", "0-9"], _idx_array("t10k-labels-idx1-ubyte", np.full(12, 12, np.uint8)),
      "in"),
-    ("data-empty-set", D, ["empty"], lambda c: [_idx_array(n, a)(c) for n, a in (
-        ("t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8)), ("t10k-labels-idx1-ubyte", np.zeros(0, np.uint8)))],
-     "in"),
+    ("data-empty-set", D, ["empty"], _no_test_images, "in"),
     ("data-damaged-gzip", D, ["corrupt gzip"], _gz_damaged, "in"),
     ("data-fewer-than-asked", R + ["--data", "{idx}", *GOLD, "data.n_test=none"], ["n_train=60", "30"], None, "in"),
     # output folders, stores and checkpoints
@@ -297,6 +299,7 @@ def test_bad_input(case, gold, tmp_path, capsys, monkeypatch):
     shutil.copytree(gold, c.out)
     c.ck = checkpoint_path(_gold_cfg(), c.out)
     c.idx.mkdir()
+    rng = np.random.default_rng(0)
     for fname, arr in (("train-images-idx3-ubyte", rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)),
                        ("train-labels-idx1-ubyte", rng.integers(0, 10, 30, dtype=np.uint8)),
                        ("t10k-images-idx3-ubyte", rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)),
