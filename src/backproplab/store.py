@@ -7,8 +7,9 @@ a write that still finds the database locked (SQLite gives up at once in a few c
 such as two connections both upgrading a read to a write) is retried with backoff.
 
 A file that is not a backproplab store (another program's SQLite database, anything
-else) is never modified: it is checked before the first write, and reads open it
-read-only.
+else) is never modified: a read-only connection checks every existing file before any
+other connection opens it. A store a killed writer left (a WAL file to recover, or an
+empty database) reads as the records it holds.
 """
 import json
 import random
