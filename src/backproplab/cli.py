@@ -71,7 +71,7 @@ def build_parser():
 
 # Larger command groups live in backproplab/commands/<name>.py, each with
 # register(sub, add_common) adding its parsers and COMMANDS = {name: handler(args) -> exit code}.
-COMMAND_MODULES = ("methods", "scale", "speedrun", "effects")
+COMMAND_MODULES = ("methods", "scale", "speedrun", "effects", "data")
 
 
 def _command_modules():
