@@ -82,10 +82,12 @@ def cmd_speedrun(args):
     res = run_speedrun(data, list(range(args.seeds)), rc, population=args.population, n_train=n_train,
                        n_test=n_test)
     ref = reference_step_seconds(data, ref_steps) if ref_steps else None
+    fast = reference_step_seconds(data, 10 * ref_steps, "fast") if ref_steps and _fast_engine_ok() else None
     per_seed = res["train_seconds_per_seed"] if args.population else res["train_seconds_max_seed"]
     res.update({"target": target, "target_source": RUNG5_SOURCE if args.target is None else "--target",
                 "meets_target": res["test_error"] <= target, "smoke": args.smoke, "reference": ref,
-                "speedup": ref["full_seconds"] / per_seed if ref else None})
+                "speedup": ref["full_seconds"] / per_seed if ref else None, "reference_fast": fast,
+                "speedup_vs_fast": fast["full_seconds"] / per_seed if fast else None})
     n = res["seeds"]
     print(f"test error {_fmt(res['test_error'], res['test_error_std'])} (mean +- std, n={n}); without test-time "
           f"shifts {_fmt(res['test_error_no_tta'], res['test_error_no_tta_std'])}")
@@ -103,6 +105,10 @@ def cmd_speedrun(args):
         print(f"per-example reference (rung 5 on the eager engine): {ref['step_seconds'] * 1e3:.2f} ms a step over "
               f"{ref['steps_timed']} timed steps x {ref['full_steps']:,} steps = {ref['full_seconds'] / 60:.1f} min; "
               f"speed-up {res['speedup']:.0f}x (per seed, {'population' if args.population else 'slowest seed'})")
+    if fast:
+        print(f"the project's fast per-example engine (numba) on the same rung-5 recipe: "
+              f"{fast['step_seconds'] * 1e6:.1f} us a step = {fast['full_seconds']:.1f} s; "
+              f"speed-up {res['speedup_vs_fast']:.1f}x")
     status = "finished" if res["meets_target"] or args.smoke else "missed"
     res["run_id"] = add_run(out, "speedrun", "speedrun-smoke" if args.smoke else "speedrun", status,
                             {"recipe": res["recipe"], "seeds": n, "population": args.population,
@@ -111,6 +117,15 @@ def cmd_speedrun(args):
     if args.json:
         _emit_json(res)
     return 0
+
+
+def _fast_engine_ok() -> bool:
+    try:  # the numba kernels need AVX-512; without it the fast comparison is left out
+        from ..engine.fast import _check_cpu
+        _check_cpu()
+        return True
+    except (RuntimeError, ImportError):
+        return False
 
 
 def cmd_rezero(args):

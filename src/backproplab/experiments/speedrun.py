@@ -172,28 +172,36 @@ def run_speedrun(data, seeds, rc: Recipe, population=False, n_train=None, n_test
     return out
 
 
-def reference_step_seconds(data, steps: int = 300) -> dict:
-    """The per-example reference: rung 5 on the project's eager engine (Net1989 nn ops, batch of one,
-    torch.optim.AdamW, shifts and dropout masks from rung 5's streams), timed over `steps` steps after
-    20 untimed ones. Its full run is 80 passes x 7,291 steps; -> seconds a step and the estimate."""
+def reference_step_seconds(data, steps: int = 300, engine: str = "eager") -> dict:
+    """The per-example reference: rung 5 (ReLU, cross-entropy, AdamW, dropout 0.25, shifts, batch of
+    one) on the project's eager engine (Net1989 nn ops, torch.optim.AdamW: the public reproduction's
+    loop) or its fast engine (numba kernels, one replica), timed over `steps` steps after 20 untimed
+    ones (the fast engine's compilation falls there). Its full run is 80 passes x 7,291 steps."""
     from ..config import preset
     from ..data import pass_randomness
-    from ..engine.eager import EagerPopulation
     from ..models.net1989 import init_params
     cfg = preset("rung5")
     m, o, t = cfg.model, cfg.optim, cfg.train
-    eng = EagerPopulation([{k: v.numpy() for k, v in init_params(0).items()}], act=m.act, out_act=m.out_act,
-                          loss=t.loss, optim=o.name, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2),
-                          eps=o.eps, dropout=m.dropout)
+    kw = dict(act=m.act, out_act=m.out_act, loss=t.loss, optim=o.name, weight_decay=o.weight_decay,
+              betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)
+    params = [{k: v.numpy() for k, v in init_params(0).items()}]
+    if engine == "eager":
+        from ..engine.eager import EagerPopulation
+        eng = EagerPopulation(params, **kw)
+    else:
+        from ..engine.fast import FastPopulation
+        eng = FastPopulation(params, **kw)
     n = 20 + steps
     shifts, keep = pass_randomness(0, 0, n, t.shift, m.dropout)
-    x = data.train_x[:n].reshape(n, 16, 16).numpy()
+    x = data.train_x[:n].reshape(-1, 16, 16).numpy()
     lab = data.train_labels[:n].numpy()
+    if len(x) < n:
+        raise UserError(f"--reference-steps {steps} needs {n} training digits, the data has {len(x)}")
     lr = np.full(n, o.lr, np.float32)
     eng.train_pass(x[:20], lab[:20], lr[:20], shifts[None, :20], keep[None, :20])
     t0, c0 = time.perf_counter(), time.process_time()
     eng.train_pass(x[20:], lab[20:], lr[20:], shifts[None, 20:], keep[None, 20:])
     wall, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
     full = RUNG5_PASSES * N_TRAIN_1989  # the reference's steps on the canonical split
-    return {"steps_timed": steps, "step_seconds": wall, "step_cpu_seconds": cpu, "full_steps": full,
-            "full_seconds": wall * full, "full_cpu_seconds": cpu * full}
+    return {"engine": engine, "steps_timed": steps, "step_seconds": wall, "step_cpu_seconds": cpu,
+            "full_steps": full, "full_seconds": wall * full, "full_cpu_seconds": cpu * full}

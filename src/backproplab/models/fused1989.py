@@ -111,8 +111,14 @@ def _windows(xp):  # (R, B, 320) -> (R, 4B, 112): group g = padded rows 4g..4g+6
     return xp.as_strided((R, B, 4, 112), (B * 320, 320, 64, 1)).reshape(R, 4 * B, 112)
 
 
-def _matrix(w, M):  # w (R, n_w) -> (R, n_in, n_out)
-    T = w.new_zeros(w.shape[0], M["n_in"] * M["n_out"])
+_BUFFERS = {}  # (layer, R) -> (R, n_in * n_out) matrix whose off-pattern entries stay 0 from step to step
+
+
+def _matrix(w, M):  # w (R, n_w) -> (R, n_in, n_out); valid until the next call for the same layer and R
+    key = (M["n_in"], w.shape[0], w.dtype)
+    T = _BUFFERS.get(key)
+    if T is None:  # the pattern's zeros are written once; every call overwrites the same positions
+        T = _BUFFERS[key] = w.new_zeros(w.shape[0], M["n_in"] * M["n_out"])
     T.index_copy_(1, M["pos"], torch.index_select(w, 1, M["widx"]))
     return T.view(-1, M["n_in"], M["n_out"])
 
