@@ -112,8 +112,22 @@ def test_cli_smoke_records_a_speedrun(tmp_path):
     assert runs[-1]["kind"] == "speedrun" and runs[-1]["summary"]["seeds"] == 2
 
 
+def test_target_is_the_stores_full_rung5_run_else_the_measured_constant(tmp_path):
+    from backproplab.config import preset
+    from backproplab.experiments.speedrun import RUNG5_ERROR, rung5_target
+    from backproplab.store import add_run
+    assert rung5_target(tmp_path)[0] == RUNG5_ERROR  # no store yet
+    cfg = preset("rung5")
+    add_run(tmp_path, "ladder", "rung5", "finished", cfg.to_dict(), {"test_error": 1.87, "seeds": 4}, [], {})
+    small = preset("rung5")
+    small.data.n_train = 300
+    add_run(tmp_path, "ladder", "rung5", "finished", small.to_dict(), {"test_error": 30.0, "seeds": 2}, [], {})
+    err, source = rung5_target(tmp_path)
+    assert err == 1.87 and "run 1" in source  # the smoke-size rung 5 is not a target
+
+
 @pytest.mark.parametrize("args", [["--seeds", "0"], ["--tta", "3"], ["--batch", "0"], ["--lr", "-1"],
-                                  ["--reference-steps", "-2"], ["--seeds", "x"]])
+                                  ["--reference-steps", "-2"], ["--seeds", "x"], ["--target", "0"]])
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args):
     from backproplab.cli import main
     assert main(["speedrun", "--smoke", "--out", str(tmp_path), *args]) == 2

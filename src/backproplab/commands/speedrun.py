@@ -50,9 +50,9 @@ def _fmt(m, s):
 
 
 def cmd_speedrun(args):
-    from ..experiments.speedrun import RUNG5_ERROR, RUNG5_SOURCE, Recipe
-    if args.seeds < 1 or args.reference_steps < 0:
-        raise UserError("--seeds must be >= 1 and --reference-steps >= 0")
+    from ..experiments.speedrun import Recipe
+    if args.seeds < 1 or args.reference_steps < 0 or (args.target is not None and not 0 < args.target <= 100):
+        raise UserError("--seeds must be >= 1, --reference-steps >= 0 and --target in (0, 100]")
     rc = Recipe()
     for k in ("epochs", "batch", "lr", "tta"):
         if getattr(args, k) is not None:
@@ -64,14 +64,14 @@ def cmd_speedrun(args):
         rc.epochs = 5 if args.epochs is None else rc.epochs
         rc.batch = 32 if args.batch is None else rc.batch
     rc.check()
-    target = RUNG5_ERROR if args.target is None else args.target
     import torch
     torch.set_num_threads(1)
     from ..data import load_dataset
     from ..engine.train import environment, prepare_out
-    from ..experiments.speedrun import reference_step_seconds, run_speedrun
+    from ..experiments.speedrun import reference_step_seconds, rung5_target, run_speedrun
     from ..store import add_run
     out = prepare_out(args.out)
+    target, source = rung5_target(out) if args.target is None else (args.target, "--target")
     data = load_dataset("mnist10k", n_train, n_test)
     print(f"recipe: Net1989 (ReLU, logits; 9,760 parameters), {rc.epochs} epochs, batch {rc.batch}, "
           f"{rc.optimizer} lr {rc.lr:g} (warm-up {rc.warmup:.0%}, then linear to 0), label smoothing {rc.smooth:g}, "
@@ -84,7 +84,7 @@ def cmd_speedrun(args):
     ref = reference_step_seconds(data, ref_steps) if ref_steps else None
     fast = reference_step_seconds(data, 10 * ref_steps, "fast") if ref_steps and _fast_engine_ok() else None
     per_seed = res["train_seconds_per_seed"] if args.population else res["train_seconds_max_seed"]
-    res.update({"target": target, "target_source": RUNG5_SOURCE if args.target is None else "--target",
+    res.update({"target": target, "target_source": source,
                 "meets_target": res["test_error"] <= target, "smoke": args.smoke, "reference": ref,
                 "speedup": ref["full_seconds"] / per_seed if ref else None, "reference_fast": fast,
                 "speedup_vs_fast": fast["full_seconds"] / per_seed if fast else None})
