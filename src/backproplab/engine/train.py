@@ -22,7 +22,7 @@ from .. import __version__
 from ..config import Config, validate
 from ..data import load_dataset, pass_randomness
 from ..errors import UserError
-from ..models.net1989 import PARAM_NAMES, init_params, weights_sha256
+from ..models.net1989 import init_params, weights_sha256
 from .checkpoint import check_config, has_checkpoint, load_checkpoint, save_checkpoint, to_numpy_state
 from .evaluate import evaluate
 
