@@ -112,16 +112,21 @@ def test_sampler_permutes_each_epoch_and_handles_fractions():
         t.load_state_dict({**st, "seed": 4})
 
 
+def fake_digits():
+    g = torch.Generator().manual_seed(5)     # 60 random images: the counts, not the accuracy, matter here
+    return torch.rand(60, 1, 16, 16, generator=g) * 2 - 1, torch.randint(0, 10, (60,), generator=g)
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     torch.set_num_threads(1)
-    from backproplab.data import load_dataset
+    from test_scaling_study import fake_digits as digits
     from backproplab.scaling.families import member
     from backproplab.scaling.trainer import CellTrainer
     ckpt, log, final, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    d = load_dataset(n_train=60, n_test=10)
-    tr = CellTrainer(member("convnet", 1), [0.02, 0.05], d.train_x, d.train_labels, 2.5, batch=8,
-                     ckpt=ckpt, ckpt_steps=3, tag="kill-test")
+    x, y = digits()
+    tr = CellTrainer(member("convnet", 1), [0.02, 0.05], x, y, 2.5, batch=8, ckpt=ckpt, ckpt_steps=3,
+                     tag="kill-test")
     f = open(log, "a")
     def on_batch(step, idx):
         if step == kill_at:
@@ -137,7 +142,7 @@ def test_sampler_exactly_once_per_epoch_across_sigkill(tmp_path):
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     ckpt, log, final = tmp_path / "c.ckpt", tmp_path / "batches.log", tmp_path / "W.pt"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
     first = subprocess.run([sys.executable, str(script), ckpt, log, final, "11"], env=env, timeout=300)
     assert first.returncode == -signal.SIGKILL and ckpt.exists() and not final.exists()
     second = subprocess.run([sys.executable, str(script), ckpt, log, final, "-1"], env=env, timeout=300)
@@ -152,25 +157,22 @@ def test_sampler_exactly_once_per_epoch_across_sigkill(tmp_path):
         assert sorted(stream[60 * e: 60 * (e + 1)]) == list(range(60))      # exactly once per epoch
     assert len(set(stream[120:])) == 30
     # The same weights as a run never killed.
-    from backproplab.data import load_dataset
-    d = load_dataset(n_train=60, n_test=10)
-    ref = CellTrainer(member("convnet", 1), [0.02, 0.05], d.train_x, d.train_labels, 2.5, batch=8)
+    ref = CellTrainer(member("convnet", 1), [0.02, 0.05], *fake_digits(), 2.5, batch=8)
     ref.run()
     assert torch.equal(torch.load(final), ref.W)
 
 
 # -- the study through the CLI ------------------------------------------------------------------
-def test_smoke_study_budget_resume_skip_and_fit(tmp_path):
+def test_smoke_study_budget_resume_skip_and_fit(tmp_path, capsys):
     out = tmp_path / "study"
-    r1 = run_cli("scale", "run", "--smoke", "--jobs", "1", "--budget", "0.3s", "--out", out, "--json")
-    assert r1.returncode == 0, r1.stderr
-    s1 = json.loads(r1.stdout.strip().splitlines()[-1])
+    assert main(["scale", "run", "--smoke", "--jobs", "1", "--budget", "0.3s", "--out", str(out), "--json"]) == 0
+    s1 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s1["cells"] == 12 and 1 <= s1["ran"] == s1["to_run"] and s1["ran"] + s1["dropped_by_budget"] == 12
-    r2 = run_cli("scale", "run", "--smoke", "--jobs", "2", "--out", out, "--json")
+    r2 = run_cli("scale", "run", "--smoke", "--jobs", "2", "--out", out, "--json")      # the worker pool
     s2 = json.loads(r2.stdout.strip().splitlines()[-1])
     assert s2["already_done"] == s1["ran"] and s2["ran"] == 12 - s1["ran"]
-    r3 = run_cli("scale", "run", "--smoke", "--out", out, "--json")
-    s3 = json.loads(r3.stdout.strip().splitlines()[-1])
+    assert main(["scale", "run", "--smoke", "--out", str(out), "--json"]) == 0      # in process: cheaper
+    s3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s3["already_done"] == 12 and s3["ran"] == 0
     recs = [r for r in list_runs(out) if r["kind"] == "scale"]
     keys = [r["config"]["cell"] for r in recs]
@@ -182,13 +184,13 @@ def test_smoke_study_budget_resume_skip_and_fit(tmp_path):
         ok = [x for x in s["sweep"] if x["status"] == "finished"]
         assert s["loss"] == min(x["val_loss"] for x in ok) and len(s["sweep"]) == 2
     assert not list((out / "scale_ckpt").glob("*"))          # scratch files are gone
-    fit = run_cli("scale", "fit", out / "runs.db", "--n-boot", "8", "--json")
-    assert fit.returncode == 0, fit.stderr
-    rep = json.loads(fit.stdout.strip().splitlines()[-1])
+    assert main(["scale", "fit", str(out / "runs.db"), "--n-boot", "8", "--json"]) == 0
+    text = capsys.readouterr().out
+    rep = json.loads(text.strip().splitlines()[-1])
     fam = rep["families"]["convnet"]
     assert fam["n_cells"] == 12 and fam["n_runs"] == 24 and math.isfinite(fam["frontier"]["slope"])
     assert set(fam["chinchilla"]["constants"]) == {"E", "A", "B", "alpha", "beta"}
-    assert "extrapolation" in fam and "Chinchilla" in fit.stdout and "frontier" in fit.stdout
+    assert "extrapolation" in fam and "Chinchilla" in text and "frontier" in text
     for png in rep["plots"].values():
         assert os.path.getsize(png) > 1000
     assert [r["kind"] for r in list_runs(out)].count("scale_fit") == 1

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.checkpoint import atomic_write_bytes, prev_path
+from ..engine.checkpoint import atomic_write_bytes, remove_checkpoint
 from ..store import add_run
 from .families import member
 from .trainer import CellTrainer
@@ -39,12 +39,6 @@ def _scratch(out: Path, key: str) -> tuple[Path, Path]:
     folder = Path(out) / "scale_ckpt"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.ckpt", folder / f"{key}.sweep.json"
-
-
-def _remove(*paths):
-    for f in paths:
-        if f.exists():
-            f.unlink()
 
 
 def _next_rates(done: list[dict], spec) -> list[float]:
@@ -101,10 +95,11 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
         done.append({"results": res, "seconds": sec, "cpu_seconds": time.process_time() - c0,
                      "steps": tr.steps, "resumed_from_step": tr.resumed_from, "examples": tr.seen()})
         atomic_write_bytes(sweep_file, json.dumps({"key": cell["key"], "populations": done}).encode())
-        _remove(ckpt, prev_path(ckpt))
+        remove_checkpoint(ckpt)
     record = _record(cell, spec, m, done, time.perf_counter() - t_cell)
     add_run(out, KIND, cell["key"], record["status"], record["config"], record["summary"], [], spec["env"])
-    _remove(ckpt, prev_path(ckpt), sweep_file)
+    remove_checkpoint(ckpt)
+    sweep_file.unlink(missing_ok=True)
     if log:
         log(record)
     return record

@@ -142,7 +142,7 @@ class CellTrainer:
     def evaluate(self, x, labels) -> list[dict]:
         """Per replica: cross-entropy loss (nats, mean) and error (%) on (x, labels)."""
         tot_loss, miss = torch.zeros(self.R, dtype=torch.float64), torch.zeros(self.R, dtype=torch.long)
-        prm = {k: v for k, v in self.views.items()}
+        prm = dict(self.views)
         for s in range(0, len(labels), EVAL_CHUNK):
             out = self._fwd(prm, x[s:s + EVAL_CHUNK])                              # (R, b, 10)
             yb = labels[s:s + EVAL_CHUNK]
