@@ -37,6 +37,7 @@ def test_time_to_base_speedup_and_composition_on_known_curves():
         "b": fake([[2, 2], [1, 1], [1, 1], [1, 1]], [4, 4, 4, 4]),          # 2.0 at pass 1: 2 s a seed
         "a+b": fake([[1, 3], [1, 1], [1, 1], [1, 1]], [2, 2, 2, 2]),        # mean 2.0 at pass 1: 1 s a seed
         "c": fake([[9, 9], [8, 8], [7, 7], [6, 6]], [1, 1, 1, 1]),          # never
+        "d": fake([[3, 3], [2, 2], [2, 2], [2, 2]], [4, 4, 4, 4]),          # 2.0 at pass 2: 4 s a seed
     }
     rows = {r["method"]: r for r in fx.analyse(results, "base")}
     assert rows["base"]["time_to_base"] == 3.0 and rows["base"]["speedup"] == 1.0
@@ -49,7 +50,9 @@ def test_time_to_base_speedup_and_composition_on_known_curves():
     assert len(comp) == 1 and comp[0]["pair"] == "a+b"
     assert comp[0]["speedup"] == pytest.approx(3.0) and comp[0]["product"] == pytest.approx(2.25)
     assert comp[0]["ratio"] == pytest.approx(3.0 / 2.25)
-    assert fx.top_pairs(list(rows.values()), 3) == [("a", "b")]
+    assert rows["d"]["speedup"] == pytest.approx(0.75)
+    assert fx.top_pairs(list(rows.values()), 2) == [("a", "b")]
+    assert fx.top_pairs(list(rows.values()), 3) == [("a", "b"), ("a", "d"), ("b", "d")]  # reached, slower: still in
 
 
 def test_methods_that_cannot_run_on_the_base_are_skipped_with_the_reason():

@@ -13,7 +13,8 @@ def register(sub, add_common):
     e.add_argument("--methods", help="comma-separated methods (default: every registered method the base can take)")
     e.add_argument("--pairs", help="pairs to compose, e.g. ema+label_smoothing,sam+swa "
                                    "(default: all pairs among the --top-pairs fastest singles)")
-    e.add_argument("--top-pairs", type=int, default=3, help="singles with the largest speed-up paired (default 3)")
+    e.add_argument("--top-pairs", type=int, default=3,
+                   help="how many of the singles that reached the base's error, fastest first, are paired (default 3)")
     e.add_argument("--passes", type=int, help="passes for the base and every method (default: the base's)")
     e.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (default 1)")
     e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
