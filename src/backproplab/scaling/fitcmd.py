@@ -95,8 +95,9 @@ def fit_text(s: dict) -> str:
             eps = sorted({r["epochs"] for r in lr["table"] if r["epochs"] is not None})
             lines.append("    " + "N \\ epochs".rjust(14) + "".join(f"{e:>10g}" for e in eps))
             for N in sizes:
-                row = {r["epochs"]: r for r in lr["table"] if r["N"] == N and r["n_train"] == max(
-                    x["n_train"] for x in lr["table"] if x["N"] == N)}
+                # n_train is D / epochs, a few examples off where epochs x n was rounded
+                top = max(x["n_train"] or 0 for x in lr["table"] if x["N"] == N)
+                row = {r["epochs"]: r for r in lr["table"] if r["N"] == N and (r["n_train"] or 0) >= 0.999 * top}
                 lines.append("    " + f"{N:14.0f}" + "".join(
                     f"{row[e]['best_lr']:9.4g}{'*' if row[e]['at_edge'] else ' '}" if e in row else " " * 10
                     for e in eps))

@@ -15,6 +15,11 @@ def _legend(ax, **kw):
 
 
 def _save(fig, plt, path) -> str:
+    from matplotlib.ticker import NullFormatter
+    for ax in fig.axes:                        # minor labels on a log axis spanning < 2 decades overlap
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -98,8 +103,9 @@ def isoflop_curves(runs, iso: dict, path) -> str | None:
         if p["exponent"] is not None and np.isfinite(p["exponent"]):
             lo, hi = p["exponent_ci"]
             lab += f" ~ C^{p['exponent']:.3f} [{lo:.3f}, {hi:.3f}]"
-            ax2.plot(C, np.exp(p["intercept"]) * C ** p["exponent"], "-", lw=1)
-        ax2.plot(C, x, mk, label=lab)
+        pts = ax2.plot(C, x, mk, label=lab)
+        if p["exponent"] is not None and np.isfinite(p["exponent"]):
+            ax2.plot(C, np.exp(p["intercept"]) * C ** p["exponent"], "-", lw=1, color=pts[0].get_color())
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("training compute C (FLOPs)")
@@ -148,8 +154,9 @@ def chinchilla_contours(fit, runs, path) -> str | None:
 
 
 def lr_vs_epochs(lr: dict, path) -> str | None:
-    """Best learning rate per cell vs epoch budget, one line per model size; cells whose
-    best lr is at the edge of the tried range are open markers."""
+    """Best learning rate per cell vs epoch budget, one line per model size (geometric mean
+    over training-set sizes); cells whose best lr is at the edge of the tried range are open
+    markers."""
     plt = _plt()
     if plt is None:
         return None
@@ -160,12 +167,17 @@ def lr_vs_epochs(lr: dict, path) -> str | None:
     sizes = sorted({r["N"] for r in rows})
     cmap = plt.get_cmap("viridis")
     for i, N in enumerate(sizes):
-        rr = sorted((r for r in rows if r["N"] == N), key=lambda r: r["epochs"])
+        rr = [r for r in rows if r["N"] == N]
         col = cmap(i / max(len(sizes) - 1, 1))
-        ep, best = [r["epochs"] for r in rr], [r["best_lr"] for r in rr]
-        ax.plot(ep, best, "-", color=col, lw=0.8, label=f"N = {N:.3g}")
+        # A cell per training-set size at each budget: the line is their geometric mean,
+        # the markers (nudged sideways by size so they do not hide each other) the cells.
+        ep = sorted({r["epochs"] for r in rr})
+        mean = [np.exp(np.mean([np.log(r["best_lr"]) for r in rr if r["epochs"] == e])) for e in ep]
+        ax.plot(ep, mean, "-", color=col, lw=1.2, label=f"N = {N:.3g}")
+        nudge = 1.0 + 0.03 * (i - (len(sizes) - 1) / 2)
         for r in rr:
-            ax.plot(r["epochs"], r["best_lr"], "o", color=col, mfc="none" if r["at_edge"] else col)
+            ax.plot(r["epochs"] * nudge, r["best_lr"], "o", ms=4, color=col, mfc="none" if r["at_edge"] else col,
+                    alpha=0.7)
     f = lr.get("fit", {})
     if f.get("epochs_exponent") is not None:
         lo, hi = f["epochs_exponent_ci"]
