@@ -171,6 +171,9 @@ def test_smoke_study_budget_resume_skip_and_fit(tmp_path, capsys):
     r2 = run_cli("scale", "run", "--smoke", "--jobs", "2", "--out", out, "--json")      # the worker pool
     s2 = json.loads(r2.stdout.strip().splitlines()[-1])
     assert s2["already_done"] == s1["ran"] and s2["ran"] == 12 - s1["ran"]
+    stale = out / "scale_ckpt" / f"{list_runs(out)[0]['config']['cell']}.sweep.json"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_text("{}")                                    # as if killed between recording and cleaning up
     assert main(["scale", "run", "--smoke", "--out", str(out), "--json"]) == 0      # in process: cheaper
     s3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s3["already_done"] == 12 and s3["ran"] == 0

@@ -35,10 +35,17 @@ def cell_key(family, size, n_train, epochs, digest) -> str:
     return f"{family}-s{size}-n{n_train}-e{epochs:g}-{digest[:10]}"
 
 
-def _scratch(out: Path, key: str) -> tuple[Path, Path]:
+def _scratch(out: Path, key: str, make=True) -> tuple[Path, Path]:
     folder = Path(out) / "scale_ckpt"
-    folder.mkdir(parents=True, exist_ok=True)
+    if make:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}.ckpt", folder / f"{key}.sweep.json"
+
+
+def drop_scratch(out, key) -> None:
+    ckpt, sweep_file = _scratch(out, key, make=False)
+    remove_checkpoint(ckpt)
+    sweep_file.unlink(missing_ok=True)
 
 
 def _next_rates(done: list[dict], spec) -> list[float]:
@@ -98,8 +105,7 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
         remove_checkpoint(ckpt)
     record = _record(cell, spec, m, done, time.perf_counter() - t_cell)
     add_run(out, KIND, cell["key"], record["status"], record["config"], record["summary"], [], spec["env"])
-    remove_checkpoint(ckpt)
-    sweep_file.unlink(missing_ok=True)
+    drop_scratch(out, cell["key"])
     if log:
         log(record)
     return record

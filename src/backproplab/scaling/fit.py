@@ -176,15 +176,17 @@ class ChinchillaFit:
         """Predicted loss L(N, D) (same shape as the broadcast of N and D)."""
         N, D = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(D, dtype=float))
         lp = chinchilla_log_pred(self.theta if theta is None else theta, np.log(N.ravel()), np.log(D.ravel()))
-        return np.exp(lp).reshape(N.shape)
+        with np.errstate(over="ignore"):          # a degenerate bootstrap refit may predict beyond float range
+            return np.exp(lp).reshape(N.shape)
 
     def optimal(self, C, theta=None):
         """(N*, D*, L*) at compute C (arrays) under C = k N^gamma D."""
         th = self.theta if theta is None else theta
         eN, _, logG = allocation(th, self.k, self.gamma)
         C = np.asarray(C, dtype=float)
-        N = np.exp(logG + eN * np.log(C / self.k))
-        D = C / (self.k * N ** self.gamma)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            N = np.exp(logG + eN * np.log(C / self.k))
+            D = C / (self.k * N ** self.gamma)
         return N, D, self.predict(N, D, th)
 
     def _derived(self, theta):

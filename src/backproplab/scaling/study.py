@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..store import check_store, list_runs, store_path
-from .cells import KIND, cell_key, run_cell, study_data, worker_init, worker_run
+from .cells import KIND, cell_key, drop_scratch, run_cell, study_data, worker_init, worker_run
 from .families import FAMILIES, member
 
 RECIPES = {  # optimizer, base learning-rate grid (factor 2), momentum
@@ -181,6 +181,9 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
     data = data or study_data(study.data, study.spec["n_val"], study.spec["seed"])
     done = finished_keys(out)
     todo = [c for c in study.cells if c["key"] not in done]
+    for c in study.cells:
+        if c["key"] in done:                                  # killed after recording, before cleaning up
+            drop_scratch(out, c["key"])
     per_step = calibrate(study, data) if todo else {}
     if todo:
         project(study, per_step, len(data[3]))
