@@ -153,7 +153,9 @@ def cmd_rezero(args):
     for c in claims:
         others = ", ".join(f"{k} {v:.0f}" for k, v in c["others_steps"].items()) or "no other variant reached it"
         mine = "never" if math.isnan(c["rezero_steps"]) else f"{c['rezero_steps']:.0f}"
-        none = "" if c["none_diverged"] is None else f"; residual without norm diverged in {c['none_diverged']} seeds"
+        none = "" if c["none_reached"] is None else (
+            f"; residual without normalization: target in {c['none_reached']}/{seeds} seeds, "
+            f"final loss {c['none_final_loss']:.3g}")
         print(f"{c['stack']} depth {c['depth']}: ReZero trains without normalization: "
               f"{'yes' if c['rezero_trains'] else 'no'}; fastest to the target: {'yes' if c['rezero_fastest'] else 'no'}"
               f" (mean steps to target: ReZero {mine}; {others}){none}")

@@ -140,9 +140,10 @@ def claims(rows) -> list[dict]:
         ok = rz["reached"] == rz["seeds"] and rz["diverged"] == 0
         others = {n: r["steps_to_target"] for n, r in by.items() if n != "rezero" and r["reached"] == r["seeds"]}
         faster = ok and all(rz["steps_to_target"] < v for v in others.values())
-        none = by.get("none")
+        none = by.get("none")  # the residual stack without normalization: does it train at this depth?
         out.append({"stack": kind, "depth": depth, "rezero_trains": ok, "rezero_fastest": faster,
-                    "none_diverged": None if none is None else none["diverged"],
+                    "none_reached": None if none is None else none["reached"],
+                    "none_final_loss": None if none is None else none["final_loss"],
                     "rezero_steps": rz["steps_to_target"], "others_steps": others})
     return out
 
