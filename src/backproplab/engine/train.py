@@ -44,7 +44,8 @@ class Result:
     params: list = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
-        s = {"passes": len(self.history), "seeds": len(self.seeds), "engine": self.config["train"]["engine"],
+        s = {"passes": self.history[-1]["pass"] if self.history else 0,  # passes trained (eval_every may skip some)
+             "seeds": len(self.seeds), "engine": self.config["train"]["engine"],
              "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
              "status": self.status, "error_unit": "percent",
              "config_digest": _digest(self.config)}
