@@ -87,7 +87,8 @@ def cmd_speedrun(args):
     res.update({"target": target, "target_source": source,
                 "meets_target": res["test_error"] <= target, "smoke": args.smoke, "reference": ref,
                 "speedup": ref["full_seconds"] / per_seed if ref else None, "reference_fast": fast,
-                "speedup_vs_fast": fast["full_seconds"] / per_seed if fast else None})
+                "speedup_vs_fast": fast["full_seconds"] / per_seed if fast else None,
+                "passes": rc.epochs, "seconds": res["train_seconds_total"]})  # the fields `backproplab runs` lists
     n = res["seeds"]
     print(f"test error {_fmt(res['test_error'], res['test_error_std'])} (mean +- std, n={n}); without test-time "
           f"shifts {_fmt(res['test_error_no_tta'], res['test_error_no_tta_std'])}")
