@@ -93,13 +93,13 @@ def fit_text(s: dict) -> str:
             lines.append("  best learning rate per cell (* = at the edge of the rates tried):")
             sizes = sorted({r["N"] for r in lr["table"]})
             eps = sorted({r["epochs"] for r in lr["table"] if r["epochs"] is not None})
-            lines.append("    " + "N \\ epochs".rjust(14) + "".join(f"{e:>10g}" for e in eps))
+            lines.append("    " + "N \\ epochs".rjust(14) + "".join(f"{e:>11g} " for e in eps))
             for N in sizes:
                 # n_train is D / epochs, a few examples off where epochs x n was rounded
                 top = max(x["n_train"] or 0 for x in lr["table"] if x["N"] == N)
                 row = {r["epochs"]: r for r in lr["table"] if r["N"] == N and (r["n_train"] or 0) >= 0.999 * top}
                 lines.append("    " + f"{N:14.0f}" + "".join(
-                    f"{row[e]['best_lr']:9.4g}{'*' if row[e]['at_edge'] else ' '}" if e in row else " " * 10
+                    f" {row[e]['best_lr']:>10.4g}{'*' if row[e]['at_edge'] else ' '}" if e in row else " " * 12
                     for e in eps))
             lines.append("    (largest training set of each size)")
             fit = lr["fit"]
