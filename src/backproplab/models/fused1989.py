@@ -17,6 +17,10 @@ Padding with -1: with inputs shifted by +1 the padding becomes 0 and a conv of t
 pad taps vanish from the matrices and cost one subtraction per output plane.
 Layouts: x (R, B, 320) is x + 1 with two zero rows above and below (20 x 16); H1's
 output is HWC (8, 8, 12) so the row groups are contiguous; H2's output is CHW like Net1989.
+Measured on this machine's core and left out (one thread, under load, so ratios only):
+nn.Conv2d autograd 42 us an image at batch 512 (channels-last no better), im2col with
+unfold 65 us, this file 18-25 us; torch.compile of loss_and_grad 6.0 ms a step against
+5.1 eager (and 98 s to compile); bf16 products 3.8x slower than fp32 (no AVX512-BF16 here).
 """
 import numpy as np
 import torch
