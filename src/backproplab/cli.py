@@ -101,6 +101,12 @@ def cmd_repro(args):
              "train.passes": args.passes, "data.source": args.data, "train.device": args.device}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
     cfg = apply_overrides(cfg, overrides)  # config errors surface before torch is imported
+    return train_and_record(cfg, args, "repro")
+
+
+def train_and_record(cfg, args, kind: str, published: bool = True, extra: dict | None = None) -> int:
+    """Train cfg with a progress bar and per-pass lines, record the run in the store of args.out,
+    print the result table; exit 0, or 3 for a diverged run (one 'error:' line)."""
     from .engine.train import environment, train
     from .report.console import ProgressBar, repro_table
     from .store import add_run, check_store
@@ -114,12 +120,12 @@ def cmd_repro(args):
 
     result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
     bar.clear()
-    summary = result.summary()
-    run_id = add_run(args.out, "repro", cfg.name, result.status, result.config, summary, result.history,
+    summary = {**result.summary(), **(extra or {})}
+    run_id = add_run(args.out, kind, cfg.name, result.status, result.config, summary, result.history,
                      environment())
     summary["run_id"] = run_id
     if not args.quiet:
-        print(repro_table(result))
+        print(repro_table(result, published=published))
     if result.status != "finished":
         print(f"error: {result.message}; stored as run {run_id} with status {result.status}", file=sys.stderr)
     if args.json:

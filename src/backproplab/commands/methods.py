@@ -62,34 +62,14 @@ def train_config(preset_name, items, seeds=None):
 
 def cmd_train(args):
     cfg = train_config(args.preset, args.items, args.seeds)  # config errors before torch is busy
-    from ..engine.train import environment, train
-    from ..report.console import ProgressBar, repro_table
-    from ..store import add_run
-    bar = ProgressBar(cfg.train.passes)
-
-    def log(line):
-        bar.clear()
-        if not args.quiet:
-            print(line, flush=True)
-
+    from ..cli import train_and_record
     if not args.quiet:
         names = [s.name + (":" + ",".join(f"{k}={v}" for k, v in s.options.items()) if s.options else "")
                  for s in cfg.methods]
         print(f"{cfg.name} ({cfg.digest()}), engine {cfg.train.engine}, methods: {' '.join(names) or 'none'}",
               flush=True)
-    result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
-    bar.clear()
-    summary = result.summary()
-    summary["methods"] = [s.name for s in cfg.methods]
-    summary["run_id"] = add_run(args.out, "train", cfg.name, result.status, result.config, summary, result.history,
-                                environment())
-    if not args.quiet:
-        print(repro_table(result, published=cfg.name.startswith(("lecun1989", "rung1", "smoke"))))
-    if result.status != "finished":
-        print(f"backproplab: {result.message}", file=sys.stderr)
-    if args.json:
-        _emit_json(summary)
-    return 0 if result.status == "finished" else 3
+    return train_and_record(cfg, args, "train", published=cfg.name.startswith(("lecun1989", "rung1", "smoke")),
+                            extra={"methods": [s.name for s in cfg.methods]})
 
 
 COMMANDS = {"methods": cmd_methods, "train": cmd_train}
