@@ -1,6 +1,5 @@
 """`backproplab methods [NAME]` (the registry, or one card) and `backproplab train PRESET +method=... key=value`."""
 import json
-import sys
 
 
 def register(sub, add_common):
