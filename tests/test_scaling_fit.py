@@ -11,7 +11,8 @@ from backproplab.errors import UserError
 from backproplab.scaling import (BESIROGLU, allocation, as_runs, best_lr_table, check_synthetic,
                                  chinchilla_log_pred, chinchilla_objective, compare_frontiers,
                                  extrapolation_check, fit_chinchilla, fit_report, frontier, huber,
-                                 isoflop_profiles, load_runs_from_store, synthetic_runs)
+                                 isoflop_profiles, load_runs_from_store, log_effective_data, repeats,
+                                 synthetic_runs)
 from backproplab.store import add_run
 
 # A 4-start grid for the tests that are not about the fitter's search itself.
@@ -256,3 +257,90 @@ def test_fit_report_per_family_with_comparison(tmp_path):
     assert ">= 10 runs" in rep["fits"]["mlp"]["chinchilla"]["why_no_fit"]   # 4 runs: frontier only
     assert rep["fits"]["vit"]["lr"]["fit"].get("why_no_fit")               # one lr per cell: no lr fit
     assert len(rep["comparisons"]) == 3 and not rep["plots"]
+
+
+# -- repeated data: D replaced by D_eff = U_s (1 + R* (1 - exp(-R/R*))) ------------------------
+def _repeated_runs(noise, seed=0, n=6, R_star=3.0):
+    # U = 3e9: from 0.03 to 333 epochs over the D grid, so fresh and saturated data both occur.
+    return synthetic_runs(noise=noise, n_N=n, n_D=n, n_train=3e9, R_star=R_star, seed=seed)
+
+
+def test_effective_data_against_the_formula_and_its_limits():
+    D = np.array([5e3, 1e4, 2e4, 8e4, 1e6])
+    U = np.full(5, 1e4)
+    Us, reps = repeats(D, U)
+    assert np.allclose(Us, [5e3, 1e4, 1e4, 1e4, 1e4]) and np.allclose(reps, [0, 0, 1, 7, 99])
+    logDe, _ = log_effective_data(np.log(Us), reps, math.log(2.0))
+    assert np.allclose(np.exp(logDe), Us * (1 + 2.0 * (1 - np.exp(-reps / 2.0))), rtol=1e-12)
+    assert np.exp(logDe[-1]) == pytest.approx(3 * 1e4, rel=1e-9)        # saturates at U (1 + R*)
+    fresh, _ = log_effective_data(np.log(Us), reps, math.log(1e9))      # R* -> inf: repeats as good as new
+    assert np.allclose(np.exp(fresh), D, rtol=1e-6)
+    # Without repeats the 6-parameter form predicts what the 5-parameter one does.
+    th = _theta(**BESIROGLU)
+    logN = np.log(np.geomspace(1e7, 1e10, 5))
+    assert np.allclose(chinchilla_log_pred(np.append(th, 0.7), logN, np.log(D[:2].repeat(3)[:5]), np.zeros(5)),
+                       chinchilla_log_pred(th, logN, np.log(D[:2].repeat(3)[:5])), rtol=1e-14)
+
+
+def test_repeated_objective_gradient_matches_autograd():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    N, D, U = 10 ** rng.uniform(7, 10, 40), 10 ** rng.uniform(8, 11, 40), 10 ** rng.uniform(8, 10, 40)
+    Us, reps = repeats(D, U)
+    L = np.exp(rng.normal(0.8, 0.3, 40))
+    for delta in (1e-3, 10.0):                            # linear and quadratic Huber parts
+        th = np.array([5.0, 6.0, 0.4, 0.35, 0.3, math.log(4.0)])
+        f, g = chinchilla_objective(th, np.log(N), np.log(Us), np.log(L), delta, reps)
+        t = torch.tensor(th, dtype=torch.float64, requires_grad=True)
+        x = torch.tensor
+        De = x(Us) * (1 + torch.exp(t[5]) * (1 - torch.exp(-x(reps) / torch.exp(t[5]))))
+        pred = torch.log(torch.exp(t[2]) + torch.exp(t[0]) / x(N) ** t[3] + torch.exp(t[1]) / De ** t[4])
+        ref = torch.nn.functional.huber_loss(pred, x(np.log(L)), reduction="sum", delta=delta)
+        ref.backward()
+        assert f == pytest.approx(ref.item(), rel=1e-10)
+        assert np.allclose(g, t.grad.numpy(), rtol=1e-8, atol=1e-12)
+        assert abs(g[5]) > 1e-6                           # the R* direction is live on these runs
+
+
+def test_repeated_fit_recovers_constants_and_plain_form_cannot():
+    r = _repeated_runs(noise=0.0)
+    assert r.repeats_data()
+    fit = fit_chinchilla(r.N, r.D, r.loss, n_boot=0, grid=TINY_GRID, U=r.U)
+    assert fit.repeated and len(fit.theta) == 6
+    for k, v in {**BESIROGLU, "R_star": 3.0}.items():
+        assert fit.params[k] == pytest.approx(v, rel=2e-3), k
+    assert np.allclose(fit.predict(r.N, r.D, U=r.U), r.loss, rtol=1e-4)
+    plain = fit_chinchilla(r.N, r.D, r.loss, n_boot=0, grid=TINY_GRID)
+    assert np.abs(plain.predict(r.N, r.D) / r.loss - 1).max() > 0.02   # L(N, D) cannot express repeats
+
+
+def test_repeated_fit_at_noise_has_intervals_covering_the_truth():
+    r = _repeated_runs(noise=0.01, seed=1, n=7)
+    fit = fit_chinchilla(r.N, r.D, r.loss, n_boot=40, seed=0, grid=TINY_GRID, U=r.U)
+    ci = fit.intervals()
+    for k, v in {**BESIROGLU, "R_star": 3.0}.items():
+        assert ci[k][0] <= v <= ci[k][1], (k, ci[k])
+    assert ci["R_star"][1] / ci["R_star"][0] < 10    # informative: the bounds allow a ratio of 1e6
+    d = fit.to_dict()
+    assert "R_star" in d["constants"] and "D_eff" in d["form"]
+
+
+def test_extrapolation_reports_both_forms_on_repeated_data():
+    r = _repeated_runs(noise=0.0)
+    ex = extrapolation_check(r, 0.15, n_boot=0, grid=TINY_GRID)
+    assert ex["chinchilla_repeated"]["max_abs_rel_err"] < 1e-3
+    assert ex["chinchilla"]["max_abs_rel_err"] > 0.01
+    assert [q["D"] for q in ex["chinchilla_repeated"]["runs"]] == [q["D"] for q in ex["chinchilla"]["runs"]]
+    # Runs without U (or without repeats) get the plain form only.
+    assert "chinchilla_repeated" not in extrapolation_check(synthetic_runs(noise=0.0, n_N=6, n_D=6), 0.15,
+                                                             n_boot=0, grid=TINY_GRID)
+
+
+def test_store_reader_takes_the_training_set_size(tmp_path):
+    r = _repeated_runs(noise=0.01, n=4)
+    for i, rec in enumerate(r.records()):
+        rec["n_train"] = rec.pop("U")
+        add_run(tmp_path, "scale", f"r{i}", "finished", {"family": rec.pop("family")}, rec, [], {})
+    runs = load_runs_from_store(tmp_path / "runs.db")
+    assert np.allclose(runs.U, 3e9) and runs.repeats_data()
+    assert not as_runs(synthetic_runs(n_N=3, n_D=4)).repeats_data()  # U unknown

@@ -9,6 +9,13 @@ The Chinchilla fit follows Hoffmann et al. 2022 as corrected by Besiroglu et al.
 minimize the SUM over runs of Huber_delta(log L_hat - log L), delta = 1e-3, with
 L-BFGS-B from a grid of starts, keeping the best. Summing (not averaging) matters:
 scipy's L-BFGS-B stops on absolute changes, so an averaged objective stops early.
+
+Repeated data (runs of several epochs over a training set of U examples): D examples seen
+are worth less than D fresh ones, which L(N, D) cannot express. The repeated-data form
+(Muennighoff et al. 2023) replaces D by an effective amount of data
+  D_eff = U_s (1 + R* (1 - exp(-R / R*))),  U_s = min(D, U),  R = max(D / U - 1, 0),
+so repeats beyond the first pass count less and less (at most R* passes' worth); a sixth
+parameter log R* is fitted with the other five. With R = 0 (no repeats) it is the plain form.
 """
 import os
 from dataclasses import dataclass, field
@@ -20,6 +27,10 @@ from ..errors import UserError
 
 HUBER_DELTA = 1e-3
 PARAM_NAMES = ("a", "b", "e", "alpha", "beta")   # order of theta everywhere in this module
+REPEAT_PARAM = "log_R_star"                        # the 6th entry of theta in the repeated-data form
+LOG_R_STAR_BOUNDS = (np.log(1e-2), np.log(1e4))    # R* in passes; beyond 1e4 repeats are as good as new
+REPEAT_STARTS = (0.5, 2.5)     # log R* values crossed with the grid of starts (on the studies tried,
+                               # any one of 0, 0.5, 1, 1.5, 2, 2.5, 3 alone finds the same optimum)
 # The start grid of Besiroglu et al. (5 x 5 x 5 x 6 x 6 = 4500 starts) ...
 FULL_GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
              "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
@@ -46,19 +57,42 @@ def _logs(N, D, L):
     return tuple(np.log(a) for a in arrs)
 
 
-def chinchilla_log_pred(theta, logN, logD):
-    """log L_hat (R,) for theta = (a, b, e, alpha, beta): a stable log-sum-exp."""
-    a, b, e, alpha, beta = theta
+def repeats(D, U):
+    """(unique examples seen U_s, repeats R beyond the first pass) for D seen out of U."""
+    D, U = np.asarray(D, dtype=float), np.asarray(U, dtype=float)
+    return np.minimum(D, U), np.maximum(D / U - 1.0, 0.0)
+
+
+def log_effective_data(logUs, reps, log_r_star):
+    """(log D_eff, d log D_eff / d log R*) for unique examples seen exp(logUs), repeats reps."""
+    r_star = np.exp(log_r_star)
+    x = reps / r_star
+    seen = -np.expm1(-x)                              # 1 - exp(-R/R*)
+    g = r_star * seen                                 # extra passes' worth of data
+    dg = r_star * (seen - x * np.exp(-x))             # d g / d log R*
+    return logUs + np.log1p(g), dg / (1.0 + g)
+
+
+def chinchilla_log_pred(theta, logN, logD, reps=None):
+    """log L_hat (R,) for theta = (a, b, e, alpha, beta[, log R*]): a stable log-sum-exp.
+    With a 6th entry, logD is log of the unique examples seen and reps the repeats (R,)."""
+    a, b, e, alpha, beta = theta[:5]
+    if len(theta) == 6:
+        logD = log_effective_data(logD, np.zeros_like(logD) if reps is None else reps, theta[5])[0]
     t = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)], axis=1)  # (R, 3)
     m = t.max(axis=1, keepdims=True)
     return (m + np.log(np.exp(t - m).sum(axis=1, keepdims=True)))[:, 0]
 
 
-def chinchilla_objective(theta, logN, logD, logL, delta=HUBER_DELTA):
-    """(sum_i Huber(log L_hat_i - log L_i), gradient (5,)) for the L-BFGS fit.
+def chinchilla_objective(theta, logN, logD, logL, delta=HUBER_DELTA, reps=None):
+    """(sum_i Huber(log L_hat_i - log L_i), gradient) for the L-BFGS fit. theta has 5
+    entries, or 6 for the repeated-data form (then logD = log U_s and reps = R, see above).
 
     Written term by term (no (R, 3) stack): it is called ~10^5 times per bootstrap."""
-    a, b, e, alpha, beta = theta
+    a, b, e, alpha, beta = theta[:5]
+    repeated = len(theta) == 6
+    if repeated:
+        logD, dlogD = log_effective_data(logD, reps, theta[5])
     t1 = a - alpha * logN                     # log(A / N^alpha), (R,)
     t2 = b - beta * logD                      # log(B / D^beta)
     m = np.maximum(np.maximum(t1, t2), e)     # shift for a stable log-sum-exp
@@ -69,26 +103,32 @@ def chinchilla_objective(theta, logN, logD, logL, delta=HUBER_DELTA):
     f = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
     g = np.clip(r, -delta, delta) / tot       # Huber'(r) times the softmax normalizer
     g1, g2 = g * s1, g * s2                   # Huber'(r) * d LSE / d t1, d t2
-    grad = np.array([g1.sum(), g2.sum(), (g * s3).sum(), -(g1 @ logN), -(g2 @ logD)])
-    return float(f), grad
+    grad = [g1.sum(), g2.sum(), (g * s3).sum(), -(g1 @ logN), -(g2 @ logD)]
+    if repeated:
+        grad.append(-beta * (g2 @ dlogD))
+    return float(f), np.array(grad)
 
 
-def start_grid(grid="coarse") -> np.ndarray:
-    """Starts (S, 5) in PARAM_NAMES order: 'coarse', 'full', a dict of value lists, or an array."""
+def start_grid(grid="coarse", repeated=False) -> np.ndarray:
+    """Starts (S, 5) in PARAM_NAMES order: 'coarse', 'full', a dict of value lists, or an array.
+    repeated: (S, 6), the grid crossed with REPEAT_STARTS (or a dict's REPEAT_PARAM values)."""
+    width = 6 if repeated else 5
     if isinstance(grid, str):
         if grid not in ("coarse", "full"):
             raise ValueError(f"grid must be 'coarse', 'full', a dict or an array, not {grid!r}")
         grid = COARSE_GRID if grid == "coarse" else FULL_GRID
     if isinstance(grid, dict):
-        return np.array(list(product(*(grid[k] for k in PARAM_NAMES))), dtype=float)
-    return np.asarray(grid, dtype=float).reshape(-1, 5)
+        names = PARAM_NAMES + ((REPEAT_PARAM,) if repeated else ())
+        grid = {REPEAT_PARAM: REPEAT_STARTS, **grid}
+        return np.array(list(product(*(grid[k] for k in names))), dtype=float)
+    return np.asarray(grid, dtype=float).reshape(-1, width)
 
 
 SCREEN_ITER, POLISH = 50, 8    # grid search: every start for 50 iterations, then the best 8 to the end
 TIGHT = {"ftol": 1e-15, "gtol": 1e-10, "maxiter": 2000}
 
 
-def _minimize_from(starts, logN, logD, logL, delta, details=False):
+def _minimize_from(starts, logN, logD, logL, delta, details=False, reps=None):
     """Best (theta, objective) over L-BFGS-B runs from each start; with details also the
     per-start objectives (S,) and function-evaluation counts (S,).
 
@@ -104,7 +144,9 @@ def _minimize_from(starts, logN, logD, logL, delta, details=False):
         from scipy.optimize import minimize
     except ImportError:
         raise UserError("the Chinchilla fit needs scipy: pip install scipy") from None
-    args = (logN, logD, logL, delta)
+    args = (logN, logD, logL, delta, reps)
+    # Only log R* is bounded (a flat direction once R* is far beyond the repeats in the data).
+    bounds = [(None, None)] * 5 + [LOG_R_STAR_BOUNDS] if np.shape(starts)[1] == 6 else None
     # Tolerances are absolute in scipy and the summed objective is ~1e-3 here: the
     # defaults stop early (alpha off by ~0.006 on the synthetic check), so set them tight.
     screen = len(starts) > POLISH
@@ -113,12 +155,14 @@ def _minimize_from(starts, logN, logD, logL, delta, details=False):
     xs = np.array(starts, dtype=float)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for i, x0 in enumerate(starts):
-            res = minimize(chinchilla_objective, x0, args=args, jac=True, method="L-BFGS-B", options=opts)
+            res = minimize(chinchilla_objective, x0, args=args, jac=True, method="L-BFGS-B", options=opts,
+                           bounds=bounds)
             fs[i], nfev[i], xs[i] = res.fun, res.nfev, res.x
         if screen:
             fin = np.flatnonzero(np.isfinite(fs))
             for i in fin[np.argsort(fs[fin], kind="stable")][:POLISH]:
-                res = minimize(chinchilla_objective, xs[i], args=args, jac=True, method="L-BFGS-B", options=TIGHT)
+                res = minimize(chinchilla_objective, xs[i], args=args, jac=True, method="L-BFGS-B", options=TIGHT,
+                               bounds=bounds)
                 if np.isfinite(res.fun) and res.fun <= fs[i]:
                     fs[i], xs[i] = res.fun, res.x
                 nfev[i] += res.nfev
@@ -147,7 +191,7 @@ def allocation(theta, k=6.0, gamma=1.0):
       D*(C) = C / (k N*^gamma)  ~  C^(alpha/(alpha + gamma beta)).
     Returns (N exponent, D exponent, log G); NaN when alpha or beta <= 0 (no optimum).
     """
-    a, b, _, alpha, beta = np.asarray(theta, dtype=float)
+    a, b, _, alpha, beta = np.asarray(theta, dtype=float)[:5]
     if not (alpha > 0 and beta > 0):
         return np.nan, np.nan, np.nan
     den = alpha + gamma * beta
@@ -157,25 +201,36 @@ def allocation(theta, k=6.0, gamma=1.0):
 
 @dataclass
 class ChinchillaFit:
-    theta: np.ndarray                  # (5,) best (a, b, e, alpha, beta)
+    theta: np.ndarray                  # (5,) best (a, b, e, alpha, beta); (6,) with log R* (repeated data)
     objective: float                   # summed Huber loss at theta
     n_runs: int
     n_starts: int
     k: float = 6.0                     # C = k N^gamma D for the allocation
     gamma: float = 1.0
-    boot: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))   # (B, 5) refits
+    boot: np.ndarray = field(default_factory=lambda: np.zeros((0, 5)))   # (B, 5 or 6) refits
+
+    @property
+    def repeated(self) -> bool:
+        """The repeated-data form (D replaced by D_eff, a 6th parameter R*)."""
+        return len(self.theta) == 6
 
     @property
     def params(self) -> dict:
-        a, b, e, alpha, beta = self.theta
+        a, b, e, alpha, beta = self.theta[:5]
         with np.errstate(over="ignore"):      # a degenerate fit may put A or B beyond float range
-            return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
-                    "alpha": float(alpha), "beta": float(beta)}
+            p = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
+                 "alpha": float(alpha), "beta": float(beta)}
+            if self.repeated:
+                p["R_star"] = float(np.exp(self.theta[5]))
+            return p
 
-    def predict(self, N, D, theta=None):
-        """Predicted loss L(N, D) (same shape as the broadcast of N and D)."""
-        N, D = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(D, dtype=float))
-        lp = chinchilla_log_pred(self.theta if theta is None else theta, np.log(N.ravel()), np.log(D.ravel()))
+    def predict(self, N, D, theta=None, U=None):
+        """Predicted loss L(N, D) (same shape as the broadcast of N and D). The repeated-data
+        form also takes U, the training-set size; without it the D examples are all fresh."""
+        N, D, U = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(D, dtype=float),
+                                      np.asarray(np.inf if U is None else U, dtype=float))
+        Us, reps = repeats(D.ravel(), U.ravel())
+        lp = chinchilla_log_pred(self.theta if theta is None else theta, np.log(N.ravel()), np.log(Us), reps)
         with np.errstate(over="ignore"):          # a degenerate bootstrap refit may predict beyond float range
             return np.exp(lp).reshape(N.shape)
 
@@ -190,11 +245,14 @@ class ChinchillaFit:
         return N, D, self.predict(N, D, th)
 
     def _derived(self, theta):
-        a, b, e, alpha, beta = theta
+        a, b, e, alpha, beta = theta[:5]
         eN, eD, logG = allocation(theta, self.k, self.gamma)
         with np.errstate(over="ignore"):
-            return {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta,
-                    "N_opt_exponent": eN, "D_opt_exponent": eD, "N_opt_coef": np.exp(logG)}
+            d = {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta,
+                 "N_opt_exponent": eN, "D_opt_exponent": eD, "N_opt_coef": np.exp(logG)}
+            if len(theta) == 6:
+                d["R_star"] = np.exp(theta[5])
+            return d
 
     def intervals(self) -> dict:
         """name -> [lo, hi] (95%) for the constants and the allocation exponents."""
@@ -205,7 +263,10 @@ class ChinchillaFit:
 
     def to_dict(self) -> dict:
         d = self._derived(self.theta)
-        return {"constants": {k: float(d[k]) for k in ("E", "A", "B", "alpha", "beta")},
+        names = ("E", "A", "B", "alpha", "beta") + (("R_star",) if self.repeated else ())
+        return {"constants": {k: float(d[k]) for k in names},
+                "form": ("L = E + A/N^alpha + B/D_eff^beta, D_eff = U_s (1 + R_star (1 - exp(-R/R_star)))"
+                         if self.repeated else "L = E + A/N^alpha + B/D^beta"),
                 "compute_optimal": {"k": self.k, "gamma": self.gamma,
                                     "N_opt_exponent": float(d["N_opt_exponent"]),
                                     "D_opt_exponent": float(d["D_opt_exponent"]),
@@ -229,14 +290,22 @@ def chinchilla_problem(N, D) -> str | None:
 
 
 def fit_chinchilla(N, D, L, *, grid="coarse", n_boot=1000, seed=0, k=6.0, gamma=1.0,
-                   delta=HUBER_DELTA, boot_starts=2) -> ChinchillaFit:
-    """Fit L(N, D) = E + A/N^alpha + B/D^beta; bootstrap refits warm-start from the optimum."""
+                   delta=HUBER_DELTA, boot_starts=2, U=None) -> ChinchillaFit:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta; bootstrap refits warm-start from the optimum.
+    U (training-set size per run) fits the repeated-data form instead (see the module text)."""
     logN, logD, logL = _logs(N, D, L)
     why = chinchilla_problem(logN, logD)
     if why:
         raise UserError(f"too few runs to fit: {why}")
-    starts = start_grid(grid)
-    theta, f, fs, nfev = _minimize_from(starts, logN, logD, logL, delta, details=True)
+    reps = None
+    if U is not None:
+        U = np.broadcast_to(np.asarray(U, dtype=float).ravel(), logD.shape)
+        if (~np.isfinite(U) | (U <= 0)).any():
+            raise UserError("the repeated-data fit needs every run's training-set size (finite, positive)")
+        Us, reps = repeats(np.exp(logD), U)
+        logD = np.log(Us)
+    starts = start_grid(grid, repeated=reps is not None)
+    theta, f, fs, nfev = _minimize_from(starts, logN, logD, logL, delta, details=True, reps=reps)
     if theta is None:
         raise UserError("the Chinchilla fit failed from every start (non-finite objective)")
     # Bootstrap starts: the optimum itself, plus the `boot_starts` grid starts that reached
@@ -247,12 +316,13 @@ def fit_chinchilla(N, D, L, *, grid="coarse", n_boot=1000, seed=0, k=6.0, gamma=
     boot_x0 = np.vstack([theta[None], extra])
     rng = np.random.default_rng(seed)
     R = len(logL)
-    boot = np.full((n_boot, 5), np.nan)
+    boot = np.full((n_boot, len(theta)), np.nan)
     for i in range(n_boot):
         idx = rng.integers(0, R, R)
         if len(np.unique(logN[idx])) < MIN_DISTINCT or len(np.unique(logD[idx])) < MIN_DISTINCT:
             continue                                       # resample cannot identify the form
-        bt, _ = _minimize_from(boot_x0, logN[idx], logD[idx], logL[idx], delta)
+        bt, _ = _minimize_from(boot_x0, logN[idx], logD[idx], logL[idx], delta,
+                               reps=None if reps is None else reps[idx])
         if bt is not None:
             boot[i] = bt
     return ChinchillaFit(theta=theta, objective=f, n_runs=R, n_starts=len(starts), k=k, gamma=gamma,

@@ -27,6 +27,9 @@ def summarize(rep: dict) -> dict:
                                "compute_optimal": ch["compute_optimal"], "n_boot": ch["n_boot"]}
         else:
             s["chinchilla"] = ch
+        if "chinchilla_repeated" in f:
+            cr = f["chinchilla_repeated"]
+            s["chinchilla_repeated"] = {k: cr[k] for k in ("form", "constants", "intervals", "n_boot")}
         s["isoflop"] = {name: {"exponent": p["exponent"], "exponent_ci": p["exponent_ci"],
                                "n_valid_bins": p["n_valid_bins"], "why_no_fit": p["why_no_fit"]}
                         for name, p in iso["profiles"].items()}
@@ -85,6 +88,11 @@ def fit_text(s: dict) -> str:
                          f"{_with_ci(co['D_opt_exponent'], ci.get('D_opt_exponent'), '.3f')}")
         else:
             lines.append(f"  Chinchilla: not fitted ({ch.get('why_no_fit')})")
+        if "chinchilla_repeated" in f:
+            c, ci = f["chinchilla_repeated"]["constants"], f["chinchilla_repeated"]["intervals"]
+            lines.append("  repeated data  L = E + A/N^alpha + B/D_eff^beta, D_eff = U_s (1 + R* (1 - exp(-R/R*))):")
+            lines.append("    " + "  ".join(f"{k} {_with_ci(c[k], ci.get(k))}"
+                                           for k in ("E", "A", "B", "alpha", "beta", "R_star")))
         iso = "  ".join(f"{k}_opt ~ C^{_with_ci(p['exponent'], p['exponent_ci'], '.3f')}" if p["exponent"] is not None
                         else f"{k}_opt: {p['why_no_fit']}" for k, p in f["isoflop"].items())
         lines.append(f"  IsoFLOP profiles:  {iso}")
@@ -109,17 +117,7 @@ def fit_text(s: dict) -> str:
                                 if "N_exponent" in fit else ""))
             elif fit.get("why_no_fit"):
                 lines.append(f"    fit: {fit['why_no_fit']}")
-        ex = f["extrapolation"]
-        if "chinchilla" in ex and "runs" in ex["chinchilla"]:
-            e = ex["chinchilla"]
-            lines.append(f"  extrapolation: fit on {ex['n_fit']} cells, predict the {ex['n_holdout']} of largest "
-                         f"compute (C >= {ex['C_threshold']:.3g}): mean |error| {100 * e['mean_abs_rel_err']:.1f}%, "
-                         f"max {100 * e['max_abs_rel_err']:.1f}% ({'within' if e['within_5pct'] else 'outside'} 5%)")
-            for r in e["runs"]:
-                lines.append(f"    N {r['N']:8.0f}  D {r['D']:8.0f}  loss {r['loss']:.4f}  predicted "
-                             f"{_with_ci(r['pred'], r['pred_ci'])}  error {100 * r['rel_err']:+.1f}%")
-        else:
-            lines.append(f"  extrapolation: {ex.get('why_no_fit') or ex.get('chinchilla', {}).get('why_no_fit')}")
+        lines += _extrapolation_lines(f["extrapolation"])
     for c in s["comparisons"]:
         a, b = c["families"]
         r, ci = c["loss_ratio_b_over_a"][1], c["loss_ratio_ci"][1]
@@ -130,6 +128,29 @@ def fit_text(s: dict) -> str:
     if s.get("report"):
         lines.append(f"full report: {s['report']}")
     return "\n".join(lines)
+
+
+def _extrapolation_lines(ex: dict) -> list[str]:
+    if not ("chinchilla" in ex and "runs" in ex["chinchilla"]):
+        return [f"  extrapolation: {ex.get('why_no_fit') or ex.get('chinchilla', {}).get('why_no_fit')}"]
+    lines = [f"  extrapolation: fit on {ex['n_fit']} cells, predict the {ex['n_holdout']} of largest "
+             f"compute (C >= {ex['C_threshold']:.3g})"]
+    forms = [("L(N, D)", "chinchilla"), ("repeated data", "chinchilla_repeated")]
+    e = {key: ex[key] for _, key in forms if "runs" in ex.get(key, {})}
+    for label, key in forms:
+        if key in e:
+            lines.append(f"    {label + ':':15s}mean |error| {100 * e[key]['mean_abs_rel_err']:.1f}%, max "
+                         f"{100 * e[key]['max_abs_rel_err']:.1f}% ({'within' if e[key]['within_5pct'] else 'outside'} 5%)")
+    rep = e.get("chinchilla_repeated")
+    for i, r in enumerate(e["chinchilla"]["runs"]):
+        ep = f"  epochs {r['epochs']:g}" if r.get("epochs") is not None else ""
+        line = (f"    N {r['N']:8.0f}  D {r['D']:8.0f}{ep}  loss {r['loss']:.4f}  predicted "
+                f"{_with_ci(r['pred'], r['pred_ci'])} ({100 * r['rel_err']:+.1f}%)")
+        if rep:
+            q = rep["runs"][i]
+            line += f"  repeated-data form {_with_ci(q['pred'], q['pred_ci'])} ({100 * q['rel_err']:+.1f}%)"
+        lines.append(line)
+    return lines
 
 
 def synthetic_text(r: dict) -> str:

@@ -50,8 +50,9 @@ def flops_model(runs) -> dict:
 def extrapolation_check(runs, holdout_frac=0.1, *, n_boot=200, seed=0, grid="coarse", k=6.0, gamma=1.0) -> dict:
     """Fit on all but the largest-compute runs (the top holdout_frac by C, at least one),
     predict the held-out losses, report relative errors (pred / actual - 1). Chinchilla:
-    every held-out run, with a bootstrap 95% prediction interval; frontier: the held-out
-    runs that lie on the full-data envelope."""
+    every held-out run, with a bootstrap 95% prediction interval (and the same for the
+    repeated-data form when the runs repeat data); frontier: the held-out runs that lie on
+    the full-data envelope."""
     cells = best_per_cell(as_runs(runs))
     R = len(cells)
     n_hold = max(1, int(math.ceil(holdout_frac * R)))
@@ -63,20 +64,25 @@ def extrapolation_check(runs, holdout_frac=0.1, *, n_boot=200, seed=0, grid="coa
     out = {"holdout_frac": holdout_frac, "n_fit": int(len(tr)), "n_holdout": int(n_hold),
            "C_threshold": float(cells.C[ho].min())}
     why = chinchilla_problem(cells.N[tr], cells.D[tr])
-    if why:
-        out["chinchilla"] = {"why_no_fit": why}
-    else:
+    forms = [("chinchilla", None)]
+    if cells.take(tr).repeats_data():          # the repeated-data form too, when the fit part repeats data
+        forms.append(("chinchilla_repeated", cells.U))
+    for name, U in forms:
+        if why:
+            out[name] = {"why_no_fit": why}
+            continue
         fit = fit_chinchilla(cells.N[tr], cells.D[tr], cells.loss[tr], n_boot=n_boot, seed=seed, grid=grid,
-                             k=k, gamma=gamma)
-        pred = fit.predict(cells.N[ho], cells.D[ho])
-        bp = np.array([fit.predict(cells.N[ho], cells.D[ho], t) if np.isfinite(t).all()
+                             k=k, gamma=gamma, U=None if U is None else U[tr])
+        Uh = None if U is None else U[ho]
+        pred = fit.predict(cells.N[ho], cells.D[ho], U=Uh)
+        bp = np.array([fit.predict(cells.N[ho], cells.D[ho], t, U=Uh) if np.isfinite(t).all()
                        else np.full(n_hold, np.nan) for t in fit.boot]).reshape(-1, n_hold)
         ci = _percentile_ci(bp) if len(bp) else np.full((2, n_hold), np.nan)
         rel = pred / cells.loss[ho] - 1
-        out["chinchilla"] = {
+        out[name] = {
             "constants": fit.params,
-            "runs": [{"N": cells.N[i], "D": cells.D[i], "C": cells.C[i], "loss": cells.loss[i], "pred": p,
-                      "pred_ci": [lo, hi], "rel_err": r}
+            "runs": [{"N": cells.N[i], "D": cells.D[i], "U": cells.U[i], "epochs": cells.epochs[i],
+                      "C": cells.C[i], "loss": cells.loss[i], "pred": p, "pred_ci": [lo, hi], "rel_err": r}
                      for i, p, lo, hi, r in zip(ho, pred, ci[0], ci[1], rel)],
             "mean_abs_rel_err": float(np.abs(rel).mean()), "max_abs_rel_err": float(np.abs(rel).max()),
             "within_5pct": bool(np.abs(rel).max() <= 0.05)}
@@ -147,6 +153,10 @@ def _family_report(runs, out, tag, *, n_boot, seed, grid, holdout_frac, k, gamma
         fit = fit_chinchilla(cells.N, cells.D, cells.loss, n_boot=n_boot, seed=seed, grid=grid,
                              k=fm["k"], gamma=fm["gamma"])
         rep["chinchilla"] = fit.to_dict()
+        if cells.repeats_data():
+            rep["chinchilla_repeated"] = fit_chinchilla(cells.N, cells.D, cells.loss, n_boot=n_boot, seed=seed,
+                                                        grid=grid, k=fm["k"], gamma=fm["gamma"],
+                                                        U=cells.U).to_dict()
     iso = isoflop_profiles(cells, n_boot=n_boot, seed=seed)
     rep["isoflop"] = iso
     try:

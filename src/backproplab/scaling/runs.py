@@ -3,7 +3,8 @@ results store.
 
 A run: N parameters, D training examples seen (= epochs x training-set size), C training
 FLOPs, loss = validation loss (nats), lr = peak learning rate, epochs (may be fractional),
-family (model family name). lr / epochs are NaN when unknown.
+U = the training-set size (unique examples available), family (model family name).
+lr / epochs / U are NaN when unknown.
 """
 import json
 import sqlite3
@@ -15,7 +16,7 @@ import numpy as np
 from ..errors import UserError
 from .fit import MIN_CHINCHILLA_RUNS, MIN_DISTINCT, MIN_FRONTIER_RUNS, chinchilla_problem
 
-FIELDS = ("N", "D", "C", "loss", "lr", "epochs")
+FIELDS = ("N", "D", "C", "loss", "lr", "epochs", "U")
 REQUIRED = ("N", "D", "C", "loss")
 
 
@@ -29,19 +30,29 @@ class Runs:
     epochs: np.ndarray     # (R,) NaN if unknown
     family: np.ndarray     # (R,) object array of str
     info: dict = field(default_factory=dict, compare=False)   # where they came from, what was skipped
+    U: np.ndarray | None = None   # (R,) training-set size; None -> all NaN (unknown)
+
+    def __post_init__(self):
+        if self.U is None:
+            object.__setattr__(self, "U", np.full(len(self.loss), np.nan))
 
     def __len__(self):
         return len(self.loss)
 
     def take(self, idx) -> "Runs":
         idx = np.asarray(idx)
-        return Runs(*(getattr(self, f)[idx] for f in FIELDS), family=self.family[idx], info=self.info)
+        return Runs(**{f: getattr(self, f)[idx] for f in FIELDS}, family=self.family[idx], info=self.info)
 
     @property
     def n_train(self) -> np.ndarray:
-        """Training-set size D / epochs (NaN where epochs is unknown)."""
+        """Training-set size: U where known, else D / epochs (NaN where both are unknown)."""
         with np.errstate(all="ignore"):
-            return self.D / self.epochs
+            return np.where(np.isfinite(self.U), self.U, self.D / self.epochs)
+
+    def repeats_data(self) -> bool:
+        """True when the training-set size of every run is known and some run saw an example
+        more than once (D > U): the case the repeated-data fit is for."""
+        return bool(len(self)) and bool(np.isfinite(self.U).all()) and bool((self.D > self.U * (1 + 1e-9)).any())
 
     def families(self) -> list[str]:
         return sorted(set(self.family.tolist()))
@@ -69,6 +80,8 @@ def as_runs(x) -> Runs:
         a = np.full(R, np.nan) if v is None else np.broadcast_to(np.asarray(v, dtype=float), (R,)).copy()
         if f in REQUIRED and (~np.isfinite(a) | (a <= 0)).any():
             raise UserError(f"run field {f} must be finite and positive in every run")
+        if f == "U":
+            a[~(a > 0)] = np.nan              # a training-set size that is not positive is unknown
         arr[f] = a
     fam = cols.get("family")
     fam = np.array(["model"] * R if fam is None else [str(s) for s in np.broadcast_to(np.asarray(fam), (R,))],
@@ -154,10 +167,11 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         try:
             s, c = json.loads(summary), json.loads(config)
             rec = {f: float(s[f]) if s[f] is not None else np.nan for f in REQUIRED}
-            for f in ("lr", "epochs", "family"):
+            for f in ("lr", "epochs", "family", "n_train"):
                 v = s.get(f, c.get(f) if isinstance(c, dict) else None)
                 rec[f] = v if v is not None else (np.nan if f != "family" else "model")
             rec["lr"], rec["epochs"], rec["family"] = float(rec["lr"]), float(rec["epochs"]), str(rec["family"])
+            rec["U"] = float(rec.pop("n_train"))
         except (ValueError, TypeError, KeyError, AttributeError):
             skipped["malformed"] += 1
             continue
@@ -184,5 +198,5 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         if all(whys.values()):
             f, why = next(iter(whys.items()))
             raise UserError(f"too few runs to fit in {path}: {why}" + (f" (family {f})" if len(whys) > 1 else ""))
-    return Runs(*(getattr(runs, f) for f in FIELDS), family=runs.family,
+    return Runs(**{f: getattr(runs, f) for f in FIELDS}, family=runs.family,
                 info={"source": str(path), "n_records": len(recs), "skipped": skipped})

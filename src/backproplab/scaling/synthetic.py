@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .fit import fit_chinchilla
+from .fit import fit_chinchilla, log_effective_data, repeats
 from .profiles import isoflop_profiles
 from .report import jsonable
 from .runs import Runs
@@ -30,12 +30,14 @@ LR_MODEL = {"lr0": 1.6, "p_epochs": -0.3, "p_N": -0.1, "curvature": 0.05, "width
 def synthetic_runs(E=BESIROGLU["E"], A=BESIROGLU["A"], B=BESIROGLU["B"], alpha=BESIROGLU["alpha"],
                    beta=BESIROGLU["beta"], *, noise=DEFAULT_NOISE, N_range=(1e7, 1e11), D_range=(1e8, 1e12),
                    n_N=9, n_D=9, k=6.0, n_train=None, lr_sweep=False, lr_model=None, family="synthetic",
-                   seed=0) -> Runs:
+                   R_star=None, seed=0) -> Runs:
     """One run per (N, D) grid point with L = (E + A/N^alpha + B/D^beta) * exp(noise * z).
 
     n_train: the training-set size, so epochs = D / n_train (default D_range[0] / 0.25:
     epochs from 0.25 up). lr_sweep: each cell becomes 2 * width + 1 runs on the grid 2^j
     around lr* of LR_MODEL (each with its own noise); otherwise one run at lr*.
+    R_star: the repeated-data law instead (D replaced by D_eff with U = n_train, see
+    fit.py); only then do the runs record U, so plain runs are fitted by the plain form.
     """
     rng = np.random.default_rng(seed)
     Ng, Dg = np.meshgrid(np.geomspace(*N_range, n_N), np.geomspace(*D_range, n_D), indexing="ij")
@@ -52,11 +54,18 @@ def synthetic_runs(E=BESIROGLU["E"], A=BESIROGLU["A"], B=BESIROGLU["B"], alpha=B
         N, D, epochs, lr_star, lr = rep(N), rep(D), rep(epochs), rep(lr_star), lr.ravel()
     else:
         lr = lr_star
-    L = E + A / N ** alpha + B / D ** beta
+    if R_star is None:
+        L = E + A / N ** alpha + B / D ** beta
+        U = None
+    else:
+        U = np.full(len(D), n_train)
+        Us, reps = repeats(D, U)
+        L = E + A / N ** alpha + B / np.exp(log_effective_data(np.log(Us), reps, np.log(R_star))[0]) ** beta
     L = L * np.exp(m["curvature"] * np.log(lr / lr_star) ** 2 + noise * rng.standard_normal(L.size))
-    return Runs(N=N, D=D, C=k * N * D, loss=L, lr=lr, epochs=epochs,
+    return Runs(N=N, D=D, C=k * N * D, loss=L, lr=lr, epochs=epochs, U=U,
                 family=np.array([family] * len(L), dtype=object),
-                info={"source": "synthetic", "truth": {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta},
+                info={"source": "synthetic", "truth": {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta,
+                                                       **({} if R_star is None else {"R_star": R_star})},
                       "noise_sigma_log": noise, "seed": seed})
 
 
