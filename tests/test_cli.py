@@ -117,6 +117,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["weights_sha256"] == ref_out["weights_sha256"]
     assert out["test_misses"] == ref_out["test_misses"]
+    # Resuming the finished run again trains nothing and keeps its one record.
+    again = json.loads(run_cli(*args, "--out", tmp_path / "k", "--resume").stdout.strip().splitlines()[-1])
+    assert again["run_id"] == out["run_id"] and again["weights_sha256"] == out["weights_sha256"]
+    from backproplab.store import list_runs
+    assert [r["id"] for r in list_runs(tmp_path / "k")] == [out["run_id"]]
 
 
 def test_doctor_finds_a_corrupt_checkpoint(tmp_path):

@@ -344,3 +344,19 @@ def test_store_reader_takes_the_training_set_size(tmp_path):
     runs = load_runs_from_store(tmp_path / "runs.db")
     assert np.allclose(runs.U, 3e9) and runs.repeats_data()
     assert not as_runs(synthetic_runs(n_N=3, n_D=4)).repeats_data()  # U unknown
+
+
+def test_store_reader_averages_a_cells_seeds(tmp_path):
+    r = synthetic_runs(n_N=3, n_D=4, seed=0)
+    for seed, scale in ((0, 1.0), (1, 1.2), (2, 0.5)):       # three seeds of every run, one lacks a run
+        for i, rec in enumerate(r.records()):
+            if seed == 2 and i == 0:
+                continue
+            rec["loss"] *= scale
+            add_run(tmp_path, "scale", f"s{seed}r{i}", "finished", {"family": rec.pop("family"), "seed": seed},
+                    rec, [], {})
+    runs = load_runs_from_store(tmp_path / "runs.db")
+    assert len(runs) == 12 and runs.info["seeds"] == {3: 11, 2: 1}
+    order = np.lexsort((runs.D, runs.N))
+    want = r.loss[np.lexsort((r.D, r.N))] * np.array([2.2 / 2] + [2.7 / 3] * 11)
+    assert np.allclose(runs.loss[order], want, rtol=1e-12)

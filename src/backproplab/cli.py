@@ -109,7 +109,7 @@ def train_and_record(cfg, args, kind: str, published: bool = True, extra: dict |
     print the result table; exit 0, or 3 for a diverged run (one 'error:' line)."""
     from .engine.train import environment, train
     from .report.console import ProgressBar, repro_table
-    from .store import add_run, check_store
+    from .store import add_run, check_store, recorded_run
     check_store(args.out)  # a foreign or damaged runs.db is refused before training, not after
     bar = ProgressBar(cfg.train.passes)
 
@@ -121,8 +121,11 @@ def train_and_record(cfg, args, kind: str, published: bool = True, extra: dict |
     result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
     bar.clear()
     summary = {**result.summary(), **(extra or {})}
-    run_id = add_run(args.out, kind, cfg.name, result.status, result.config, summary, result.history,
-                     environment())
+    # --resume of a run that was already final trains nothing: keep its one record
+    run_id = recorded_run(args.out, kind, summary["config_digest"], result.status) if args.resume else None
+    if run_id is None:
+        run_id = add_run(args.out, kind, cfg.name, result.status, result.config, summary, result.history,
+                         environment())
     summary["run_id"] = run_id
     if not args.quiet:
         print(repro_table(result, published=published))

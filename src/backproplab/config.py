@@ -244,12 +244,13 @@ def _parse(key: str, text: str, tp):
             return int(text)
         if base is float:
             v = float(text)
-            if v != v or v in (float("inf"), float("-inf")):
-                raise ValueError
-            return v
-        return str(text)
+        else:
+            return str(text)
     except ValueError:
         raise UserError(f"{key}={text!r}: expected {base.__name__}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise UserError(f"{key}={text!r}: must be a finite number")
+    return v
 
 
 def set_value(cfg: Config, key: str, value) -> None:

@@ -203,3 +203,15 @@ def list_runs(folder) -> list[dict]:
             raise UserError(f"results store {path}: run {rec['id']} has a damaged {k} column ({e})") from None
         out.append(rec)
     return out
+
+
+def recorded_run(folder, kind: str, digest: str, status: str) -> int | None:
+    """Id of a run of this kind, config digest and status already in the store of folder
+    (None if there is none or no store yet): a resumed run that was already final is not
+    recorded twice."""
+    if not store_path(folder).is_file():
+        return None
+    for r in list_runs(folder):
+        if r["kind"] == kind and r["summary"].get("config_digest") == digest and r["status"] == status:
+            return int(r["id"])
+    return None

@@ -29,6 +29,9 @@ def register(sub, add_common):
     r.add_argument("--lrs", help="comma-separated base learning rates (default: the family's grid)")
     r.add_argument("--n-val", type=int, help="validation examples: the first n of the test split (default all)")
     r.add_argument("--batch", type=int, default=32, help="minibatch size (default 32)")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed of initialization and data order (default 0); studies of several seeds may "
+                        "share one store: `scale fit` averages a cell's loss over its seeds")
     r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
     f = ss.add_parser("fit", help="fit scaling laws to a study's runs (frontier, Chinchilla, IsoFLOP, lr)")
     add_common(f)
@@ -57,14 +60,16 @@ def _run(args):
     budget = parse_budget(args.budget)
     if args.jobs < 1 or args.batch < 1 or (args.n_val is not None and args.n_val < 1):
         raise UserError("--jobs, --batch and --n-val must be >= 1")
+    if args.seed < 0:
+        raise UserError("--seed must be >= 0")
     if args.data != "mnist10k" and not Path(args.data).expanduser().exists():
         raise UserError(f"--data {args.data}: no such file or folder (use mnist10k or a folder of IDX files)")
     from ..scaling.cells import data_fingerprint, study_data
     n_val = args.n_val
-    data = study_data(args.data, n_val, 0)
+    data = study_data(args.data, n_val, args.seed)
     study = make_study(args.family, args.data, smoke=args.smoke, sizes=args.sizes, n_train=args.n_train,
                        epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
-                       data_fingerprint=data_fingerprint(data))
+                       seed=args.seed, data_fingerprint=data_fingerprint(data))
     if study.spec["n_val"] != n_val:                          # the smoke size uses fewer validation digits
         data = data[:2] + (data[2][:study.spec["n_val"]], data[3][:study.spec["n_val"]])
     quiet = args.json

@@ -6,18 +6,8 @@ import numpy as np
 import torch
 
 from ..engine.train import environment, prepare_out
-from ..errors import UserError
-from ..store import add_run, list_runs
+from ..store import add_run, recorded_run
 from .ladder import RUNGS, format_table, ladder_rows, run_ladder
-
-
-def _already_recorded(out, digest, status) -> bool:
-    # a diverged rung is as final as a finished one (its checkpoint says so): recorded once too
-    try:
-        return any(r["kind"] == "ladder" and r["summary"].get("config_digest") == digest and
-                   r["status"] == status for r in list_runs(out))
-    except UserError:  # no store yet
-        return False
 
 
 def run_and_report(rungs, seeds, out, resume, jobs, smoke, source, log=None, engine=None) -> dict:
@@ -29,7 +19,8 @@ def run_and_report(rungs, seeds, out, resume, jobs, smoke, source, log=None, eng
     env = environment()
     for r, (cfg, res) in ordered.items():
         s = res.summary()
-        if not _already_recorded(out, s["config_digest"], res.status):
+        # a diverged rung is as final as a finished one (its checkpoint says so): recorded once too
+        if recorded_run(out, "ladder", s["config_digest"], res.status) is None:
             add_run(out, "ladder", cfg.name, res.status, res.config, s, res.history, env)
         if res.status != "finished":
             print(f"backproplab: rung {r}: {res.message}", file=sys.stderr)

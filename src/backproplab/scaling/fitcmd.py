@@ -49,6 +49,7 @@ def fit_store(db, out=None, *, n_boot=1000, seed=0) -> dict:
     out = Path(out) if out else path.parent / "scaling"
     rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
     summary = summarize(rep)
+    summary["seeds_per_run"] = {str(k): v for k, v in sorted(runs.info.get("seeds", {}).items())}
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
     if path.name == DB_NAME:                                  # the summary table goes into the store too
@@ -69,6 +70,10 @@ def _with_ci(v, ci, fmt=".4g"):
 
 def fit_text(s: dict) -> str:
     lines = [f"scale fit: {s['n_runs']} runs from {s['source']} (95% bootstrap intervals in brackets)"]
+    seeds = s.get("seeds_per_run") or {}
+    if set(seeds) - {"1"}:
+        lines.append("  each run's loss is the mean over its seeds: " + ", ".join(
+            f"{v} runs of {k} seed{'s' if k != '1' else ''}" for k, v in seeds.items()))
     for fam, f in s["families"].items():
         lines.append(f"\n== {fam}: {f.get('n_cells', '?')} cells, {f['n_runs']} runs")
         if "frontier" not in f:

@@ -132,6 +132,19 @@ def _expand_sweep(rec: dict, summary: dict, status: str) -> list[dict]:
     return out
 
 
+def _average_seeds(recs: list[dict]) -> tuple[list[dict], dict]:
+    """One run per (family, N, D, epochs, lr): the mean loss over the seeds that ran it (a
+    store may hold a study of several seeds). Returns the runs and {seeds per run: count}."""
+    groups: dict = {}
+    for r in recs:
+        groups.setdefault((r["family"], r["N"], r["D"], r["epochs"], r["lr"]), []).append(r)
+    out, n_seeds = [], {}
+    for g in groups.values():
+        out.append({**g[0], "loss": float(np.mean([r["loss"] for r in g]))})
+        n_seeds[len(g)] = n_seeds.get(len(g), 0) + 1
+    return out, n_seeds
+
+
 def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
                          require_chinchilla: bool = False) -> Runs:
     """Scale runs (records of `kind`) from a results store file (or a folder holding runs.db).
@@ -190,6 +203,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             if sum(skipped.values()) else ""
         raise UserError(f"too few runs to fit in {path}: {len(recs)} usable {kind} runs{extra}; "
                         f"{fit_requirements()}")
+    recs, n_seeds = _average_seeds(recs)
     runs = as_runs(recs)
     if require_chinchilla:
         cells = best_per_cell(runs)
@@ -199,4 +213,4 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             f, why = next(iter(whys.items()))
             raise UserError(f"too few runs to fit in {path}: {why}" + (f" (family {f})" if len(whys) > 1 else ""))
     return Runs(**{f: getattr(runs, f) for f in FIELDS}, family=runs.family,
-                info={"source": str(path), "n_records": len(recs), "skipped": skipped})
+                info={"source": str(path), "n_records": len(recs), "skipped": skipped, "seeds": n_seeds})
