@@ -74,6 +74,7 @@ def test_presets_validate():
     ("model.name=vit", "needs train.engine=minibatch"),
     ("noequals", "not key=value"),
     ("train.loss=ce", "needs model.out_act=none"),
+    ("model.name=convnet", "needs train.engine=minibatch"),
 ])
 def test_bad_overrides(override, msg):
     with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(".", r"\.").replace("+", r"\+")):
@@ -86,3 +87,15 @@ def test_overrides_and_round_trip():
     assert from_dict(c.to_dict()) == c and from_dict(c.to_dict()).digest() == c.digest()
     with pytest.raises(UserError, match="unknown config key"):
         from_dict({**c.to_dict(), "optim": {"lr": 1.0, "momentum": 0.9}})
+
+
+def test_convnet_family_is_a_model_choice():
+    from backproplab.models.convnet import conv_params
+    from backproplab.models.registry import build_model, model_card
+    c = apply_overrides(preset("modern"), ["model.name=convnet", "model.depth=3"])
+    assert sum(p.numel() for p in build_model(c.model, 0).parameters()) == conv_params(3) == 16594
+    assert model_card(c.model)["params"] == 16594
+    with pytest.raises(UserError, match="needs model.act=relu and model.out_act=none"):
+        apply_overrides(preset("modern"), ["model.name=convnet", "model.act=tanh"])
+    with pytest.raises(UserError, match="convnet size must be an integer from 1 to 64"):
+        build_model(apply_overrides(preset("modern"), ["model.name=convnet", "model.depth=65"]).model, 0)

@@ -21,12 +21,12 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "net1989"          # net1989 | vit (micro-ViT)
+    name: str = "net1989"          # net1989 | vit (micro-ViT) | convnet (the scaling family)
     act: str = "tanh"              # tanh | relu | scaled_tanh
     out_act: str = "tanh"          # tanh (1989) | none (logits)
     dropout: float = 0.0           # net1989: on the 192 H2 outputs, before H3; vit: on the pooled class token
     dim: int = 18                  # vit: token width (defaults: 9,766 params, 62,748 MACs ~ the 1989 net)
-    depth: int = 2                 # vit: transformer blocks
+    depth: int = 2                 # vit: transformer blocks; convnet: the family's size knob (1-64)
     heads: int = 2                 # vit: attention heads
     patch: int = 8                 # vit: patch side in pixels (16x16 input, padded with -1 to a multiple)
 
@@ -87,7 +87,7 @@ class Config:
 
 
 CHOICES = {
-    "model.name": ("net1989", "vit"),
+    "model.name": ("net1989", "vit", "convnet"),
     "model.act": ("tanh", "relu", "scaled_tanh"),
     "model.out_act": ("tanh", "scaled_tanh", "none"),
     "optim.name": ("sgd", "adamw", "sdlm"),
@@ -317,6 +317,8 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"train.batch={cfg.train.batch} needs train.engine=minibatch (fast and eager are per example)")
     if per_example and cfg.model.name != "net1989":
         raise UserError(f"model.name={cfg.model.name} needs train.engine=minibatch")
+    if cfg.model.name == "convnet" and (cfg.model.act != "relu" or cfg.model.out_act != "none"):
+        raise UserError("model.name=convnet needs model.act=relu and model.out_act=none (ReLU convs, logits out)")
     if cfg.train.loss == "ce" and cfg.model.out_act != "none":
         raise UserError("train.loss=ce needs model.out_act=none (cross-entropy takes logits)")
     if cfg.methods or cfg.train.engine == "hooked":
