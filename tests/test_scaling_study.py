@@ -197,6 +197,10 @@ def test_smoke_study_budget_resume_skip_and_fit(tmp_path, capsys):
     for png in rep["plots"].values():
         assert os.path.getsize(png) > 1000
     assert [r["kind"] for r in list_runs(out)].count("scale_fit") == 1
+    # Another seed's cells are other cells: none of them counts as done in this store.
+    assert main(["scale", "run", "--smoke", "--seed", "1", "--plan", "--out", str(out), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["already_done"] == 0 and plan["to_run"] == 12 and plan["digest"] != s3["digest"]
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -238,6 +242,7 @@ def test_run_refuses_bad_budget_family_and_data(tmp_path, capsys):
     assert "choose one of convnet, vit" in _error(capsys, "scale", "run", "--family", "resnet", "--out", out)
     assert "no such file" in _error(capsys, "scale", "run", "--data", tmp_path / "nope", "--out", out)
     assert "size must be an integer from 1" in _error(capsys, "scale", "run", "--sizes", "99", "--out", out)
+    assert "--seed must be >= 0" in _error(capsys, "scale", "run", "--seed", "-1", "--out", out)
     assert not (out / "runs.db").exists()
     assert parse_budget("30m") == 1800 and parse_budget("1.5h") == 5400 and parse_budget("90") == 90
 
