@@ -360,3 +360,16 @@ def test_store_reader_averages_a_cells_seeds(tmp_path):
     order = np.lexsort((runs.D, runs.N))
     want = r.loss[np.lexsort((r.D, r.N))] * np.array([2.2 / 2] + [2.7 / 3] * 11)
     assert np.allclose(runs.loss[order], want, rtol=1e-12)
+
+
+def test_fit_summary_and_text_show_the_repeated_data_form(tmp_path):
+    from backproplab.scaling.fitcmd import fit_text, summarize
+    rep = fit_report(_repeated_runs(noise=0.0), tmp_path, n_boot=10, grid=TINY_GRID, plots=False)
+    s = summarize(rep)
+    json.dumps(s, allow_nan=False)
+    fam = s["families"]["synthetic"]
+    assert fam["chinchilla_repeated"]["constants"]["R_star"] == pytest.approx(3.0, rel=1e-2)
+    assert "D_eff" in fam["chinchilla_repeated"]["form"]
+    text = fit_text({**s, "seeds_per_run": {"1": 36}})
+    assert "repeated data  L = E + A/N^alpha + B/D_eff^beta" in text and "R_star" in text
+    assert "repeated data: mean |error|" in text and "repeated-data form" in text
