@@ -215,14 +215,13 @@ class ChinchillaFit:
         return len(self.theta) == 6
 
     @property
+    def constant_names(self) -> tuple:
+        return ("E", "A", "B", "alpha", "beta") + (("R_star",) if self.repeated else ())
+
+    @property
     def params(self) -> dict:
-        a, b, e, alpha, beta = self.theta[:5]
-        with np.errstate(over="ignore"):      # a degenerate fit may put A or B beyond float range
-            p = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
-                 "alpha": float(alpha), "beta": float(beta)}
-            if self.repeated:
-                p["R_star"] = float(np.exp(self.theta[5]))
-            return p
+        d = self._derived(self.theta)
+        return {k: float(d[k]) for k in self.constant_names}
 
     def predict(self, N, D, theta=None, U=None):
         """Predicted loss L(N, D) (same shape as the broadcast of N and D). The repeated-data
@@ -247,7 +246,7 @@ class ChinchillaFit:
     def _derived(self, theta):
         a, b, e, alpha, beta = theta[:5]
         eN, eD, logG = allocation(theta, self.k, self.gamma)
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore"):      # a degenerate fit may put A or B beyond float range
             d = {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta,
                  "N_opt_exponent": eN, "D_opt_exponent": eD, "N_opt_coef": np.exp(logG)}
             if len(theta) == 6:
@@ -263,8 +262,7 @@ class ChinchillaFit:
 
     def to_dict(self) -> dict:
         d = self._derived(self.theta)
-        names = ("E", "A", "B", "alpha", "beta") + (("R_star",) if self.repeated else ())
-        return {"constants": {k: float(d[k]) for k in names},
+        return {"constants": self.params,
                 "form": ("L = E + A/N^alpha + B/D_eff^beta, D_eff = U_s (1 + R_star (1 - exp(-R/R_star)))"
                          if self.repeated else "L = E + A/N^alpha + B/D^beta"),
                 "compute_optimal": {"k": self.k, "gamma": self.gamma,
