@@ -261,3 +261,24 @@ def test_fit_synthetic_through_cli(capsys):
     assert main(["scale", "fit", "--synthetic", "--n-boot", "10", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["target_met"] and res["errors"]["alpha_abs"] <= 0.02
+
+
+def test_one_job_trains_on_one_thread_and_restores_the_setting(tmp_path, monkeypatch):
+    import backproplab.scaling.study as study_mod
+    seen = []
+
+    def fake_run_cell(c, spec, data, out):                    # what the thread setting is while a cell trains
+        seen.append(torch.get_num_threads())
+        return {"status": "finished", "summary": {"size": c["size"], "n_train": c["n_train"], "epochs": c["epochs"],
+                                                  "lr": None, "best_at_edge": False, "loss": None, "seconds": 0.0}}
+
+    monkeypatch.setattr(study_mod, "run_cell", fake_run_cell)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        st = study_mod.make_study("convnet", smoke=True, sizes="1", n_avail=7291)
+        study_mod.run_study(st, tmp_path, jobs=1, log=lambda line: None)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -22,7 +22,7 @@ def register(sub, add_common):
     r.add_argument("--budget", help="time budget, e.g. 30m, 90s, 1.5h: the grid is trimmed (costliest cells "
                                     "first) to fit the projected time")
     r.add_argument("--smoke", action="store_true", help="test size: 3 sizes x 2 training sets x 2 budgets x 2 rates")
-    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="cells trained at once")
+    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="cells trained at once, one core each")
     r.add_argument("--sizes", help="comma-separated model sizes (default 1-6)")
     r.add_argument("--n-train", help="comma-separated training-set sizes (default n/4, n/2, n of the data)")
     r.add_argument("--epochs", help="comma-separated epoch budgets, fractions allowed (default 0.25,0.5,1,2,4,8)")

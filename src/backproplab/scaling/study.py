@@ -214,9 +214,17 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
             f"{lr}  {loss}  ({s['seconds']:.1f} s, {time.perf_counter() - t0:.0f} s elapsed)")
 
     if jobs <= 1:
-        for c in order:
-            records.append(run_cell(c, spec, data, out))
-            report(records[-1])
+        # One cell at a time on one thread, as in a worker: --jobs is the number of cores used
+        # (torch's default of every core oversubscribes a machine running other jobs).
+        import torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for c in order:
+                records.append(run_cell(c, spec, data, out))
+                report(records[-1])
+        finally:
+            torch.set_num_threads(threads)
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,
                                     initargs=(study.data, study.spec["n_val"], study.spec["seed"])) as pool:
