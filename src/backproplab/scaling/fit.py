@@ -262,7 +262,7 @@ class ChinchillaFit:
 
     def to_dict(self) -> dict:
         d = self._derived(self.theta)
-        return {"constants": self.params,
+        return {"constants": {k: float(d[k]) for k in self.constant_names},
                 "form": ("L = E + A/N^alpha + B/D_eff^beta, D_eff = U_s (1 + R_star (1 - exp(-R/R_star)))"
                          if self.repeated else "L = E + A/N^alpha + B/D^beta"),
                 "compute_optimal": {"k": self.k, "gamma": self.gamma,

@@ -108,7 +108,8 @@ def fit_text(s: dict) -> str:
             eps = sorted({r["epochs"] for r in lr["table"] if r["epochs"] is not None})
             lines.append("    " + "N \\ epochs".rjust(14) + "".join(f"{e:>11g} " for e in eps))
             for N in sizes:
-                # n_train is D / epochs, a few examples off where epochs x n was rounded
+                # n_train: the stored training-set size, or D / epochs in stores without it (a few
+                # examples off where epochs x n was rounded)
                 top = max(x["n_train"] or 0 for x in lr["table"] if x["N"] == N)
                 row = {r["epochs"]: r for r in lr["table"] if r["N"] == N and (r["n_train"] or 0) >= 0.999 * top}
                 lines.append("    " + f"{N:14.0f}" + "".join(

@@ -17,6 +17,7 @@ expensive cells first. Timings on a shared machine are noisy; the record keeps w
 each cell really took.
 """
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import math
@@ -121,15 +122,25 @@ def finished_keys(out) -> set:
     return {r["config"].get("cell") for r in list_runs(out) if r["kind"] == KIND and isinstance(r["config"], dict)}
 
 
-def calibrate(study: Study, data, steps=6) -> dict:
-    """size -> CPU seconds per training step of the base population (measured, this process)."""
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread for the block, as in a pool worker (the setting is restored after):
+    a cell uses one core, so --jobs is the number of cores a study takes."""
     import torch
-    from .trainer import CellTrainer
-    tx, ty = data[0], data[1]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {}
     try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def calibrate(study: Study, data, steps=6) -> dict:
+    """size -> CPU seconds per training step of the base population (measured, this process)."""
+    from .trainer import CellTrainer
+    tx, ty = data[0], data[1]
+    out = {}
+    with one_thread():
         for s in study.sizes:
             tr = CellTrainer(member(study.family, s), study.spec["lrs"], tx, ty, 1.0, optim=study.spec["optim"],
                              batch=study.spec["batch"])
@@ -137,8 +148,6 @@ def calibrate(study: Study, data, steps=6) -> dict:
             c0 = time.process_time()
             tr.run(stop_after=steps)
             out[s] = (time.process_time() - c0) / steps
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 
@@ -214,17 +223,10 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
             f"{lr}  {loss}  ({s['seconds']:.1f} s, {time.perf_counter() - t0:.0f} s elapsed)")
 
     if jobs <= 1:
-        # One cell at a time on one thread, as in a worker: --jobs is the number of cores used
-        # (torch's default of every core oversubscribes a machine running other jobs).
-        import torch
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():          # torch's default, every core, would oversubscribe a shared machine
             for c in order:
                 records.append(run_cell(c, spec, data, out))
                 report(records[-1])
-        finally:
-            torch.set_num_threads(threads)
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,
                                     initargs=(study.data, study.spec["n_val"], study.spec["seed"])) as pool:
