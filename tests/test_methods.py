@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from backproplab.config import MethodSpec, apply_overrides, from_dict, preset, validate
 from backproplab.data import load_dataset
 from backproplab.engine.checkpoint import load_checkpoint
-from backproplab.engine.hooked import HOOK_ATTR, HookedPopulation
+from backproplab.engine.population import HOOK_ATTR, Population
 from backproplab.engine.train import checkpoint_path, train
 from backproplab.errors import UserError
 from backproplab.models.net1989 import Net1989
@@ -58,11 +58,11 @@ X, Y = D96.train_x.reshape(-1, 1, 16, 16), D96.train_labels.long()
 
 def run_engine(cfg, n=96, passes=1, record=None):
     """One replica, `passes` passes over the first n digits at constant lr; record(ctx) after each step."""
-    eng = HookedPopulation(cfg, [0])
-    rep = eng.replicas[0]
+    eng = Population(cfg, [0])
     if record:
-        inner = rep.opt.step
-        rep.opt.step = lambda ctx: (inner(ctx), record(ctx))
+        opt = eng._hook("step")[0]
+        inner = opt.step
+        opt.step = lambda ctx: (inner(ctx), record(ctx))
     for _ in range(passes):
         eng.train_pass(X[:n].reshape(-1, 16, 16).numpy(), Y[:n].numpy(), np.full(n, cfg.optim.lr))
         eng.end_pass()
@@ -195,7 +195,7 @@ def test_pair(a, b, tiny):
             assert incompatibility(a, b) or "sdlm" in (a, b)
         return
     cfg = tiny_cfg(a, b)
-    eng = HookedPopulation(cfg, [0])
+    eng = Population(cfg, [0])
     x, y = tiny.train_x[:32].reshape(-1, 16, 16).numpy(), tiny.train_labels[:32].numpy()
     eng.train_pass(x, y, np.full(32, cfg.optim.lr))
     eng.end_pass()  # 2 steps of 16
@@ -246,7 +246,7 @@ def test_vit_on_hooked_engine_takes_training_methods(tiny):
 def test_per_example_preset_with_a_method_runs_batch_one(tiny):
     c = apply_overrides(preset("smoke"), ["train.engine=hooked", "+method=momentum", "data.n_train=64",
                                           "train.passes=1"])
-    eng = HookedPopulation(c, [0])
+    eng = Population(c, [0])
     eng.train_pass(tiny.train_x.reshape(-1, 16, 16).numpy(), tiny.train_labels.numpy(), np.full(64, 0.03))
     eng.end_pass()
     assert c.train.batch == 1 and eng.t == 64

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from backproplab.engine.eager import EagerPopulation
-from backproplab.engine.hooked import HookedPopulation
+from backproplab.engine.population import Population
 from backproplab.methods import schedules as S
 from backproplab.methods.gradients import agc_
 from backproplab.methods.registry import list_methods, parse_method
@@ -38,7 +38,7 @@ def oracle_torch_optim(name):
     lr, make = TORCH_OPT[name]
     eng = run_engine(tiny_cfg(name, over=[f"optim.lr={lr}"]))
     m = net()
-    close(eng.replicas[0].w, torch_run(m, make(m.parameters(), lr)))
+    close(eng.W[0], torch_run(m, make(m.parameters(), lr)))
 
 
 def oracle_adam_sgd(name):
@@ -47,7 +47,7 @@ def oracle_adam_sgd(name):
 
     def switch(i, opt):  # T = 6 steps, switch at step 3: a fresh SGD with momentum from the same weights
         return torch.optim.SGD(m.parameters(), 0.05, momentum=0.9) if i == 3 else opt
-    close(eng.replicas[0].w, torch_run(m, torch.optim.Adam(m.parameters(), 0.003), per_step=switch))
+    close(eng.W[0], torch_run(m, torch.optim.Adam(m.parameters(), 0.003), per_step=switch))
 
 
 def oracle_sdlm(name):
@@ -72,11 +72,10 @@ def oracle_sam(name):
             p.add_(t * (0.05 / gf.norm()))
     g2 = torch.autograd.grad(F.cross_entropy(pert(X[:16]), Y[:16]), list(pert.parameters()))
     expect = flat(ref) - cfg.optim.lr * torch.cat([t.reshape(-1) for t in g2])
-    rep = eng.replicas[0]
-    close(rep.w, expect)
+    close(eng.W[0], expect)
     for n, b in ref.named_buffers():  # statistics of the first pass only
         if n.endswith(("_rm", "_rv")):
-            close(getattr(rep.model, n), b, rtol=1e-6, atol=1e-7)
+            close(getattr(eng.models[0], n), b, rtol=1e-6, atol=1e-7)
 
 
 def oracle_agc(name):
@@ -137,30 +136,29 @@ def oracle_schedule(name):
 # -- averaging ---------------------------------------------------------------------------------
 def oracle_swa(name):
     snaps = []
-    eng = HookedPopulation(tiny_cfg("swa:start=0.5", "batchnorm", over=["train.passes=3"]), [0])
+    eng = Population(tiny_cfg("swa:start=0.5", "batchnorm", over=["train.passes=3"]), [0])
     for _ in range(3):
         eng.train_pass(X[:32].reshape(-1, 16, 16).numpy(), Y[:32].numpy(), np.full(32, 0.05))
         eng.end_pass()
-        snaps.append(eng.replicas[0].w.clone())
+        snaps.append(eng.W[0].clone())
     holder = torch.nn.Module()
     holder.w = torch.nn.Parameter(snaps[0].clone())
     avg = torch.optim.swa_utils.AveragedModel(holder)
     for s in snaps[1:]:  # passes 2 and 3 end after 0.5 * 3 passes
         holder.w.data.copy_(s)
         avg.update_parameters(holder)
-    rep = eng.replicas[0]
     got = torch.cat([torch.as_tensor(v).reshape(-1) for v in eng.params()[0].values()])
     close(got, avg.module.w.detach())
     p = eng.params()[0]  # BatchNorm statistics recomputed for the average: H1's batch statistics
     a1 = F.conv2d(F.pad(X[:32], (2, 2, 2, 2), value=-1.0), torch.as_tensor(p["h1_w"]), stride=2) + \
         torch.as_tensor(p["h1_b"])
-    close(rep.eval_buffers["h1_rm"], a1.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-    close(rep.eval_buffers["h1_rv"], a1.transpose(0, 1).reshape(12, -1).var(1), rtol=1e-4, atol=1e-6)
+    close(eng.eval_buffers[0]["h1_rm"], a1.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    close(eng.eval_buffers[0]["h1_rv"], a1.transpose(0, 1).reshape(12, -1).var(1), rtol=1e-4, atol=1e-6)
 
 
 def oracle_ema(name):
     snaps = []
-    eng = run_engine(tiny_cfg("ema:decay=0.9"), record=lambda c: snaps.append(c.w.clone()))
+    eng = run_engine(tiny_cfg("ema:decay=0.9"), record=lambda c: snaps.append(c.w[0].clone()))
     holder = torch.nn.Module()
     holder.w = torch.nn.Parameter(snaps[0].clone())
     avg = torch.optim.swa_utils.AveragedModel(holder, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
@@ -177,19 +175,19 @@ def oracle_l1(name):
     m = net()
     g = torch.autograd.grad(F.cross_entropy(m(X[:16]), Y[:16]), list(m.parameters()))
     expect = flat(m) - 0.05 * (torch.cat([t.reshape(-1) for t in g]) + 0.01 * torch.sign(flat(m)))
-    close(eng.replicas[0].w, expect)
+    close(eng.W[0], expect)
 
 
 def oracle_l2(name):
     eng = run_engine(tiny_cfg("l2:lam=0.01"))
     m = net()
-    close(eng.replicas[0].w, torch_run(m, torch.optim.SGD(m.parameters(), 0.05, weight_decay=0.01)))
+    close(eng.W[0], torch_run(m, torch.optim.SGD(m.parameters(), 0.05, weight_decay=0.01)))
 
 
 def oracle_wd(name):
     eng = run_engine(tiny_cfg("adam", "wd:wd=0.01", over=["optim.lr=0.003"]))
     m = net()
-    close(eng.replicas[0].w, torch_run(m, torch.optim.AdamW(m.parameters(), 0.003, weight_decay=0.01)))
+    close(eng.W[0], torch_run(m, torch.optim.AdamW(m.parameters(), 0.003, weight_decay=0.01)))
 
 
 def oracle_label_smoothing(name):
@@ -198,7 +196,7 @@ def oracle_label_smoothing(name):
     eng = run_engine(tiny_cfg("label_smoothing"))
     m = net()
     ls = lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1)  # noqa: E731
-    close(eng.replicas[0].w, torch_run(m, torch.optim.SGD(m.parameters(), 0.05), loss=ls))
+    close(eng.W[0], torch_run(m, torch.optim.SGD(m.parameters(), 0.05), loss=ls))
 
 
 ORACLES = {**{n: oracle_torch_optim for n in TORCH_OPT}, "adam_sgd": oracle_adam_sgd, "sdlm": oracle_sdlm,

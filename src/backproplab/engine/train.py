@@ -42,12 +42,13 @@ class Result:
     status: str = "finished"         # finished | diverged
     message: str = ""
     params: list = field(default_factory=list, repr=False)
+    path: str = ""                   # how gradients were computed: per-example, fused or autograd
 
     def summary(self) -> dict:
         s = {"passes": self.history[-1]["pass"] if self.history else 0,  # passes trained (eval_every may skip some)
              "seeds": len(self.seeds), "engine": self.config["train"]["engine"],
              "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
-             "status": self.status, "error_unit": "percent",
+             "status": self.status, "error_unit": "percent", "path": self.path,
              "config_digest": _digest(self.config)}
         for key in ("train_loss", "train_error", "train_misses", "test_loss", "test_error", "test_misses"):
             vals = np.array([f[key] for f in self.final], dtype=np.float64)
@@ -94,8 +95,8 @@ def make_engine(cfg: Config, seeds: list):
     """
     m, o, t = cfg.model, cfg.optim, cfg.train
     if t.engine == "hooked":  # minibatches with the methods registry's hook points
-        from .hooked import HookedPopulation
-        return HookedPopulation(cfg, seeds)
+        from .population import Population
+        return Population(cfg, seeds)
     if t.engine == "minibatch":
         from .minibatch import MinibatchPopulation
         return MinibatchPopulation(cfg, seeds)
@@ -224,7 +225,7 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
             break
     params = engine.params()
     return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1]), seconds, eval_seconds,
-                  n, status, message, params)
+                  n, status, message, params, getattr(engine, "path", "per-example"))
 
 
 def _finite(params: dict) -> bool:

@@ -40,23 +40,28 @@ def rotate_scale_images(x: torch.Tensor, angles: torch.Tensor, scales: torch.Ten
 
 
 class Shift:
-    def __init__(self, opts, rank=0, seed=0, **ctx):
-        self.k, self.tag, self.seed, self.gen = opts["max"], 100 + rank, seed, None
+    """One generator per replica, keyed by (seed, pass, rank): a replica draws what a solo run draws."""
+
+    def __init__(self, opts, rank=0, seeds=(0,), **ctx):
+        self.k, self.tag, self.seeds, self.gens = opts["max"], 100 + rank, list(seeds), None
 
     def pass_start(self, ctx):
-        self.gen = pass_generator(self.seed, ctx.pass_idx, self.tag)
+        self.gens = [pass_generator(s, ctx.pass_idx, self.tag) for s in self.seeds]
 
-    def batch(self, x, ctx):
-        return shift_images(x, random_shifts(len(x), self.k, self.gen))
+    def batch(self, x, ctx):  # x (R, B, 1, 16, 16)
+        return torch.stack([self.one(x[r], g) for r, g in enumerate(self.gens)])
+
+    def one(self, x, gen):
+        return shift_images(x, random_shifts(len(x), self.k, gen))
 
 
 class RotateScale(Shift):
-    def __init__(self, opts, rank=0, seed=0, **ctx):
-        super().__init__({"max": 0}, rank, seed)
+    def __init__(self, opts, rank=0, seeds=(0,), **ctx):
+        super().__init__({"max": 0}, rank, seeds)
         self.deg, self.scale = opts["degrees"], opts["scale"]
 
-    def batch(self, x, ctx):
-        u = torch.rand(2, len(x), generator=self.gen) * 2 - 1  # (2, B) uniform in [-1, 1)
+    def one(self, x, gen):
+        u = torch.rand(2, len(x), generator=gen) * 2 - 1  # (2, B) uniform in [-1, 1)
         return rotate_scale_images(x, u[0] * math.radians(self.deg), 1.0 + u[1] * self.scale)
 
 

@@ -10,28 +10,30 @@ from .registry import Method, Option, register
 
 
 def sam_perturbation(g: torch.Tensor, rho: float) -> torch.Tensor:
-    """e = rho g / ||g||_2 over all parameters of one replica (flat (P,) g)."""
-    return g * (rho / (g.norm() + 1e-12))
+    """e = rho g / ||g||_2 over all parameters of each replica: g (P,) or (R, P), one norm per row."""
+    return g * (rho / (g.norm(dim=-1, keepdim=True) + 1e-12))
 
 
-def unitwise_norm(t: torch.Tensor, elementwise: bool) -> torch.Tensor:
-    """Per output unit: the norm over all axes but the first (weights, (out, ...)); |t| for
-    biases and other 1-value-per-unit tensors. Shaped to broadcast against t."""
-    if elementwise or t.ndim <= 1:
+def unitwise_norm(t: torch.Tensor, elementwise: bool, lead: int = 0) -> torch.Tensor:
+    """Per output unit: the norm over all axes after the first `lead` (replica) axes and the
+    unit axis (weights, (..., out, ...)); |t| for biases and other 1-value-per-unit tensors.
+    Shaped to broadcast against t."""
+    if elementwise or t.ndim <= lead + 1:
         return t.abs()
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+    return t.flatten(lead + 1).norm(dim=lead + 1).view(*t.shape[:lead + 1], *([1] * (t.ndim - lead - 1)))
 
 
 @torch.no_grad()
-def agc_(weights: dict, grads: dict, clip: float, eps: float, skip=()) -> None:
-    """In place on grads: g <- g * min(1, clip * max(||w||, eps) / ||g||) per unit (Brock et al. 2021)."""
+def agc_(weights: dict, grads: dict, clip: float, eps: float, skip=(), lead: int = 0) -> None:
+    """In place on grads: g <- g * min(1, clip * max(||w||, eps) / ||g||) per unit (Brock et al. 2021).
+    lead: leading replica axes of every tensor (1 for a population's (R, ...) views)."""
     for n, w in weights.items():
         if n in skip:
             continue
         g = grads[n]
-        elem = n.endswith("_b") or w.ndim <= 1
-        max_norm = unitwise_norm(w, elem).clamp_min(eps) * clip
-        gn = unitwise_norm(g, elem)
+        elem = n.endswith("_b") or w.ndim <= lead + 1
+        max_norm = unitwise_norm(w, elem, lead).clamp_min(eps) * clip
+        gn = unitwise_norm(g, elem, lead)
         g.copy_(torch.where(gn > max_norm, g * (max_norm / gn.clamp_min(1e-6)), g))
 
 
@@ -55,7 +57,7 @@ class AGC:
         self.clip, self.eps = opts["clip"], opts["eps"]
 
     def after_backward(self, ctx):
-        agc_(ctx.views, ctx.gviews, self.clip, self.eps, skip=ctx.final_names)
+        agc_(ctx.views, ctx.gviews, self.clip, self.eps, skip=ctx.final_names, lead=1)
 
 
 register(Method(

@@ -1,17 +1,28 @@
-"""Optimizers: the update maths as pure functions on flat (P,) tensors, and their switches.
+"""Optimizers: the update maths as pure functions on flat tensors, and their switches.
 
 Each *_update(w, g, st, lr, ...) changes w (and the state dict st) in place, following
 torch.optim's formulas and defaults exactly (tests compare trajectories step by step).
-A switch holds one replica's state; the engine calls step(ctx) once per batch with
-ctx.w the flat weights, ctx.g the flat gradient (mean over the batch) and ctx.lr.
+w and g are (P,) for one replica or (R, P) for a population; lr is a float or an (R, 1)
+column (one rate per replica). Every update is elementwise, so a population's rows are
+R independent optimizers that step together (one shared step count). A switch holds the
+population's state; the engine calls step(ctx) once per batch with ctx.w the (R, P)
+weights, ctx.g the (R, P) gradient (mean over each replica's batch) and ctx.lr.
 """
 import torch
 
 from .registry import Method, Option, register
 
 
+def _descend(w, d, lr):
+    """w <- w - lr d; lr a float or a column broadcast over the rows."""
+    if torch.is_tensor(lr):
+        w.sub_(d * lr.to(w.dtype))
+    else:
+        w.add_(d, alpha=-lr)
+
+
 def sgd_update(w, g, st, lr):
-    w.add_(g, alpha=-lr)
+    _descend(w, g, lr)
 
 
 def momentum_update(w, g, st, lr, momentum=0.9, nesterov=False):
@@ -20,12 +31,12 @@ def momentum_update(w, g, st, lr, momentum=0.9, nesterov=False):
         st["buf"] = g.clone()
     else:
         st["buf"].mul_(momentum).add_(g)
-    w.add_(g.add(st["buf"], alpha=momentum) if nesterov else st["buf"], alpha=-lr)
+    _descend(w, g.add(st["buf"], alpha=momentum) if nesterov else st["buf"], lr)
 
 
 def adagrad_update(w, g, st, lr, eps=1e-10):
     st.setdefault("sum", torch.zeros_like(w)).addcmul_(g, g)
-    w.addcdiv_(g, st["sum"].sqrt().add_(eps), value=-lr)
+    _descend(w, g / st["sum"].sqrt().add_(eps), lr)
 
 
 def adadelta_update(w, g, st, lr, rho=0.9, eps=1e-6):
@@ -34,7 +45,7 @@ def adadelta_update(w, g, st, lr, rho=0.9, eps=1e-6):
     sq.mul_(rho).addcmul_(g, g, value=1 - rho)
     delta = acc.add(eps).sqrt_().div_(sq.add(eps).sqrt_()).mul_(g)
     acc.mul_(rho).addcmul_(delta, delta, value=1 - rho)
-    w.add_(delta, alpha=-lr)
+    _descend(w, delta, lr)
 
 
 def rmsprop_update(w, g, st, lr, alpha=0.99, eps=1e-8, momentum=0.0):
@@ -44,9 +55,9 @@ def rmsprop_update(w, g, st, lr, alpha=0.99, eps=1e-8, momentum=0.0):
     if momentum > 0:
         buf = st.setdefault("buf", torch.zeros_like(w))
         buf.mul_(momentum).addcdiv_(g, avg)
-        w.add_(buf, alpha=-lr)
+        _descend(w, buf, lr)
     else:
-        w.addcdiv_(g, avg, value=-lr)
+        _descend(w, g / avg, lr)
 
 
 def adam_update(w, g, st, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
@@ -60,7 +71,7 @@ def adam_update(w, g, st, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
     denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
-    w.addcdiv_(m, denom, value=-lr / bc1)
+    _descend(w, m / denom, lr / bc1)
 
 
 class _Optimizer:
@@ -123,24 +134,27 @@ class AdamThenSGD(_Optimizer):
 
 class SDLM(_Optimizer):
     """The 1989 diagonal Levenberg-Marquardt on a plain net1989 (wraps methods/sdlm.py): the
-    Gauss-Newton diagonal estimate is averaged over the examples of the batch."""
+    Gauss-Newton diagonal estimate is averaged over the examples of the batch. The estimate
+    is defined per example and per replica, so this one loops over both."""
 
     def step(self, ctx):
         from .sdlm import net1989_gn_diag, sdlm_update
         m, names = ctx.cfg.model, ctx.param_names
         if not self.st:
-            self.st = {n: torch.zeros_like(ctx.views[n]) for n in names}
-        p = {n: ctx.views[n].detach() for n in names}
-        est = {n: torch.zeros_like(p[n]) for n in names}
-        for i in range(len(ctx.x)):  # per example: the estimate is defined for one input
-            k = None if ctx.keep is None else ctx.keep[i:i + 1]
-            for n, e in net1989_gn_diag(p, ctx.x[i:i + 1], m.act, m.out_act, ctx.cfg.train.loss, k,
-                                        m.dropout).items():
-                est[n].add_(e)
-        with torch.no_grad():
-            for n in names:
-                sdlm_update(ctx.views[n], ctx.gviews[n], self.st[n], est[n] / len(ctx.x), ctx.lr,
-                            self.opts["mu"], self.opts["gamma"])
+            self.st = {n: torch.zeros_like(ctx.views[n]) for n in names}  # (R, *shape)
+        for r in range(ctx.R):
+            p = {n: ctx.views[n][r].detach() for n in names}
+            est = {n: torch.zeros_like(p[n]) for n in names}
+            x, keep = ctx.x[r], None if ctx.keep is None else ctx.keep[r]
+            for i in range(len(x)):
+                k = None if keep is None else keep[i:i + 1]
+                for n, e in net1989_gn_diag(p, x[i:i + 1], m.act, m.out_act, ctx.cfg.train.loss, k,
+                                            m.dropout).items():
+                    est[n].add_(e)
+            with torch.no_grad():
+                for n in names:
+                    sdlm_update(ctx.views[n][r], ctx.gviews[n][r], self.st[n][r], est[n] / len(x),
+                                float(ctx.lr[r]), self.opts["mu"], self.opts["gamma"])
 
     def load_state(self, d):
         self.st = {k: torch.as_tensor(v).clone() for k, v in d.items()}

@@ -9,7 +9,7 @@ methods run in rank order. A config carries methods as MethodSpec(name, options)
 resolve() fills every option's default so '+method=sam' and '+method=sam:rho=0.05' are
 the same config with the same digest.
 
-HOOKS is the one place the loop's order is written down (engine/hooked.py runs it):
+HOOKS is the one place the loop's order is written down (engine/population.py runs it):
   build          once, before training: model-structure methods edit the ModNet spec
   pass_start     once a pass: draw the (seed, pass) random streams, input statistics
   lr             every step: schedules set the step's learning rate (multiplier chain)
@@ -90,9 +90,15 @@ class Method:
     incompatible_with: dict = field(default_factory=dict)  # other method -> why
     requires: tuple = ()             # at least one of these methods must be present
     modnet: bool = False             # changes the model: needs model.name=net1989 (built as a ModNet)
+    autograd: bool = False           # needs autograd (a loss term, a number format the fused kernels lack)
     interactions: str = ""
     check: object = None             # check(cfg, options) -> message or None: clashes with config fields
     rank: int = 0
+
+    @property
+    def fast(self) -> bool:
+        """Runs on the population engine's fused path: no autograd needed, the model unchanged."""
+        return not (self.modnet or self.autograd)
 
     def card(self) -> str:
         lines = [f"{self.name}  ({self.kind}; touches {', '.join(self.touches)})", "", self.summary, ""]
@@ -115,6 +121,8 @@ class Method:
             inter.append(f"needs one of: {', '.join(self.requires)}")
         if self.modnet:
             inter.append("changes the model: needs model.name=net1989 (built as ModNet)")
+        inter.append("runs on the fused fast path" if self.fast else "runs on the autograd path (" + (
+            "changes the model" if self.modnet else "needs autograd") + ")")
         inter += [f"not with {k}: {v}" for k, v in self.incompatible_with.items()]
         if self.interactions:
             inter += textwrap.wrap(self.interactions, 86)

@@ -22,23 +22,24 @@ def l2_penalty(params, lam: float) -> torch.Tensor:
 
 
 def smooth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
-    """(B, 10) logits -> mean over the batch of (1-eps) CE(y) + eps * mean_k CE(k)."""
+    """(..., B, 10) logits, (B,) labels -> (...) mean over the batch of (1-eps) CE(y) + eps * mean_k CE(k)."""
     logp = F.log_softmax(logits, dim=-1)
-    nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return ((1 - eps) * nll - eps * logp.mean(-1)).mean()
+    nll = -logp.gather(-1, labels.expand(logp.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    return ((1 - eps) * nll - eps * logp.mean(-1)).mean(-1)
 
 
 class L1:
+    penalty = staticmethod(l1_penalty)
+
     def __init__(self, opts, **ctx):
         self.lam = opts["lam"]
 
-    def loss(self, ctx, out, labels, value):
-        return value + l1_penalty(ctx.params, self.lam)
+    def loss(self, ctx, out, labels, value):  # value (R,); ctx.params: each replica's parameter list
+        return value + torch.stack([type(self).penalty(ps, self.lam) for ps in ctx.params])
 
 
 class L2(L1):
-    def loss(self, ctx, out, labels, value):
-        return value + l2_penalty(ctx.params, self.lam)
+    penalty = staticmethod(l2_penalty)
 
 
 class DecoupledDecay:
@@ -53,6 +54,7 @@ class DecoupledDecay:
 class LabelSmoothing:
     def __init__(self, opts, **ctx):
         self.eps = opts["eps"]
+        self.fused_smooth = self.eps  # the fused path's cross-entropy takes the same target
 
     def loss(self, ctx, out, labels, value):
         return smooth_cross_entropy(out.float(), labels, self.eps)  # replaces the plain cross-entropy
@@ -99,11 +101,11 @@ LAM = "per parameter, on the batch-mean loss"
 P = lambda d, what: {"p": Option(d, "probability", what, 0.0, 0.95)}  # noqa: E731
 _REG = dict(kind="regularizer")
 
-register(Method("l1", touches=("loss",), hooks=("loss",), impl="regularizers:L1", **_REG,
+register(Method("l1", touches=("loss",), hooks=("loss",), impl="regularizers:L1", autograd=True, **_REG,
                 summary="L1 penalty lam * sum |w| on every parameter", options={"lam": Option(1e-5, LAM, "", 0.0, 1.0)},
                 what="Adds lam * sum |w| over all parameters to the batch loss; pushes small weights to zero.",
                 paper="Tibshirani 1996 (lasso); Williams 1995", oracle="autograd of the formula: gradient lam*sign(w)"))
-register(Method("l2", touches=("loss",), hooks=("loss",), impl="regularizers:L2", **_REG,
+register(Method("l2", touches=("loss",), hooks=("loss",), impl="regularizers:L2", autograd=True, **_REG,
                 summary="L2 penalty lam/2 * sum w^2 (coupled weight decay)",
                 options={"lam": Option(1e-4, LAM, "", 0.0, 1.0)},
                 what="Adds lam/2 * sum w^2 over all parameters to the batch loss, so the gradient gains lam*w "

@@ -71,7 +71,7 @@ class NormFree:
         spec["ws"] = True
 
     def after_backward(self, ctx):
-        agc_(ctx.views, ctx.gviews, self.clip, self.eps, skip=ctx.final_names)
+        agc_(ctx.views, ctx.gviews, self.clip, self.eps, skip=ctx.final_names, lead=1)
 
 
 NORMS = ("batchnorm", "layernorm", "groupnorm")
@@ -148,7 +148,7 @@ _P = dict(kind="precision", touches=("model",), hooks=("forward",), slot="precis
 register(Method("fp32", impl="structure:FP32", **_P, summary="float32 everywhere (the default, stated)",
                 what="All arithmetic in IEEE float32: weights, activations, gradients, optimizer state.",
                 paper="-", oracle="the run without any precision method: bit-identical weights"))
-register(Method("bf16", impl="structure:BF16", **_P,
+register(Method("bf16", impl="structure:BF16", autograd=True, **_P,
                 summary="bfloat16 autocast on the CPU for the forward pass; float32 weights and optimizer",
                 what="The forward pass runs under torch.autocast('cpu', bfloat16): convolutions and matrix "
                      "products in bfloat16 (8-bit mantissa), reductions and the loss in float32; weights, "

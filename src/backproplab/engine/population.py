@@ -1,0 +1,395 @@
+"""The population engine: every minibatch run, R replicas at once, the methods registry's hooks.
+
+A population is R replicas that differ by seed (and, through `lrs`, by learning rate).
+All their weights live in one (R, P) float32 buffer W; the optimizer, schedules,
+gradient methods and averages are the registry's switches, each acting on the whole
+population at once (ctx.w is W, ctx.g the (R, P) gradient, ctx.lr an (R, 1) column).
+
+Two paths compute the gradient, chosen automatically (`path`, stored with every run):
+  fused     models/fused1989.py's hand-derived forward and backward of Net1989 (ReLU, logits,
+            cross-entropy) as batched matrix products over the replica axis: taken when the
+            model is that net and every active method declares `fast` (it needs no autograd
+            and leaves the model's structure alone);
+  autograd  one module per replica (its parameters alias its row of W), the R forward passes
+            stacked into (R, B, 10) and one backward through their summed losses. Measured on
+            this machine (one thread, R = 8, batch 32): a grouped convolution over the
+            replicas costs as much as the loop for H1 and 1.7x the loop for H2, so the loop it
+            is; each module keeps its own BatchNorm buffers and (seed, pass) noise generator.
+Both paths see the same batches and masks; tests check that their gradients agree.
+
+Per pass, in the order methods/registry.HOOKS fixes (and, inside one hook, rank order):
+  pass_start; per batch: lr -> batch -> forward (autocast, model noise) -> loss ->
+  backward -> after_backward (SAM, AGC) -> before_step (decoupled decay) -> step (the one
+  optimizer) -> after_step (EMA); pass_end (SWA), then BatchNorm statistics recomputed
+  for averaged weights. Evaluation runs the eval hooks (standardization, averaged weights).
+train() hands a pass over in chunks; the engine trains it at end_pass(), so batches are
+aligned to passes (the last may be smaller) and T = passes * ceil(n / batch) is known
+before the first step. Every random draw of pass p comes from generators keyed by
+(seed, p): replica k of any population draws what a solo run of seed k draws, and the
+state at a pass boundary is all a resumed run needs to continue bit for bit.
+"""
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import MethodSpec
+from ..data.augment import shift_images
+from ..errors import UserError
+from ..methods.augment import pass_generator
+from ..methods.registry import HOOKS, build_switch, get_method, resolve
+from ..models import fused1989 as fz
+from ..models.modnet import FINAL_PARAMS, ModNet
+from ..models.registry import build_model, dropout_units
+from .evaluate import metrics_from_outputs
+
+EVAL_CHUNK = 2048    # images per forward pass at evaluation and BatchNorm recomputation
+NOISE_TAG = 1        # generator tag of the model's noise (data methods use 100 + rank)
+AFTER_BACKWARD = HOOKS[HOOKS.index("after_backward"):HOOKS.index("after_step") + 1]
+HOOK_ATTR = {"build": "build", "pass_start": "pass_start", "lr": "lr", "batch": "batch",
+             "forward": "forward_context", "loss": "loss", "after_backward": "after_backward",
+             "before_step": "before_step", "step": "step", "after_step": "after_step", "pass_end": "pass_end",
+             "eval": ("eval_batch", "eval_weights")}
+PATHS = ("fused", "autograd")
+
+
+def batch_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
+    """out (..., B, 10), labels (B,) -> (...) mean over the batch of the per-example loss."""
+    if loss == "mse":  # mean over the 10 outputs against -1 / +1 targets
+        target = 2.0 * F.one_hot(labels, 10).to(out.dtype) - 1.0
+        return torch.mean((out - target) ** 2, dim=(-2, -1))
+    per = F.cross_entropy(out.reshape(-1, 10), labels.repeat(out.numel() // (10 * len(labels))), reduction="none")
+    return per.reshape(out.shape[:-1]).mean(-1)
+
+
+def run_specs(cfg) -> list:
+    """cfg.methods plus the optimizer optim.name stands for when no optimizer method is given."""
+    specs = list(cfg.methods)
+    if not any(get_method(s.name).slot == "optimizer" for s in specs):
+        o = cfg.optim
+        opts = {"sgd": {}, "adamw": {"beta1": o.beta1, "beta2": o.beta2, "eps": o.eps,
+                                     "weight_decay": o.weight_decay}, "sdlm": {"mu": o.mu, "gamma": o.gamma}}
+        specs.append(resolve(MethodSpec(o.name, opts[o.name])))
+    return sorted(specs, key=lambda s: get_method(s.name).rank)
+
+
+def fused_reason(cfg, specs) -> str | None:
+    """Why the fused path cannot run this config, or None when it can."""
+    m, t = cfg.model, cfg.train
+    if m.name != "net1989" or m.act != "relu" or m.out_act != "none" or t.loss != "ce":
+        return "the fused kernels are Net1989 with ReLU, logits and cross-entropy"
+    if t.device != "cpu":
+        return "the fused kernels run on the CPU"
+    slow = [s.name for s in specs if not get_method(s.name).fast]
+    if slow:
+        return f"{', '.join(slow)} need autograd or change the model"
+    return None
+
+
+class Ctx:
+    """What a switch sees of the population at a hook (attributes set by the engine)."""
+
+
+class Population:
+    def __init__(self, cfg, seeds, lrs=None, path="auto"):
+        if cfg.train.device == "cuda" and not torch.cuda.is_available():
+            raise UserError("train.device=cuda but CUDA is not available on this machine")
+        self.cfg, self.seeds, self.batch, self.R = cfg, [int(s) for s in seeds], int(cfg.train.batch), len(seeds)
+        self.device = torch.device(cfg.train.device)
+        self.specs = run_specs(cfg)
+        self.dropout_units = dropout_units(cfg.model)
+        self.switches = [(s.name, build_switch(s, rank=get_method(s.name).rank, seeds=self.seeds))
+                         for s in self.specs]
+        why = fused_reason(cfg, self.specs)
+        if path == "auto":
+            path = "autograd" if why else "fused"
+        if path not in PATHS:
+            raise ValueError(f"path must be auto or one of {', '.join(PATHS)}")
+        if path == "fused" and why:
+            raise UserError(f"the fused path cannot run this run: {why}")
+        self.path = path
+        self.models = [self._build_model(s) for s in self.seeds]
+        self.names = [n for n, _ in self.models[0].named_parameters()]
+        shapes = [p.shape for _, p in self.models[0].named_parameters()]
+        cols = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+        self.slices = list(zip(self.names, cols[:-1], cols[1:], shapes))
+        self.W = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+                              for m in self.models]).to(self.device)                  # (R, P)
+        self.views = self._views(self.W)
+        for r, mod in enumerate(self.models):  # each module now trains its row of W
+            mod.to(self.device)
+            for n, p in mod.named_parameters():
+                p.data = self.views[n][r]
+        self.eval_buffers = None  # per replica: BatchNorm statistics recomputed for averaged weights
+        lrs = [cfg.optim.lr] * self.R if lrs is None else [float(v) for v in lrs]
+        if len(lrs) != self.R:
+            raise ValueError(f"{len(lrs)} learning rates for {self.R} replicas")
+        c = self.ctx = Ctx()
+        c.cfg, c.seeds, c.R, c.models = cfg, self.seeds, self.R, self.models
+        c.w, c.views, c.param_names = self.W, self.views, self.names
+        c.params = [list(m.parameters()) for m in self.models]  # per replica, aliasing W's rows
+        c.final_names = tuple(n for n in self.names if n in FINAL_PARAMS)
+        c.base_lr = torch.tensor(lrs, dtype=torch.float64).view(-1, 1)   # (R, 1)
+        c.base_lrs, c.passes, c.closure = lrs, cfg.train.passes, self._closure
+        opt = self._hook("step")
+        assert len(opt) == 1, "exactly one optimizer"
+        self.t, self.passes_done, self.n, self.chunks = 0, 0, None, []
+
+    def _build_model(self, seed):
+        m = self.cfg.model
+        if m.name != "net1989":
+            model = build_model(m, seed)
+        else:
+            spec = {}
+            for sw in self._hook("build"):
+                sw.build(spec)
+            model = ModNet(seed, act=m.act, out_act=m.out_act, dropout=m.dropout, **spec)
+        return model.train()
+
+    def _views(self, flat):  # (R, P) -> name: (R, *shape)
+        return {n: flat[:, a:b].view(flat.shape[0], *sh) for n, a, b, sh in self.slices}
+
+    def _hook(self, hook, attr=None):
+        attr = attr or HOOK_ATTR[hook]
+        cache = self.__dict__.setdefault("_hooks", {})  # switches never change after construction
+        if attr not in cache:
+            cache[attr] = [sw for _, sw in self.switches if hasattr(sw, attr)]
+        return cache[attr]
+
+    @contextlib.contextmanager
+    def _forward_ctx(self):
+        with contextlib.ExitStack() as stack:
+            for sw in self._hook("forward"):
+                stack.enter_context(sw.forward_context())
+            yield
+
+    def methods(self) -> list:
+        return [s.name for s in self.specs]
+
+    # -- training -------------------------------------------------------------------------
+    def train_pass(self, x, labels, lr=None, shifts=None, keep=None):
+        """Collects one chunk of the pass: x (k, 16, 16), labels (k,), shifts (R, k, 2), keep
+        (R, k, U). lr is unused: the schedule is the lr hook's. Training happens in end_pass()."""
+        self.chunks.append((np.asarray(x, dtype=np.float32), np.asarray(labels),
+                            None if shifts is None else np.asarray(shifts), None if keep is None else np.asarray(keep)))
+
+    def end_pass(self):
+        if not self.chunks:
+            return
+        cat = lambda i, ax=0: None if self.chunks[0][i] is None else np.concatenate(  # noqa: E731
+            [ch[i] for ch in self.chunks], ax)
+        x = torch.from_numpy(cat(0)).reshape(-1, 1, 16, 16)
+        labels, shifts, keep = torch.from_numpy(cat(1)).long(), cat(2, 1), cat(3, 1)
+        self.chunks = []
+        n = len(x)
+        if self.n is None:
+            self.n = n
+        elif n != self.n:
+            raise UserError(f"pass of {n} examples after passes of {self.n}: the schedule's length would change")
+        if keep is not None and keep.shape != (self.R, n, self.dropout_units):
+            raise ValueError(f"keep masks {tuple(keep.shape)}, expected {(self.R, n, self.dropout_units)}")
+        if keep is None and self.cfg.model.dropout > 0:
+            raise ValueError("dropout needs the caller's keep masks (train() draws them from the pass stream)")
+        xs = (torch.stack([shift_images(x, shifts[r]) for r in range(self.R)]) if shifts is not None
+              else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))                  # (R, n, 1, 16, 16)
+        keep = None if keep is None else torch.from_numpy(keep)
+        self._train_pass(x, xs.to(self.device), labels.to(self.device),
+                         None if keep is None else keep.to(self.device))
+        self.passes_done += 1
+
+    def _train_pass(self, x_raw, xs, labels, keep):
+        c, n = self.ctx, len(labels)
+        steps = math.ceil(n / self.batch)
+        c.pass_idx, c.pass_x, c.total_steps = self.passes_done, x_raw, self.cfg.train.passes * steps
+        for mod, s in zip(self.models, self.seeds):
+            mod.gen = pass_generator(s, self.passes_done, NOISE_TAG)
+        for sw in self._hook("pass_start"):
+            sw.pass_start(c)
+        for a in range(0, n, self.batch):
+            b = a + self.batch
+            self._step(xs[:, a:b], labels[a:b], None if keep is None else keep[:, a:b], self._run_lr(a, n))
+        for sw in self._hook("pass_end"):
+            sw.pass_end(c)
+        self._recompute_eval_buffers(x_raw)
+        c.pass_x = None
+
+    def _run_lr(self, a, n):
+        """(R, 1) rate before the lr hook: optim.lr, or its linear decay to optim.lr_end over the run,
+        per example as the per-example engines have it (a batch takes its first example's rate,
+        rounded to float32 like engine/train.step_lrs)."""
+        end = self.cfg.optim.lr_end
+        if end is None:
+            return self.ctx.base_lr
+        frac = (self.passes_done * n + a) / max(self.cfg.train.passes * n - 1, 1)
+        return (self.ctx.base_lr + (end - self.ctx.base_lr) * frac).float().double()
+
+    def _step(self, x, labels, keep, lr):  # x (R, B, 1, 16, 16), labels (B,), keep (R, B, U) bool, lr (R, 1)
+        c = self.ctx
+        c.step, c.lr = self.t, lr
+        for sw in self._hook("lr"):
+            c.lr = sw.lr(c)
+        c.lr = torch.as_tensor(c.lr, dtype=torch.float64).expand(self.R, 1).to(torch.float32)  # (R, 1)
+        for sw in self._hook("batch"):
+            x = sw.batch(x, c)
+        c.x, c.labels, c.keep = x, labels, keep
+        c.gen_states = [m.gen.get_state() for m in self.models] if self.path == "autograd" else None
+        c.g = self._closure()
+        c.gviews = self._views(c.g)
+        for hook in AFTER_BACKWARD:
+            for sw in self._hook(hook):
+                getattr(sw, hook)(c)
+        self.t += 1
+
+    def _closure(self, second=False):
+        """Forward, loss and backward on ctx's batch -> (R, P) gradient. second: SAM's pass at
+        perturbed weights: the same noise, BatchNorm statistics not updated."""
+        c = self.ctx
+        if self.path == "fused":
+            return self._fused_grad(c)
+        if second:
+            for m, st in zip(self.models, c.gen_states):
+                m.gen.set_state(st)
+                m.update_stats = False
+        try:
+            with self._forward_ctx():
+                out = torch.stack([m(c.x[r], None if c.keep is None else c.keep[r])
+                                   for r, m in enumerate(self.models)])             # (R, B, 10)
+            value = batch_loss(out.float(), c.labels, self.cfg.train.loss)          # (R,)
+            for sw in self._hook("loss"):
+                value = sw.loss(c, out, c.labels, value)
+            flat_params = [p for ps in c.params for p in ps]
+            grads = torch.autograd.grad(value.sum(), flat_params)  # replicas share nothing: row r = dL_r/dW_r
+        finally:
+            for m in self.models:
+                m.update_stats = True
+        k = len(self.names)
+        return torch.stack([torch.cat([g.reshape(-1) for g in grads[r * k:(r + 1) * k]]) for r in range(self.R)])
+
+    def _fused_grad(self, c):
+        smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss"))
+        keep = None
+        if c.keep is not None:
+            keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.cfg.model.dropout))
+        labels = c.labels.unsqueeze(0).expand(self.R, -1)
+        return fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, smooth)[1]
+
+    # -- evaluation -------------------------------------------------------------------------
+    def eval_weights(self):
+        """(R, P) averaged weights when an averaging method has them, else None."""
+        for sw in self._hook("eval", "eval_weights"):
+            avg = sw.eval_weights(self.ctx)
+            if avg is not None:
+                return avg
+        return None
+
+    def _eval_input(self, x):
+        for sw in self._hook("eval", "eval_batch"):
+            x = sw.eval_batch(x, self.ctx)
+        return x
+
+    def _bn_buffers(self, r):
+        return {n: b for n, b in self.models[r].named_buffers() if n.endswith(("_rm", "_rv"))}
+
+    @contextlib.contextmanager
+    def _swapped(self, weights, buffers):
+        """Temporarily run the models with other (R, P) weights and per-replica BatchNorm buffers."""
+        saved_w = self.W.clone()
+        saved_b = [{n: b.clone() for n, b in self._bn_buffers(r).items()} for r in range(self.R)]
+        with torch.no_grad():
+            if weights is not None:
+                self.W.copy_(weights)
+            for r, bufs in enumerate(buffers or []):
+                for n, v in bufs.items():
+                    getattr(self.models[r], n).copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.W.copy_(saved_w)
+                for r, bufs in enumerate(saved_b):
+                    for n, v in bufs.items():
+                        getattr(self.models[r], n).copy_(v)
+
+    @torch.no_grad()
+    def _recompute_eval_buffers(self, x_raw):
+        """For averaged weights with BatchNorm: running statistics as the cumulative mean of the
+        batch statistics over the training set (inputs standardized, no noise, no augmentation)."""
+        avg = self.eval_weights()
+        if avg is None or not getattr(self.models[0], "has_batchnorm", lambda: False)():
+            return
+        x = self._eval_input(x_raw.to(self.device))
+        with self._swapped(avg, None):
+            for r, m in enumerate(self.models):
+                for n, b in self._bn_buffers(r).items():
+                    b.zero_() if n.endswith("_rm") else b.fill_(1.0)
+                gen, m.gen = m.gen, None
+                with self._forward_ctx():
+                    for k, a in enumerate(range(0, len(x), EVAL_CHUNK)):
+                        m.bn_momentum = 1.0 / (k + 1)
+                        m(x[a:a + EVAL_CHUNK])
+                m.bn_momentum, m.gen = 0.1, gen
+            self.eval_buffers = [{n: b.clone() for n, b in self._bn_buffers(r).items()} for r in range(self.R)]
+
+    @torch.no_grad()
+    def outputs(self, x) -> torch.Tensor:
+        """x (B, 1, 16, 16) -> (R, B, 10) in eval mode, with the evaluated weights."""
+        x = self._eval_input(torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 16, 16).to(self.device))
+        avg = self.eval_weights()
+        if self.path == "fused":
+            theta = self.W if avg is None else avg
+            return torch.cat([fz.logits(theta, fz.prep(x[a:a + EVAL_CHUNK]))
+                              for a in range(0, len(x), EVAL_CHUNK)], 1).cpu()
+        with self._swapped(avg, self.eval_buffers):
+            outs = []
+            for m in self.models:
+                m.eval()
+                with self._forward_ctx():
+                    outs.append(torch.cat([m(x[a:a + EVAL_CHUNK]).float() for a in range(0, len(x), EVAL_CHUNK)]))
+                m.train()
+        return torch.stack(outs).cpu()
+
+    def evaluate(self, x, labels, loss) -> list:
+        return metrics_from_outputs(self.outputs(np.asarray(x)), torch.as_tensor(np.asarray(labels)).long(), loss)
+
+    def params(self) -> list:
+        """Per replica {name: array}: the evaluated weights (the SWA/EMA average when there is one)."""
+        avg = self.eval_weights()
+        v = self.views if avg is None else self._views(avg)
+        return [{n: v[n][r].detach().cpu().numpy().copy() for n in self.names} for r in range(self.R)]
+
+    # -- state: everything a resumed run needs, at a pass boundary ---------------------------------
+    def state(self) -> dict:
+        if self.chunks:
+            raise RuntimeError("state() inside a pass: call end_pass() first")
+        st = {"t": np.asarray(self.t), "passes_done": np.asarray(self.passes_done),
+              "n": np.asarray(-1 if self.n is None else self.n), "W": self.W.cpu().numpy().copy()}
+        for r in range(self.R):
+            for n, b in self._bn_buffers(r).items():
+                st[f"{r}.buf.{n}"] = b.cpu().numpy().copy()
+            for n, b in (self.eval_buffers[r] if self.eval_buffers else {}).items():
+                st[f"{r}.evalbuf.{n}"] = b.cpu().numpy().copy()
+        for name, sw in self.switches:
+            for k, v in (sw.state() if hasattr(sw, "state") else {}).items():
+                st[f"m.{name}.{k}"] = v.detach().cpu().numpy().copy() if torch.is_tensor(v) else np.asarray(v)
+        return st
+
+    def load_state(self, st: dict) -> None:
+        if "W" not in st or np.asarray(st["W"]).shape != tuple(self.W.shape):
+            raise UserError("checkpoint does not fit this model, population and method list")
+        self.t, self.passes_done = int(st["t"]), int(st["passes_done"])
+        self.n = None if int(st["n"]) < 0 else int(st["n"])
+        with torch.no_grad():
+            self.W.copy_(torch.as_tensor(np.asarray(st["W"])))
+            for r in range(self.R):
+                for n, b in self._bn_buffers(r).items():
+                    b.copy_(torch.as_tensor(np.asarray(st[f"{r}.buf.{n}"])))
+        ev = [{k[len(f"{r}.evalbuf."):]: torch.as_tensor(np.asarray(v)).clone() for k, v in st.items()
+               if k.startswith(f"{r}.evalbuf.")} for r in range(self.R)]
+        self.eval_buffers = ev if any(ev) else None
+        for name, sw in self.switches:
+            pre = f"m.{name}."
+            d = {k[len(pre):]: np.asarray(v) for k, v in st.items() if k.startswith(pre)}
+            if hasattr(sw, "load_state"):
+                sw.load_state(d)
