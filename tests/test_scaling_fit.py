@@ -46,6 +46,30 @@ def test_huber_matches_piecewise_formula():
         assert huber(r, d) == pytest.approx(want, rel=1e-12, abs=1e-18)
 
 
+def test_fit_shrugs_off_gross_outliers_where_least_squares_does_not():
+    # The Huber loss with delta = 1e-3 is what makes the fit robust: three runs of 25 with a
+    # loss 0.6x to 2.5x what the law says (a run that diverged half-way, a logging slip) barely
+    # move it. The same fitter with a delta beyond every residual is least squares, which
+    # they drag far off, so a fit that quietly lost its Huber loss fails here.
+    truth = {"E": 1.8, "A": 480.0, "B": 2100.0, "alpha": 0.35, "beta": 0.37}
+    N, D = (g.ravel() for g in np.meshgrid(np.geomspace(1e7, 1e11, 5), np.geomspace(1e8, 1e12, 5), indexing="ij"))
+    law = truth["E"] + truth["A"] / N ** truth["alpha"] + truth["B"] / D ** truth["beta"]
+    L = law * np.exp(0.002 * np.random.default_rng(0).standard_normal(law.size))
+    outliers = np.array([3, 12, 21])
+    L[outliers] *= np.array([1.8, 0.6, 2.5])
+    clean = np.setdiff1d(np.arange(law.size), outliers)
+
+    robust = fit_chinchilla(N, D, L, n_boot=0, grid=TINY_GRID)        # the default delta
+    p = robust.params
+    assert abs(p["alpha"] - truth["alpha"]) < 0.02 and abs(p["beta"] - truth["beta"]) < 0.02, p
+    for k in ("E", "A", "B"):
+        assert abs(p[k] / truth[k] - 1) < 0.1, (k, p)
+    assert np.abs(robust.predict(N[clean], D[clean]) / law[clean] - 1).max() < 0.01
+
+    lsq = fit_chinchilla(N, D, L, n_boot=0, grid=TINY_GRID, delta=1e6).params
+    assert abs(lsq["alpha"] - truth["alpha"]) > 0.1 or abs(lsq["beta"] - truth["beta"]) > 0.05, lsq
+
+
 def test_lse_parametrization_equals_plain_formula():
     rng = np.random.default_rng(1)
     N, D = 10 ** rng.uniform(6, 11, 50), 10 ** rng.uniform(7, 12, 50)
