@@ -4,14 +4,20 @@ files of killed writers go away, and NaN/Inf in the weights or the loss stops a 
 recorded, stays final on resume, and lets a ladder go on with the next rung.
 """
 import json
+import math
 import os
+import stat
+import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from backproplab.cli import main
 from backproplab.config import apply_overrides, preset
 from backproplab.engine import checkpoint as ckmod
-from backproplab.engine.checkpoint import read_checkpoint, save_checkpoint
+from backproplab.engine import train as trainmod
+from backproplab.engine.checkpoint import atomic_write_bytes, read_checkpoint, save_checkpoint
 from backproplab.engine.train import checkpoint_path, train
 from backproplab.errors import UserError
 from backproplab.experiments import ladder, ladder_report
@@ -113,6 +119,59 @@ def test_temporary_files_of_killed_writers_are_removed(tmp_path):
     assert list(ck.parent.iterdir()) == [] and not ckmod.has_checkpoint(ck)
 
 
+# ---- durability: fsync of the file before its rename, of the folder after it ---------
+def _record_syncs(monkeypatch):
+    """checkpoint.py's fsyncs and renames, in order: ("fsync", inode, is_folder) and
+    ("replace", inode of the file moved, target path)."""
+    events = []
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", st.st_ino, stat.S_ISDIR(st.st_mode)))
+        return os.fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, Path(dst)))
+        return os.replace(src, dst)
+    fake = types.SimpleNamespace(**{k: getattr(os, k) for k in dir(os) if not k.startswith("__")})
+    fake.fsync, fake.replace = fsync, replace
+    monkeypatch.setattr(ckmod, "os", fake)
+    return events
+
+
+def _assert_durable(events, target, writes):
+    # SIGKILL leaves the page cache alone, so the kill tests cannot see a missing fsync; a
+    # power cut can: a renamed file whose data never reached the disk, or a rename that
+    # never did (the folder not synced), loses the checkpoint. Between two renames onto
+    # target the file moved must have been fsynced, and the folder after each.
+    folder = os.stat(target.parent).st_ino
+    at = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == target]
+    assert len(at) == writes, events
+    for n, i in enumerate(at):
+        since_last = events[at[n - 1] + 1 if n else 0:i]
+        assert ("fsync", events[i][1], False) in since_last, f"write {n + 1}: file not fsynced before its rename"
+        until_next = events[i + 1:at[n + 1] if n + 1 < len(at) else len(events)]
+        assert ("fsync", folder, True) in until_next, f"write {n + 1}: folder not fsynced after the rename"
+
+
+def test_every_checkpoint_write_fsyncs_the_file_and_the_folder(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    cfg = _cfg(TINY)
+    train(cfg, out=tmp_path)
+    ck = checkpoint_path(cfg, tmp_path)
+    _assert_durable(events, ck, cfg.train.passes)
+    # the kept previous checkpoint is no new copy to sync: it is the file synced as the newest one write ago
+    moved = [e[1] for e in events if e[0] == "replace" and e[2] == ck]
+    assert os.stat(ckmod.prev_path(ck)).st_ino == moved[-2]
+    # atomic_write_bytes alone (the scaling study's sweep files and fit report)
+    events.clear()
+    report = tmp_path / "report.json"
+    for body in (b"{}", b"[1]"):
+        atomic_write_bytes(report, body)
+    _assert_durable(events, report, 2)
+    assert report.read_bytes() == b"[1]"
+
+
 # ---- divergence ----------------------------------------------------------------------
 BLOWUP = ["model.act=relu", "model.out_act=none", "train.loss=ce", "optim.lr=100", "data.n_train=60",
           "train.passes=4", "train.eval_every=4"]
@@ -136,6 +195,42 @@ def test_repro_divergence_is_one_line_exit_3_and_stored(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 3 and len(err.splitlines()) == 1 and err.startswith("error: diverged in pass 1"), err
     assert "Traceback" not in err and json.loads(out.splitlines()[-1])["status"] == "diverged"
+    assert [r["status"] for r in list_runs(tmp_path)] == ["diverged"]
+
+
+def _poison_train_loss(monkeypatch, bad_pass, value):
+    """The real evaluation, with replica 1's training loss in pass bad_pass replaced by value:
+    a loss that is NaN or Inf while every weight stays finite (an overflow in the loss alone)."""
+    real = trainmod._evaluate_pass
+
+    def evaluate_pass(engine, data, cfg, p, dt):
+        rec = real(engine, data, cfg, p, dt)
+        if p + 1 == bad_pass:
+            rec["train"][1]["loss"] = value
+        return rec
+    monkeypatch.setattr(trainmod, "_evaluate_pass", evaluate_pass)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_or_inf_loss_with_finite_weights_stops_the_run(tmp_path, monkeypatch, bad):
+    cfg = _cfg(TINY)
+    _poison_train_loss(monkeypatch, 2, bad)
+    res = train(cfg, out=tmp_path)
+    assert res.status == "diverged", res.message
+    assert res.message == f"diverged in pass 2: NaN/Inf loss (seeds [{cfg.train.seed + 1}])"
+    assert [h["pass"] for h in res.history] == [1, 2]
+    assert all(np.isfinite(v).all() for prm in res.params for v in prm.values())  # the weight check saw nothing
+    again = train(cfg, out=tmp_path, resume=True, progress=_no_training)
+    assert (again.status, again.message) == (res.status, res.message)
+
+
+def test_repro_with_a_nan_loss_is_one_line_exit_3_and_stored(tmp_path, capsys, monkeypatch):
+    _poison_train_loss(monkeypatch, 2, math.nan)
+    code = main(["repro", "--preset", "smoke", "--out", str(tmp_path), "--json", "--quiet", "data.n_test=60", *TINY])
+    out, err = capsys.readouterr()
+    assert code == 3 and len(err.splitlines()) == 1, (code, err)
+    assert err.startswith("error: diverged in pass 2: NaN/Inf loss") and "weights" not in err, err
+    assert json.loads(out.splitlines()[-1])["status"] == "diverged"
     assert [r["status"] for r in list_runs(tmp_path)] == ["diverged"]
 
 
