@@ -1,6 +1,7 @@
 import gzip
 import hashlib
 import io
+import re
 
 import numpy as np
 import pytest
@@ -134,6 +135,25 @@ def test_download_verifies_sha256(tmp_path, monkeypatch):
 
 
 def test_known_downloads_have_full_digests():
-    for spec in idxmod.DOWNLOADS.values():
-        assert len(spec["files"]) == 4
-        assert all(len(h) == 64 and int(h, 16) >= 0 for h in spec["files"].values())
+    names = {stems[0] + ".gz" for stems in idxmod._STEMS.values()}  # the names load_idx_folder looks for
+    digests = []
+    for name, spec in idxmod.DOWNLOADS.items():
+        assert set(spec["files"]) == names, name
+        for fname, h in spec["files"].items():
+            # hexdigest() is lowercase: an uppercase or shortened digest could never match a download
+            assert re.fullmatch(r"[0-9a-f]{64}", h), (name, fname, h)
+            digests.append(h)
+    assert len(set(digests)) == len(digests)  # no digest pasted twice
+
+
+@pytest.mark.parametrize("name", sorted(idxmod.DOWNLOADS))
+def test_known_download_refuses_other_bytes_in_one_line(tmp_path, name):
+    spec = idxmod.DOWNLOADS[name]
+    first = next(iter(spec["files"]))
+    opener = lambda url: _FakeResponse(gzip.compress(b"not the published file"))  # noqa: E731
+    with pytest.raises(UserError) as e:
+        idxmod.download(name, tmp_path, opener=opener)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{first}: SHA-256 mismatch"), msg
+    assert f"expected {spec['files'][first][:16]}" in msg  # checked against this dataset's own digest
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary is kept
