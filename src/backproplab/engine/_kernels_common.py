@@ -17,7 +17,9 @@ from ._simd import _I32, LANES, _VT, _intrinsic_fn, _ptr, _splat, vadd, vload, v
 ACT = {"tanh": 0, "relu": 1, "scaled_tanh": 2}
 OUT = {"tanh": 0, "relu": 1, "scaled_tanh": 2, "none": 3}   # the hidden codes, and none (logits)
 LOSS = {"mse": 0, "ce": 1}
-OPT = {"sgd": 0, "adamw": 1, "grad": 2, "sdlm": 3}   # grad: write the gradient into M instead of stepping (vstep)
+# grad: write the gradient into M instead of stepping (vstep); accumulate: add it to M (the
+# population engine's minibatch gradient: the sum over a batch at fixed weights)
+OPT = {"sgd": 0, "adamw": 1, "grad": 2, "sdlm": 3, "accumulate": 4}
 
 F0, F1 = np.float32(0.0), np.float32(1.0)
 ST_A = np.float32(1.7159)                       # LeCun's scaled tanh: ST_A * tanh(ST_B * x)
@@ -175,6 +177,7 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                    V = V k[4] + k[3] g g; P += k[7] M / (sqrt(V) k[5] + k[6])
                    (k[5] = 1/sqrt(1 - b2^t), k[6] = eps, k[7] = -lr / (1 - b1^t))
     opt 2 (grad):  M = g (the gradient, for checks; nothing is stepped)
+    opt 4 (accumulate): M += g (nothing is stepped: a minibatch's gradient summed over its examples)
     opt 3 (SDLM):  methods/sdlm.py's sdlm_update with M = h (the running Gauss-Newton
                    diagonal) and V = this example's estimate: M = fma(V, k[2], M k[1])
                    (k[1] = 1 - gamma, k[2] = gamma); P += k[0] g / (M + k[3]) (k[3] = mu > 0,
@@ -222,7 +225,13 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                                 pp = at(0, Pa)
                                 builder.store(builder.call(fma, [kk(0), g, builder.load(pp, align=4)]), pp, align=4)
                             with grad:
-                                builder.store(g, at(1, Ma), align=4)
+                                is_acc = builder.icmp_signed("==", opt, ir.Constant(opt.type, 4))
+                                with builder.if_else(is_acc) as (acc, store):
+                                    with acc:
+                                        pm = at(1, Ma)
+                                        builder.store(builder.fadd(builder.load(pm, align=4), g), pm, align=4)
+                                    with store:
+                                        builder.store(g, at(1, Ma), align=4)
         return context.get_dummy_value()
     return types.void(P, M, V, i, g, k, opt), cg
 

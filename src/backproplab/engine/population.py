@@ -52,7 +52,7 @@ HOOK_ATTR = {"build": "build", "pass_start": "pass_start", "lr": "lr", "batch": 
              "forward": "forward_context", "loss": "loss", "after_backward": "after_backward",
              "before_step": "before_step", "step": "step", "after_step": "after_step", "pass_end": "pass_end",
              "eval": ("eval_batch", "eval_weights")}
-PATHS = ("fused", "autograd")
+PATHS = ("kernel", "fused", "autograd")   # fastest first: the automatic choice is the first that can run
 
 
 def batch_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
@@ -75,21 +75,36 @@ def run_specs(cfg) -> list:
     return sorted(specs, key=lambda s: get_method(s.name).rank)
 
 
-def fused_reason(cfg, specs) -> str | None:
-    """Why the fused path cannot run this config, or None when it can."""
+def fused_reason(cfg, specs, path="fused") -> str | None:
+    """Why the `path` ('kernel' or 'fused') cannot run this config, or None when it can."""
     m, t = cfg.model, cfg.train
-    if m.name != "net1989" or m.act != "relu" or m.out_act != "none" or t.loss != "ce":
-        return "the fused kernels are Net1989 with ReLU, logits and cross-entropy"
+    if m.name != "net1989":
+        return "the fast paths are Net1989's"
     if t.device != "cpu":
-        return "the fused kernels run on the CPU"
+        return "the fast paths run on the CPU"
     slow = [s.name for s in specs if not get_method(s.name).fast]
     if slow:
         return f"{', '.join(slow)} need autograd or change the model"
+    if path == "kernel":
+        if any(s.name == "label_smoothing" for s in specs):
+            return "the numba kernels have no label smoothing"
+        from .kernelgrad import kernel_reason
+        return kernel_reason(cfg)
+    if m.act != "relu" or m.out_act != "none" or t.loss != "ce":
+        return "the fused products are Net1989 with ReLU, logits and cross-entropy"
     return None
 
 
 class Ctx:
-    """What a switch sees of the population at a hook (attributes set by the engine)."""
+    """What a switch sees of the population at a hook (attributes set by the engine).
+    gviews, the per-parameter views of the gradient g, is built when a switch first asks."""
+    _gv = None
+
+    @property
+    def gviews(self):
+        if self._gv is None:
+            self._gv = self.views_of(self.g)
+        return self._gv
 
 
 class Population:
@@ -102,14 +117,20 @@ class Population:
         self.dropout_units = dropout_units(cfg.model)
         self.switches = [(s.name, build_switch(s, rank=get_method(s.name).rank, seeds=self.seeds))
                          for s in self.specs]
-        why = fused_reason(cfg, self.specs)
         if path == "auto":
-            path = "autograd" if why else "fused"
+            path = next(p for p in PATHS if p == "autograd" or fused_reason(cfg, self.specs, p) is None)
         if path not in PATHS:
             raise ValueError(f"path must be auto or one of {', '.join(PATHS)}")
-        if path == "fused" and why:
-            raise UserError(f"the fused path cannot run this run: {why}")
+        why = None if path == "autograd" else fused_reason(cfg, self.specs, path)
+        if why:
+            raise UserError(f"the {path} path cannot run this run: {why}")
         self.path = path
+        self.kernel = None
+        if path == "kernel":
+            from .kernelgrad import KernelGrad
+            m = cfg.model
+            self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, m.dropout,
+                                     per_replica_inputs=self._inputs_per_replica())
         self.models = [self._build_model(s) for s in self.seeds]
         self.names = [n for n, _ in self.models[0].named_parameters()]
         shapes = [p.shape for _, p in self.models[0].named_parameters()]
@@ -128,10 +149,12 @@ class Population:
             raise ValueError(f"{len(lrs)} learning rates for {self.R} replicas")
         c = self.ctx = Ctx()
         c.cfg, c.seeds, c.R, c.models = cfg, self.seeds, self.R, self.models
-        c.w, c.views, c.param_names = self.W, self.views, self.names
+        c.w, c.views, c.param_names, c.views_of = self.W, self.views, self.names, self._views
         c.params = [list(m.parameters()) for m in self.models]  # per replica, aliasing W's rows
         c.final_names = tuple(n for n in self.names if n in FINAL_PARAMS)
-        c.base_lr = torch.tensor(lrs, dtype=torch.float64).view(-1, 1)   # (R, 1)
+        # one rate for all replicas: a float, as torch.optim has it; else an (R, 1) column
+        self.uniform_lr = len(set(lrs)) == 1
+        c.base_lr = lrs[0] if self.uniform_lr else torch.tensor(lrs, dtype=torch.float64).view(-1, 1)
         c.base_lrs, c.passes, c.closure = lrs, cfg.train.passes, self._closure
         opt = self._hook("step")
         assert len(opt) == 1, "exactly one optimizer"
@@ -192,8 +215,14 @@ class Population:
             raise ValueError(f"keep masks {tuple(keep.shape)}, expected {(self.R, n, self.dropout_units)}")
         if keep is None and self.cfg.model.dropout > 0:
             raise ValueError("dropout needs the caller's keep masks (train() draws them from the pass stream)")
-        xs = (torch.stack([shift_images(x, shifts[r]) for r in range(self.R)]) if shifts is not None
-              else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))                  # (R, n, 1, 16, 16)
+        if self.kernel is not None and not self.kernel_per_replica:
+            xs = x.unsqueeze(0).expand(self.R, -1, -1, -1, -1)  # the kernels shift each replica's copy themselves
+            self.pass_shifts = None if shifts is None else shifts.astype(np.int8)
+        else:
+            xs = (torch.stack([shift_images(x, shifts[r]) for r in range(self.R)]) if shifts is not None
+                  else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))              # (R, n, 1, 16, 16)
+            self.pass_shifts = None
+        self.pass_keep = keep
         keep = None if keep is None else torch.from_numpy(keep)
         self._train_pass(x, xs.to(self.device), labels.to(self.device),
                          None if keep is None else keep.to(self.device))
@@ -209,6 +238,7 @@ class Population:
             sw.pass_start(c)
         for a in range(0, n, self.batch):
             b = a + self.batch
+            c.slice = (a, b)
             self._step(xs[:, a:b], labels[a:b], None if keep is None else keep[:, a:b], self._run_lr(a, n))
         for sw in self._hook("pass_end"):
             sw.pass_end(c)
@@ -223,20 +253,21 @@ class Population:
         if end is None:
             return self.ctx.base_lr
         frac = (self.passes_done * n + a) / max(self.cfg.train.passes * n - 1, 1)
-        return (self.ctx.base_lr + (end - self.ctx.base_lr) * frac).float().double()
+        lr = self.ctx.base_lr + (end - self.ctx.base_lr) * frac
+        return float(np.float32(lr)) if self.uniform_lr else lr.float().double()
 
-    def _step(self, x, labels, keep, lr):  # x (R, B, 1, 16, 16), labels (B,), keep (R, B, U) bool, lr (R, 1)
+    def _step(self, x, labels, keep, lr):  # x (R, B, 1, 16, 16), labels (B,), keep (R, B, U) bool, lr float or (R, 1)
         c = self.ctx
         c.step, c.lr = self.t, lr
         for sw in self._hook("lr"):
             c.lr = sw.lr(c)
-        c.lr = torch.as_tensor(c.lr, dtype=torch.float64).expand(self.R, 1).to(torch.float32)  # (R, 1)
+        if torch.is_tensor(c.lr):
+            c.lr = c.lr.to(torch.float32).expand(self.R, 1)  # (R, 1)
         for sw in self._hook("batch"):
             x = sw.batch(x, c)
         c.x, c.labels, c.keep = x, labels, keep
         c.gen_states = [m.gen.get_state() for m in self.models] if self.path == "autograd" else None
-        c.g = self._closure()
-        c.gviews = self._views(c.g)
+        c.g, c._gv = self._closure(), None
         for hook in AFTER_BACKWARD:
             for sw in self._hook(hook):
                 getattr(sw, hook)(c)
@@ -246,6 +277,8 @@ class Population:
         """Forward, loss and backward on ctx's batch -> (R, P) gradient. second: SAM's pass at
         perturbed weights: the same noise, BatchNorm statistics not updated."""
         c = self.ctx
+        if self.path == "kernel":
+            return self._kernel_grad(c)
         if self.path == "fused":
             return self._fused_grad(c)
         if second:
@@ -266,6 +299,23 @@ class Population:
                 m.update_stats = True
         k = len(self.names)
         return torch.stack([torch.cat([g.reshape(-1) for g in grads[r * k:(r + 1) * k]]) for r in range(self.R)])
+
+    def _inputs_per_replica(self) -> bool:
+        """Whether ctx.x must hold each replica's batch as its model sees it: a data method
+        transforms it, or a switch reads it. Else the kernels shift shared images themselves."""
+        return bool(self._hook("batch")) or any(getattr(sw, "needs_inputs", False) for _, sw in self.switches)
+
+    @property
+    def kernel_per_replica(self):
+        return self.kernel is not None and self._inputs_per_replica()
+
+    def _kernel_grad(self, c):
+        a, b = c.slice
+        keep = None if self.pass_keep is None else self.pass_keep[:, a:b]
+        if self.kernel_per_replica:  # each replica's batch went through the data methods
+            return self.kernel.grad(self.W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep)
+        sh = None if self.pass_shifts is None else self.pass_shifts[:, a:b]
+        return self.kernel.grad(self.W, c.x[0].reshape(-1, 16, 16), c.labels, sh, keep)
 
     def _fused_grad(self, c):
         smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss"))

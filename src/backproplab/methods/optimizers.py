@@ -36,7 +36,10 @@ def momentum_update(w, g, st, lr, momentum=0.9, nesterov=False):
 
 def adagrad_update(w, g, st, lr, eps=1e-10):
     st.setdefault("sum", torch.zeros_like(w)).addcmul_(g, g)
-    _descend(w, g / st["sum"].sqrt().add_(eps), lr)
+    if torch.is_tensor(lr):
+        _descend(w, g / st["sum"].sqrt().add_(eps), lr)
+    else:
+        w.addcdiv_(g, st["sum"].sqrt().add_(eps), value=-lr)
 
 
 def adadelta_update(w, g, st, lr, rho=0.9, eps=1e-6):
@@ -56,22 +59,28 @@ def rmsprop_update(w, g, st, lr, alpha=0.99, eps=1e-8, momentum=0.0):
         buf = st.setdefault("buf", torch.zeros_like(w))
         buf.mul_(momentum).addcdiv_(g, avg)
         _descend(w, buf, lr)
-    else:
+    elif torch.is_tensor(lr):
         _descend(w, g / avg, lr)
+    else:
+        w.addcdiv_(g, avg, value=-lr)
 
 
 def adam_update(w, g, st, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
     """Adam; weight_decay > 0 makes it AdamW (decoupled: w <- w (1 - lr wd) before the step)."""
     st["step"] = st.get("step", 0) + 1
-    m = st.setdefault("exp_avg", torch.zeros_like(w))
-    v = st.setdefault("exp_avg_sq", torch.zeros_like(w))
+    if "exp_avg" not in st:
+        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(w), torch.zeros_like(w)
+    m, v = st["exp_avg"], st["exp_avg_sq"]
     if weight_decay:
         w.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
     denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
-    _descend(w, m / denom, lr / bc1)
+    if torch.is_tensor(lr):
+        _descend(w, m / denom, lr / bc1)
+    else:
+        w.addcdiv_(m, denom, value=-lr / bc1)
 
 
 class _Optimizer:
@@ -136,6 +145,7 @@ class SDLM(_Optimizer):
     """The 1989 diagonal Levenberg-Marquardt on a plain net1989 (wraps methods/sdlm.py): the
     Gauss-Newton diagonal estimate is averaged over the examples of the batch. The estimate
     is defined per example and per replica, so this one loops over both."""
+    needs_inputs = True  # reads each replica's batch as the model sees it (the engine supplies it)
 
     def step(self, ctx):
         from .sdlm import net1989_gn_diag, sdlm_update
@@ -154,7 +164,8 @@ class SDLM(_Optimizer):
             with torch.no_grad():
                 for n in names:
                     sdlm_update(ctx.views[n][r], ctx.gviews[n][r], self.st[n][r], est[n] / len(x),
-                                float(ctx.lr[r]), self.opts["mu"], self.opts["gamma"])
+                                float(ctx.lr[r]) if torch.is_tensor(ctx.lr) else ctx.lr, self.opts["mu"],
+                                self.opts["gamma"])
 
     def load_state(self, d):
         self.st = {k: torch.as_tensor(v).clone() for k, v in d.items()}

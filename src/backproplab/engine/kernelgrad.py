@@ -1,0 +1,126 @@
+"""Minibatch gradients of a Net1989 population from the per-example numba kernels.
+
+The population engine's fastest path. The kernels of the fast engine (_kernels_solo: one
+replica, lanes = image positions; _kernels_pop: 16 replicas, lanes = replicas) run with
+opt 'accumulate': for each example of the batch, forward and hand-derived backward at
+the same weights, the gradient added into M; the engine divides by the batch size and
+hands the mean to the registry's optimizer like any other gradient. So the kernels
+compute exactly the sum the autograd path differentiates (tests check it against
+autograd), and every method that acts on gradients and weights composes with them.
+
+Why numba here: at batch 32 a minibatch step of this 9,760-parameter net is a few hundred
+thousand multiply-adds in tiny pieces; PyTorch pays microseconds per op and the Toeplitz
+products of models/fused1989.py waste most of their work on structural zeros at small
+batches (measured in benchmarks/bench_engine.py). The kernels do a step's examples at
+about 5-10 us each on one core.
+
+Layouts: the engine's weights are (R, 9760) in Net1989's PARAM_NAMES order. The solo
+kernel's flat layout (engine/_layout.py) is a permutation of those with zero padding,
+gathered through an index map built once; the population kernel's is the torch layout
+with a trailing axis of 16 lanes (a transpose). Inputs: the raw images shared by all
+replicas with per-replica integer shifts done inside the kernels, or (when a data method
+has transformed each replica's batch) each replica's own images on the solo kernel.
+"""
+import numpy as np
+import torch
+from llvmlite import binding
+
+from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
+from . import _layout as LY
+from ._kernels_common import ACT, LOSS, OPT, OUT, aligned_copy
+from .fast import _groups, _lanes, _tables
+
+N_THETA = sum(int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES)
+
+
+def kernel_reason(cfg) -> str | None:
+    """Why the numba kernels cannot compute this run's gradients, or None."""
+    f = binding.get_host_cpu_features()
+    if not (f.get("avx512f") and f.get("avx512vl") and f.get("avx512bw")):
+        return "the numba kernels need an AVX-512 CPU"
+    m = cfg.model
+    if m.name != "net1989" or m.act not in ACT or m.out_act not in OUT or cfg.train.loss not in LOSS:
+        return "the numba kernels are Net1989's"
+    return None
+
+
+def _solo_maps():
+    """solo position -> torch flat index + 1 (0: a padding zero), and torch index -> solo position."""
+    cols = np.cumsum([0] + [int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES])
+    enc = {n: (np.arange(a, b, dtype=np.float64) + 1).reshape(PARAM_SHAPES[n])
+           for n, a, b in zip(PARAM_NAMES, cols[:-1], cols[1:])}
+    src = LY.to_solo(enc).astype(np.int64)             # float32 holds integers up to 2^24 exactly
+    inv = np.empty(N_THETA, np.int64)
+    pos = np.nonzero(src)[0]
+    inv[src[pos] - 1] = pos
+    assert len(pos) == N_THETA
+    return torch.from_numpy(src), torch.from_numpy(inv)
+
+
+class KernelGrad:
+    def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False):
+        self.R = R
+        self.codes = (ACT[act], OUT[out_act], LOSS[loss], OPT["accumulate"])
+        self.scale = np.float32(1.0 / (1.0 - dropout))
+        self.groups = _groups(R, "solo" if per_replica_inputs else "auto")
+        src, inv = _solo_maps()
+        self.src, self.inv = src.numpy(), inv.numpy()
+        self.padded = np.zeros(N_THETA + 1, np.float32)   # [0, w...]: index 0 feeds the layout's zero padding
+        self.no_shift, self.no_keep = np.zeros((0, 2), np.int8), np.zeros((0, 192), np.bool_)
+        self.prof, self.step = np.zeros(1, np.int64), np.zeros(1, np.int64)   # step: counted, never used by opt 4
+        self.rest = (*self.codes, 0.0, 0.9, 0.999, 1e-8, 0.02, 0.01)       # optimizer constants: unused by opt 4
+        self.tables, self._zeros, self._buf = _tables(), {}, {}
+
+    def _aligned(self, key, shape):
+        a = self._buf.get((key, shape))
+        if a is None:
+            a = self._buf[(key, shape)] = aligned_copy(np.zeros(shape, np.float32))
+        return a
+
+    def grad(self, W, x, labels, shifts=None, keep=None) -> torch.Tensor:
+        """W (R, 9760); x (B, 16, 16) shared, or (R, B, 16, 16) per replica (solo groups only);
+        labels (B,); shifts (R, B, 2) int8 numpy or None; keep (R, B, 192) bool numpy or None
+        -> (R, 9760) the batch-mean gradient of each replica's loss."""
+        from ._kernels_pop import pop_pass
+        from ._kernels_solo import solo_pass
+        B = labels.shape[0]
+        lab = np.ascontiguousarray(labels.numpy().astype(np.int64, copy=False))
+        zeros = self._zeros.get(B)
+        if zeros is None:
+            zeros = self._zeros[B] = np.zeros(B, np.float32)             # lr: unused by 'accumulate'
+        rest, step = self.rest, self.step
+        Wn = W.detach().cpu().numpy()
+        G = np.empty((self.R, N_THETA), np.float32)
+        shared = x.dim() == 3
+        if shared:
+            xs = self._aligned("x", (B, 16, 16))
+            xs[...] = x.numpy()
+        for kind, rs in self.groups:
+            sh = None if shifts is None else shifts[rs[0]:rs[-1] + 1]
+            kp = None if keep is None else keep[rs[0]:rs[-1] + 1]
+            if kind == "solo":
+                r = rs[0]
+                P = self._aligned("Psolo", (LY.SOLO_OFFSETS["total"],))
+                M = self._aligned("Msolo", (LY.SOLO_OFFSETS["total"],))
+                self.padded[1:] = Wn[r]
+                np.take(self.padded, self.src, out=P)
+                M[...] = 0.0
+                if not shared:
+                    xs = self._aligned("x", (B, 16, 16))
+                    xs[...] = x[r].numpy()
+                solo_pass(xs, lab, zeros, self.no_shift if sh is None else np.ascontiguousarray(sh[0]),
+                          self.no_keep if kp is None else np.ascontiguousarray(kp[0]),
+                          self.scale, P, M, M, step, *rest, self.tables, self.prof)
+                np.take(M, self.inv, out=G[r])
+            else:
+                P = self._aligned("Ppop", (N_THETA, LY.L))
+                M = self._aligned("Mpop", (LY.POP_OFFSETS["total"],))
+                P[:, :len(rs)] = Wn[rs].T
+                P[:, len(rs):] = Wn[rs[0]][:, None]   # spare lanes: copies of a real replica (finite numbers)
+                M[...] = 0.0
+                pop_pass(xs, lab, zeros, _lanes(sh, B, 2, 0, np.int8), _lanes(kp, B, 192, True, np.bool_), self.scale,
+                         P.reshape(-1), M, M, step, *rest, H2_TABLE, LY.H1_POS, self.prof)
+                G[rs] = M.reshape(N_THETA, LY.L)[:, :len(rs)].T
+        G *= np.float32(1.0 / B)
+        return torch.from_numpy(G).to(W.device)
+

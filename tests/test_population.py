@@ -1,0 +1,158 @@
+"""The one population engine: its three gradient paths agree, populations equal solo runs,
+the automatic choice of path, and what a run records about it."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backproplab.config import apply_overrides, preset
+from backproplab.data import load_dataset, pass_randomness
+from backproplab.data.augment import shift_images
+from backproplab.engine.kernelgrad import KernelGrad, kernel_reason
+from backproplab.engine.population import Population, fused_reason, run_specs
+from backproplab.engine.train import train
+from backproplab.errors import UserError
+from backproplab.methods.registry import get_method, list_methods
+from backproplab.models.net1989 import Net1989
+
+from test_methods import LR, with_requirements
+
+D = load_dataset("mnist10k", 96, 32)
+HAVE_KERNELS = kernel_reason(preset("modern")) is None
+FAST_PATHS = ["fused"] + (["kernel"] if HAVE_KERNELS else [])
+BASE = ["data.n_train=96", "data.n_test=32", "train.passes=2", "train.batch=16"]
+# modern_smoke keeps its dropout masks and shifts (both paths must see the same ones), SGD
+METHOD_BASE = BASE + ["optim.name=sgd", "optim.lr=0.05", "optim.lr_end=none"]
+# adaptive optimizers at rates where 6 steps stay smooth (as their torch.optim oracles run them): at
+# SGD's 0.05 Adam's steps are chaotic and float rounding grows to the size of a step
+RATE = {**LR, "adagrad": 0.01, "rmsprop": 0.001, "adam": 0.003, "adamw": 0.003, "adam_sgd": 0.003, "adadelta": 1.0}
+
+
+def cfg_with(*methods, over=()):
+    names = [m.split(":")[0] for m in methods]
+    items = METHOD_BASE + [f"optim.lr={RATE[n]}" for n in names if n in RATE]
+    items += [f"+method={m}" for m in with_requirements(methods)] + list(over)
+    if "shift" in names:
+        items.append("train.shift=0")
+    return apply_overrides(preset("modern_smoke"), items)
+
+
+def one_pass(cfg, seeds, path):
+    eng = Population(cfg, seeds, path=path)
+    x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
+    rand = [pass_randomness(s, 0, len(x), cfg.train.shift, cfg.model.dropout, eng.dropout_units) for s in seeds]
+    sh = np.stack([r[0] for r in rand]) if cfg.train.shift else None
+    kp = np.stack([r[1] for r in rand]) if cfg.model.dropout else None
+    eng.train_pass(x, y, None, sh, kp)
+    eng.end_pass()
+    return eng
+
+
+def test_kernel_gradients_equal_autograd():
+    """The numba kernels' minibatch gradient against autograd of Net1989's modules, with
+    dropout masks and shifts, shared inputs (kernel-side shifts) and per-replica inputs."""
+    if not HAVE_KERNELS:
+        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+    R, B = 3, 24
+    models = [Net1989(s, act="relu", out_act="none", dropout=0.25) for s in range(R)]
+    W = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
+    x, y = D.train_x[:B].reshape(B, 16, 16), D.train_labels[:B].long()
+    rng = np.random.default_rng(1)
+    sh = rng.integers(-1, 2, (R, B, 2)).astype(np.int8)
+    keep = rng.random((R, B, 192)) >= 0.25
+    shifted = torch.stack([shift_images(x.reshape(B, 1, 16, 16), sh[r]).reshape(B, 16, 16) for r in range(R)])
+    for per_replica in (False, True):
+        kg = KernelGrad(R, "relu", "none", "ce", 0.25, per_replica_inputs=per_replica)
+        G = kg.grad(W, shifted if per_replica else x, y, None if per_replica else sh, keep)
+        for r, m in enumerate(models):
+            loss = F.cross_entropy(m(shifted[r].reshape(B, 1, 16, 16), torch.from_numpy(keep[r])), y)
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(m.parameters()))])
+            assert float((G[r] - g).norm() / g.norm()) < 1e-5
+
+
+# every method that declares the fast paths, on each fast path that can run it (the kernels
+# have no label smoothing: that one runs on the fused products only)
+FAST = [(m.name, p) for m in list_methods() if m.fast for p in FAST_PATHS
+        if fused_reason(cfg_with(m.name), run_specs(cfg_with(m.name)), p) is None]
+
+
+def test_every_fast_method_has_a_fast_path():
+    assert {n for n, _ in FAST} == {m.name for m in list_methods() if m.fast}
+
+
+@pytest.mark.parametrize("name,path", FAST)
+def test_fast_path_equals_autograd_for_every_fast_method(name, path):
+    """For every method that allows the fast paths: the first step's gradient equals autograd's
+    (relative error < 1e-5) and one pass's weights agree to float tolerance."""
+    cfg = cfg_with(name)
+    grads = {}
+    for p in (path, "autograd"):
+        eng = Population(cfg, [0, 1], path=p)
+        seen, inner = [], eng._closure
+        eng._closure = lambda second=False, inner=inner, seen=seen: seen.append(inner(second)) or seen[-1]
+        x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
+        rand = [pass_randomness(s, 0, len(x), cfg.train.shift, cfg.model.dropout, 192) for s in (0, 1)]
+        eng.train_pass(x, y, None, np.stack([r[0] for r in rand]) if cfg.train.shift else None,
+                       np.stack([r[1] for r in rand]) if cfg.model.dropout else None)
+        eng.end_pass()
+        grads[p] = (seen[0], eng.W.clone(), torch.stack(seen))
+    (g_fast, w_fast, _), (g_ref, w_ref, g_all) = grads[path], grads["autograd"]
+    assert float((g_fast - g_ref).norm() / g_ref.norm()) < 1e-5
+    live = torch.ones_like(w_ref, dtype=torch.bool)
+    if path == "fused" and name in ADAPTIVE:
+        # The fused products move H1/H2's -1 padding into a subtracted sum of weights, so a gradient
+        # that is exactly 0 (a dead unit) comes out as ~1e-9, and a per-weight normalizing optimizer
+        # turns that into a step of order lr. Those weights (an exactly 0 gradient at some step of the
+        # pass) are left out; the rest agree to a fifth of a step (0.2 lr: a normalized step
+        # magnifies a gradient's rounding where the gradient is small).
+        live = (g_all != 0).all(0)
+        assert live.float().mean() > 0.3
+        atol = 0.2 * cfg.optim.lr
+    else:
+        atol = 1e-5
+    torch.testing.assert_close(w_fast[live], w_ref[live], rtol=1e-4, atol=atol)
+
+
+ADAPTIVE = ("adagrad", "rmsprop", "adam", "adamw", "adam_sgd", "adadelta")
+
+
+@pytest.mark.parametrize("path", FAST_PATHS + ["autograd"])
+def test_replica_k_of_a_population_equals_a_solo_run_of_seed_k(path):
+    cfg = cfg_with("ema", over=["train.seed=0"])
+    pop = one_pass(cfg, [0, 1, 2], path)
+    solo = one_pass(cfg, [2], path)
+    if path == "fused":  # batched matrix products: the same maths, the rounding may differ by replica count
+        torch.testing.assert_close(pop.W[2], solo.W[0], rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(pop.W[2], solo.W[0])
+    assert not torch.equal(pop.W[1], pop.W[2])  # seeds differ
+
+
+def test_automatic_path_and_the_run_record():
+    base = apply_overrides(preset("modern_smoke"), BASE)  # AdamW, linear decay, dropout, shifts
+    assert Population(base, [0]).path == ("kernel" if HAVE_KERNELS else "fused")
+    smooth = cfg_with("label_smoothing")
+    assert Population(smooth, [0]).path == "fused"          # the kernels have no label smoothing
+    assert Population(cfg_with("batchnorm"), [0]).path == "autograd"
+    assert Population(cfg_with("l2"), [0]).path == "autograd"
+    tanh = apply_overrides(preset("modern_smoke"), BASE + ["model.act=tanh"])
+    assert Population(tanh, [0]).path == ("kernel" if HAVE_KERNELS else "autograd")
+    r = train(cfg_with("batchnorm"), data=D)
+    assert r.summary()["path"] == "autograd"
+    with pytest.raises(UserError, match="batchnorm need autograd or change the model"):
+        Population(cfg_with("batchnorm"), [0], path="fused")
+
+
+def test_per_replica_learning_rates():
+    """A population over learning rates: row k trains as a solo run at rate k."""
+    cfg = cfg_with("cosine", over=["optim.lr=0.003"])
+    for path in FAST_PATHS + ["autograd"]:
+        eng = Population(cfg, [0, 0], lrs=[0.003, 0.001], path=path)
+        x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
+        rand = pass_randomness(0, 0, len(x), cfg.train.shift, cfg.model.dropout, 192)
+        eng.train_pass(x, y, None, np.stack([rand[0]] * 2), np.stack([rand[1]] * 2))
+        eng.end_pass()
+        lo = apply_overrides(cfg_with("cosine", over=["optim.lr=0.001"]), [])
+        ref = one_pass(lo, [0], path)
+        torch.testing.assert_close(eng.W[1], ref.W[0], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(eng.W[0], eng.W[1])
