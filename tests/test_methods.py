@@ -2,6 +2,7 @@
 name, every method resumes bit for bit, the CLI lists and trains. Tiny data: 64 training and
 32 test digits, batch 16. Oracles for each method are in test_methods_oracle.py.
 """
+import dataclasses
 import itertools
 import json
 import math
@@ -17,7 +18,8 @@ from backproplab.engine.checkpoint import load_checkpoint
 from backproplab.engine.population import HOOK_ATTR, Population
 from backproplab.engine.train import checkpoint_path, train
 from backproplab.errors import UserError
-from backproplab.models.net1989 import Net1989
+from backproplab.models.modnet import ModNet
+from backproplab.models.net1989 import PARAM_NAMES, Net1989
 from backproplab.methods.registry import (HOOKS, build_switch, get_method, incompatibility, list_methods,
                                           parse_method, with_method)
 
@@ -41,7 +43,7 @@ def with_requirements(names):
 
 
 def tiny_cfg(*methods, over=()):
-    lr = [f"optim.lr={LR[m]}" for m in methods if m in LR]
+    lr = [f"optim.lr={LR[m.split(':')[0]]}" for m in methods if m.split(":")[0] in LR]
     items = BASE + lr + [f"+method={m}" for m in with_requirements(methods)] + list(over)
     return apply_overrides(preset("modern_smoke"), items)
 
@@ -100,6 +102,149 @@ def _stop_in(pass_idx):
         if p == pass_idx:  # the checkpoint of pass `pass_idx` is on disk by now
             raise Stop
     return progress
+
+
+# -- by hand: the net written out from SPEC section 1, trained by SGD on autograd gradients -------
+# The signature checks train through train() only and rebuild the weights they must end with here,
+# from the method's formula; nothing below calls the project's method code.
+SEES = [list(range(0, 8))] * 4 + [list(range(4, 12))] * 4 + [[0, 1, 2, 3, 8, 9, 10, 11]] * 4  # H2 table
+ACTS = {"relu": F.relu, "tanh": torch.tanh}
+F32 = lambda v: float(np.float32(v))  # noqa: E731  (optim.lr reaches the optimizer as float32)
+LR0 = F32(0.05)
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+# A method changed a run when some weight moved by more than this: the fused and autograd paths
+# agree to 6e-8 after the smoke run's 8 steps, the weakest method (l1 at its smoke lam) moves 5e-5.
+CHANGED = 1e-6
+
+
+def first(data, n):
+    return dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n],
+                               train_labels=data.train_labels[:n])
+
+
+def xy(data, n):
+    return data.train_x[:n], data.train_labels[:n].long()
+
+
+def public_run(tiny, *methods, n=16, batch=16, passes=1, over=()):
+    """train() on the first n digits: ceil(n / batch) steps a pass, in order."""
+    cfg = tiny_cfg(*methods, over=[f"train.batch={batch}", f"train.passes={passes}", *over])
+    return train(cfg, data=first(tiny, n))
+
+
+def init(seed=0, act="relu", **modnet):
+    """The weights a run of this seed starts from (the model's own init) as leaf tensors."""
+    m = ModNet(seed, act=act, out_act="none", **modnet)
+    return {n: p.detach().clone().requires_grad_() for n, p in m.named_parameters()}
+
+
+def h2_dense(w):  # (12, 8, 5, 5) shared kernels -> (12, 12, 5, 5), zero where the table has no link
+    return torch.stack([torch.zeros(12, 5, 5).index_add(0, torch.tensor(SEES[o]), w[o]) for o in range(12)])
+
+
+def forward(p, x, act="relu", norm=None, h1=None, blocks=(), h2=None, h3=None, ws=None):
+    """Net1989 with logits out; where methods act: norm(site, a) before an activation, h1 on H1's
+    maps, blocks on the 12x8x8 maps, h2 on the 192 H2 outputs, h3(z, w, b) as H3's affine map,
+    ws(name, w) on the weights."""
+    f = ACTS[act]
+    w = (lambda n: ws(n, p[n])) if ws else p.__getitem__
+    nrm = norm or (lambda site, a: a)
+    z = f(nrm("h1", F.conv2d(F.pad(x, (2, 2, 2, 2), value=-1.0), w("h1_w"), stride=2) + p["h1_b"]))
+    z = h1(z) if h1 else z
+    for blk in blocks:
+        z = blk(z)
+    z = f(nrm("h2", F.conv2d(F.pad(z, (2, 2, 2, 2), value=-1.0), h2_dense(w("h2_w")), stride=2) + p["h2_b"]))
+    z = z.flatten(1)
+    z = h2(z) if h2 else z
+    z = f(nrm("h3", h3(z, w("h3_w"), p["h3_b"]) if h3 else z @ w("h3_w").t() + p["h3_b"]))
+    return z @ p["out_w"].t() + p["out_b"]
+
+
+def grads(p, x, y, loss=F.cross_entropy, **kw):
+    value = loss(forward(p, x, **kw).float(), y)
+    return dict(zip(p, torch.autograd.grad(value, list(p.values()))))
+
+
+def descend(p, d, lr):
+    return {n: (p[n] - lr * d[n]).detach().requires_grad_() for n in p}
+
+
+def sgd_steps(p, x, y, lrs, batch, **kw):
+    """The weights after each SGD step over consecutive batches of x."""
+    out = []
+    for t, lr in enumerate(lrs):
+        p = descend(p, grads(p, x[t * batch:(t + 1) * batch], y[t * batch:(t + 1) * batch], **kw), lr)
+        out.append(p)
+    return out
+
+
+def torch_steps(make, lr, x, y, batch, steps, switch=None):
+    """torch.optim's trajectory from the same start; switch(t, p, opt) may swap the optimizer."""
+    p = init()
+    opt = make(list(p.values()), lr)
+    for t in range(steps):
+        opt = switch(t, p, opt) if switch else opt
+        opt.zero_grad()
+        F.cross_entropy(forward(p, x[t * batch:(t + 1) * batch]), y[t * batch:(t + 1) * batch]).backward()
+        opt.step()
+    return p
+
+
+def gap(a, b):
+    """Largest weight difference over the parameters both have."""
+    return max(float((torch.as_tensor(a[n]).detach() - torch.as_tensor(b[n]).detach()).abs().max())
+               for n in a if n in b)
+
+
+def assert_weights(got, want, **tol):
+    assert list(got) == list(want)
+    for n in want:
+        torch.testing.assert_close(torch.as_tensor(got[n]), want[n].detach(), **(tol or TOL),
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
+def assert_telling(want, without):
+    # the check can tell the method from its absence: the two differ by far more than the tolerance
+    assert gap(want, without) > 100 * TOL["atol"], gap(want, without)
+
+
+def assert_rate(dropped, p):
+    k = dropped.numel()
+    rate = float(dropped.float().mean())
+    assert abs(rate - p) < 4 * math.sqrt(p * (1 - p) / k), (rate, p, k)
+
+
+def agc_by_hand(w, g, clip=0.01, eps=1e-3, final=("out_w", "out_b")):
+    """Brock et al. 2021 unit by unit: g_u <- g_u * clip max(||w_u||, eps) / ||g_u|| where ||g_u|| exceeds
+    clip max(||w_u||, eps). A unit is one slice of a weight's first axis; each bias (and gain) value is
+    a unit alone; the final layer is not clipped. -> (gradients, units clipped, units left)."""
+    out, clipped, left = {}, 0, 0
+    for n in w:
+        gn = g[n].detach().clone()
+        if n not in final:
+            rows = w[n].ndim > 1 and not n.endswith("_b")
+            for u in ([(i,) for i in range(len(w[n]))] if rows else list(np.ndindex(*w[n].shape))):
+                wn, gu = max(float(w[n][u].detach().norm()), eps), float(g[n][u].norm())
+                if gu > clip * wn:
+                    gn[u] = g[n][u] * (clip * wn / gu)
+                    clipped += 1
+                else:
+                    left += 1
+        out[n] = gn
+    return out, clipped, left
+
+
+def check_agc_through_the_engine(tiny):
+    """One step of train() with agc: autograd's gradient of the same batch at the same weights,
+    clipped unit by unit, then the SGD step."""
+    x, y = xy(tiny, 16)
+    p = init()
+    g = grads(p, x, y)
+    clipped, n_clipped, n_left = agc_by_hand(p, g)
+    assert n_clipped > 0 and n_left > 0  # this batch clips some units and leaves others
+    want = descend(p, clipped, LR0)
+    assert_weights(public_run(tiny, "agc").params[0], want, rtol=1e-5, atol=1e-8)
+    assert_telling(want, descend(p, g, LR0))
 
 
 # -- the registry itself ---------------------------------------------------------------------
@@ -162,15 +307,509 @@ def test_with_method_replaces_same_slot_and_config_fields():
     assert c.model.dropout == 0 and c.train.shift == 0 and {s.name for s in c.methods} == {"dropout", "shift"}
 
 
-# -- every method alone: a smoke run through train() --------------------------------------------
+# -- every method's signature: what it must do to a run, checked through train() -----------------
+def sig_sgd(tiny):
+    # an optimizer method replaces optim.name: on a base that says adamw the run is plain SGD
+    over = ["optim.name=adamw", "optim.weight_decay=0.01"]
+    x, y = xy(tiny, 16)
+    want = sgd_steps(init(), x, y, [LR0], 16)[-1]
+    assert_weights(public_run(tiny, "sgd", over=over).params[0], want)
+    assert_telling(want, public_run(tiny, over=over).params[0])
+
+
+TORCH_OPTIM = {  # lr, torch.optim's implementation: 3 steps through train() follow torch's trajectory
+    "momentum": (0.05, lambda ps, lr: torch.optim.SGD(ps, lr, momentum=0.9)),
+    "nesterov": (0.05, lambda ps, lr: torch.optim.SGD(ps, lr, momentum=0.9, nesterov=True)),
+    "adagrad": (0.01, lambda ps, lr: torch.optim.Adagrad(ps, lr)),
+    "adadelta": (1.0, lambda ps, lr: torch.optim.Adadelta(ps, lr)),
+    "rmsprop": (0.001, lambda ps, lr: torch.optim.RMSprop(ps, lr)),
+    "adam": (0.003, lambda ps, lr: torch.optim.Adam(ps, lr)),
+    "adamw": (0.003, lambda ps, lr: torch.optim.AdamW(ps, lr, weight_decay=0.01)),
+}
+
+
+def sig_torch_optim(name):
+    def check(tiny):
+        lr, make = TORCH_OPTIM[name]
+        x, y = xy(tiny, 48)
+        want = torch_steps(make, F32(lr), x, y, 16, 3)
+        assert_weights(public_run(tiny, name, n=48, over=[f"optim.lr={lr}"]).params[0], want)
+        assert_telling(want, sgd_steps(init(), x, y, [F32(lr)] * 3, 16)[-1])
+    return check
+
+
+def sig_adam_sgd(tiny):
+    # 4 steps, at = 0.5: Adam for steps 0 and 1, then a fresh SGD with momentum at sgd_lr
+    x, y = xy(tiny, 64)
+    adam = lambda ps, lr: torch.optim.Adam(ps, lr)  # noqa: E731
+    later = lambda t, p, opt: torch.optim.SGD(list(p.values()), 0.05, momentum=0.9) if t == 2 else opt  # noqa: E731
+    want = torch_steps(adam, F32(0.003), x, y, 16, 4, later)
+    assert_weights(public_run(tiny, "adam_sgd", n=64, over=["optim.lr=0.003"]).params[0], want)
+    assert_telling(want, torch_steps(adam, F32(0.003), x, y, 16, 4))
+
+
+def sig_sdlm(tiny):
+    # one step on 4 digits: w <- w - lr g / (mu + gamma h), h the mean over the batch of LeCun's
+    # diagonal second-derivative estimate (written out in test_sdlm.py); gamma 0.5 to see h well
+    from test_sdlm import lecun_diag
+    x, y = xy(tiny, 4)
+    p = init()
+    g = grads(p, x, y)
+    w = {n: v.detach() for n, v in p.items()}
+    est = [lecun_diag(w, x[i:i + 1], "relu", "none", "ce") for i in range(4)]
+    lr, mu, gamma = F32(5e-4), 0.02, 0.5
+    want = {n: (w[n] - lr * g[n] / (mu + gamma * sum(e[n] for e in est) / 4)) for n in p}
+    assert_weights(public_run(tiny, "sdlm:gamma=0.5", n=4, batch=4).params[0], want, rtol=1e-5, atol=1e-8)
+    assert_telling(want, descend(p, g, lr / mu))
+
+
+def sig_sam(tiny):
+    # the step takes the gradient at w + rho g / ||g||, one norm over all the replica's weights
+    x, y = xy(tiny, 16)
+    p = init()
+    g = grads(p, x, y)
+    norm = torch.cat([v.reshape(-1) for v in g.values()]).norm()
+    g2 = grads({n: (p[n] + 0.05 * g[n] / norm).detach().requires_grad_() for n in p}, x, y)
+    want = descend(p, g2, LR0)
+    assert_weights(public_run(tiny, "sam").params[0], want, rtol=1e-5, atol=1e-8)
+    assert_telling(want, descend(p, g, LR0))
+
+
+def _sgdr_period(t, first):  # (start, length) of the period holding step t: lengths first, 2 first, ...
+    start, length = 0, first
+    while t >= start + length:
+        start, length = start + length, 2 * length
+    return start, length
+
+
+def _cos(a, b, frac):  # from a at frac 0 to b at frac 1 along half a cosine
+    return b + (a - b) * (1 + math.cos(math.pi * frac)) / 2
+
+
+def _onecycle(t, T, lr0):  # Smith & Topin: up from lr0/25 over 30% of the steps, then down to lr0/25e4
+    up = 0.3 * T - 1
+    return _cos(lr0 / 25, lr0, t / up) if t <= up else _cos(lr0, lr0 / 25e4, (t - up) / (T - 1 - up))
+
+
+SCHEDULES = {  # lr at step t (from 0) of T steps from lr0 = optim.lr, with the defaults written out
+    "step": lambda t, T, lr0: lr0 * 0.1 ** (t // max(1, round(T / 3))),
+    "exponential": lambda t, T, lr0: lr0 * 0.01 ** (t / T),
+    "cosine": lambda t, T, lr0: _cos(lr0, 0.0, t / T),
+    # triangular between 0.1 lr0 and lr0, half a cycle T/8 steps, starting at the bottom
+    "cyclical": lambda t, T, lr0: (lambda s: 0.1 * lr0 + 0.9 * lr0 * (1 - abs(t % (2 * s) / s - 1)))(
+        max(1, round(T / 8))),
+    "sgdr": lambda t, T, lr0: (lambda st: _cos(lr0, 0.0, (t - st[0]) / st[1]))(
+        _sgdr_period(t, max(1, round(T / 15)))),
+    "onecycle": _onecycle,
+    # frac 0.5: the default 5% of these 8 steps is a 1-step warm-up, which changes nothing
+    "warmup:frac=0.5": lambda t, T, lr0: lr0 * min(1.0, (t + 1) / max(1, round(T / 2))),
+}
+
+
+def sig_schedule(spec):
+    def check(tiny):
+        x, y = xy(tiny, 64)  # one pass in batches of 8: T = 8 steps
+        lrs = [SCHEDULES[spec](t, 8, 0.05) for t in range(8)]
+        want = sgd_steps(init(), x, y, lrs, 8)[-1]
+        assert_weights(public_run(tiny, spec, n=64, batch=8).params[0], want)
+        assert_telling(want, sgd_steps(init(), x, y, [0.05] * 8, 8)[-1])
+    return check
+
+
+def _eval_loss(p, data, transform=lambda t: t):
+    with torch.no_grad():
+        return float(F.cross_entropy(forward(p, transform(data.test_x)), data.test_labels.long()))
+
+
+def sig_swa(tiny):
+    # start 0.5 of 4 passes of one step: the average of the weights after passes 3 and 4 is what
+    # params() returns and what is evaluated; the raw weights go on training
+    x, y = xy(tiny, 16)
+    ws = sgd_steps(init(), x.repeat(4, 1, 1, 1), y.repeat(4), [LR0] * 4, 16)
+    want = {n: (ws[2][n] + ws[3][n]) / 2 for n in ws[3]}
+    r = public_run(tiny, "swa:start=0.5", passes=4)
+    assert_weights(r.params[0], want)
+    assert_telling(want, ws[3])
+    assert r.final[0]["test_loss"] == pytest.approx(_eval_loss(want, tiny), rel=1e-5)
+
+
+def sig_ema(tiny):
+    # decay 0.5 over 3 steps: avg = w1, then avg <- 0.5 avg + 0.5 w after each step
+    x, y = xy(tiny, 48)
+    w1, w2, w3 = sgd_steps(init(), x, y, [LR0] * 3, 16)
+    want = {n: 0.25 * w1[n] + 0.25 * w2[n] + 0.5 * w3[n] for n in w3}
+    r = public_run(tiny, "ema:decay=0.5", n=48)
+    assert_weights(r.params[0], want)
+    assert_telling(want, w3)
+    assert r.final[0]["test_loss"] == pytest.approx(_eval_loss(want, tiny), rel=1e-5)
+
+
+def sig_step_direction(spec, direction, base=()):
+    """One SGD step whose direction is direction(w, g) instead of g."""
+    def check(tiny):
+        x, y = xy(tiny, 16)
+        p = init()
+        g = grads(p, x, y)
+        want = descend(p, {n: direction(p[n], g[n]) for n in p}, LR0)
+        assert_weights(public_run(tiny, spec, *base).params[0], want)
+        assert_telling(want, descend(p, g, LR0))
+    return check
+
+
+def sig_wd(tiny):
+    # decoupled: adam + wd is AdamW (an L2 penalty under Adam would be rescaled by Adam instead)
+    x, y = xy(tiny, 48)
+    adamw = lambda ps, lr: torch.optim.AdamW(ps, lr, weight_decay=0.1)  # noqa: E731
+    want = torch_steps(adamw, F32(0.003), x, y, 16, 3)
+    assert_weights(public_run(tiny, "adam", "wd:wd=0.1", n=48, over=["optim.lr=0.003"]).params[0], want)
+    assert_telling(want, torch_steps(TORCH_OPTIM["adam"][1], F32(0.003), x, y, 16, 3))
+
+
+def sig_label_smoothing(tiny):
+    # on both gradient paths: the fused kernels (ReLU) take the smoothed target themselves, the
+    # autograd path (tanh) runs the method's loss
+    x, y = xy(tiny, 16)
+    smooth = lambda o, t: F.cross_entropy(o, t, label_smoothing=0.1)  # noqa: E731
+    for act in ("relu", "tanh"):
+        p = init(act=act)
+        want = descend(p, grads(p, x, y, loss=smooth, act=act), LR0)
+        assert_weights(public_run(tiny, "label_smoothing", over=[f"model.act={act}"]).params[0], want)
+        assert_telling(want, descend(p, grads(p, x, y, act=act), LR0))
+
+
+def one_example_replicas(tiny, spec, seeds, **modnet):
+    """One step on one digit for each of `seeds` replicas, tanh units: a tanh output is never exactly
+    0, so an update that is exactly 0 marks a dropped unit (or weight, map, branch). -> (run, starts)."""
+    r = public_run(tiny, spec, n=1, batch=1, over=["model.act=tanh", f"train.seeds={seeds}", "optim.lr=0.5"])
+    return r, [init(s, act="tanh", **modnet) for s in range(seeds)]
+
+
+def moved(r, k, p0, n):
+    return torch.as_tensor(r.params[k][n]) != p0[n].detach()
+
+
+def sig_dropout(tiny):
+    # H2's 192 outputs dropped with p per example, the kept ones scaled 1 / (1 - p)
+    x, y = xy(tiny, 1)
+    r, starts = one_example_replicas(tiny, "dropout", 8)
+    dropped = []
+    for k, p0 in enumerate(starts):
+        keep = moved(r, k, p0, "h3_w").any(0).float()  # an H2 output reached H3 iff its column moved
+        dropped.append(1 - keep)
+        want = descend(p0, grads(p0, x, y, act="tanh", h2=lambda z: z * keep / 0.75), 0.5)
+        assert_weights(r.params[k], want)
+    assert_rate(torch.cat(dropped), 0.25)
+
+
+def sig_dropconnect(tiny):
+    # each of H3's 30x192 weights dropped with p per example, the kept ones scaled 1 / (1 - p)
+    x, y = xy(tiny, 1)
+    r, starts = one_example_replicas(tiny, "dropconnect", 4)
+    dropped = []
+    for k, p0 in enumerate(starts):
+        keep = moved(r, k, p0, "h3_w").float()
+        dropped.append(1 - keep)
+        want = descend(p0, grads(p0, x, y, act="tanh", h3=lambda z, w, b: z @ (w * keep / 0.75).t() + b), 0.5)
+        assert_weights(r.params[k], want)
+    assert_rate(torch.cat(dropped), 0.25)
+
+
+def sig_spatial_dropout(tiny):
+    # whole H1 maps dropped with p per example, the kept ones scaled 1 / (1 - p)
+    x, y = xy(tiny, 1)
+    r, starts = one_example_replicas(tiny, "spatial_dropout", 24)
+    dropped = []
+    for k, p0 in enumerate(starts):
+        keep = (moved(r, k, p0, "h1_w").flatten(1).any(1) | moved(r, k, p0, "h1_b").flatten(1).any(1)).float()
+        dropped.append(1 - keep)
+        want = descend(p0, grads(p0, x, y, act="tanh", h1=lambda z: z * keep.view(1, 12, 1, 1) / 0.9), 0.5)
+        assert_weights(r.params[k], want)
+    assert_rate(torch.cat(dropped), 0.1)
+
+
+def block(p, i, act="relu", scale=1.0):
+    """Residual block i written out: z + scale * conv(act(conv(z))), 3x3 convolutions, padding 1."""
+    f = ACTS[act]
+    return lambda z: z + scale * branch(p, i, f, z)
+
+
+def branch(p, i, f, z):
+    return F.conv2d(f(F.conv2d(z, p[f"b{i}a_w"], p[f"b{i}a_b"], padding=1)), p[f"b{i}b_w"], p[f"b{i}b_b"], padding=1)
+
+
+def sig_stochastic_depth(tiny):
+    # block l of L skips its branch with probability p l / L, a kept branch is scaled by 1 / (1 - p l / L);
+    # p 0.8 so that 32 replicas see both outcomes in both blocks
+    x, y = xy(tiny, 1)
+    r, starts = one_example_replicas(tiny, "stochastic_depth:p=0.8", 32, blocks=2)
+    rates = (0.4, 0.8)
+    kept = []
+    for k, p0 in enumerate(starts):
+        keep = [float(any(moved(r, k, p0, f"b{i}{s}").any() for s in ("a_w", "a_b", "b_w", "b_b"))) for i in (0, 1)]
+        kept.append(keep)
+        blocks = [block(p0, i, "tanh", keep[i] / (1 - rates[i])) for i in (0, 1)]
+        want = descend(p0, grads(p0, x, y, act="tanh", blocks=blocks), 0.5)
+        assert_weights(r.params[k], want)
+    kept = torch.tensor(kept)
+    for i, rate in enumerate(rates):
+        assert 0 < kept[:, i].sum() < len(kept)
+        assert_rate(1 - kept[:, i], rate)
+
+
+def shifted(x, dy, dx):  # out[r, c] = x[r - dy, c - dx], -1 (blank paper) where that is off the image
+    return F.pad(x, (1, 1, 1, 1), value=-1.0)[..., 1 - dy:17 - dy, 1 - dx:17 - dx]
+
+
+def sig_shift(tiny):
+    # each replica's step is the step on its digit translated by one (dy, dx) in [-1, 1]^2
+    x, y = xy(tiny, 1)
+    R = 8
+    r = public_run(tiny, "shift", n=1, batch=1, over=[f"train.seeds={R}"])
+    seen = set()
+    for k in range(R):
+        p0 = init(k)
+        gaps = {(dy, dx): gap(r.params[k], descend(p0, grads(p0, shifted(x, dy, dx), y), LR0))
+                for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+        best = min(gaps, key=gaps.get)
+        assert gaps[best] < 1e-6 and sorted(gaps.values())[1] > 1e-4, gaps  # one translation explains it
+        seen.add(best)
+    assert len(seen) >= 3, seen
+
+
+def rotated(x, deg, scale):
+    """Bilinear rotation by deg (clockwise on screen, row 0 at the top) and scaling (> 1 enlarges)
+    about the image centre, written out: output pixel p samples the input at R(-deg) (p - c) / scale + c;
+    neighbours off the image count as -1."""
+    th = math.radians(deg)
+    c = torch.arange(16.0) - 7.5
+    rows, cols = torch.meshgrid(c, c, indexing="ij")
+    sc = (math.cos(th) * cols + math.sin(th) * rows) / scale + 7.5
+    sr = (-math.sin(th) * cols + math.cos(th) * rows) / scale + 7.5
+    out = torch.zeros_like(x)
+    for dr in (0, 1):
+        for dc in (0, 1):
+            ri, ci = sr.floor() + dr, sc.floor() + dc
+            wgt = (1 - (sr - ri).abs()) * (1 - (sc - ci).abs())
+            inside = (ri >= 0) & (ri <= 15) & (ci >= 0) & (ci <= 15)
+            v = x[..., ri.clamp(0, 15).long(), ci.clamp(0, 15).long()]
+            out = out + torch.where(inside, wgt * v, -wgt)
+    return out
+
+
+def distance(got, want):  # Euclidean, over all the weights: smooth where the largest difference is not
+    return math.sqrt(sum(float(((torch.as_tensor(got[n]) - want[n].detach()) ** 2).sum()) for n in want))
+
+
+def sig_rotate_scale(tiny):
+    # each replica's step is the step on its digit rotated by an angle within +-degrees (scale off),
+    # or scaled by a factor within 1 +- scale (rotation off); the angle or factor is fitted per replica
+    # (tanh units: the step is then a continuous function of the angle)
+    from scipy.optimize import minimize_scalar
+    x, y = xy(tiny, 1)
+    R = 3
+    for spec, lo, hi, img in (("rotate_scale:scale=0", -10.0, 10.0, lambda v: rotated(x, v, 1.0)),
+                              ("rotate_scale:degrees=0", 0.9, 1.1, lambda v: rotated(x, 0.0, v))):
+        r = public_run(tiny, spec, n=1, batch=1, over=[f"train.seeds={R}", "model.act=tanh"])
+        found = []
+        for k in range(R):
+            p0 = init(k, act="tanh")
+            miss = lambda v: distance(r.params[k], descend(p0, grads(p0, img(v), y, act="tanh"), LR0))  # noqa: E731
+            grid = np.linspace(lo, hi, 11)
+            best, step = grid[int(np.argmin([miss(v) for v in grid]))], grid[1] - grid[0]
+            fit = minimize_scalar(miss, bounds=(best - step, best + step), method="bounded", options={"xatol": 1e-9})
+            assert fit.fun < 1e-5 and lo - 1e-4 <= fit.x <= hi + 1e-4, (spec, k, fit.x, fit.fun)
+            assert miss(fit.x + 0.01 * step) > 1e-4  # the fit pins the draw down
+            found.append(fit.x)
+        assert np.ptp(found) > 0.1 * (hi - lo), found  # the draws differ between replicas
+
+
+def sig_standardize(tiny):
+    # inputs become (x - mean) / std of the training pixels, at training and at evaluation
+    x, y = xy(tiny, 16)
+    z = lambda t: (t - x.mean()) / x.std()  # noqa: E731
+    p = init()
+    want = descend(p, grads(p, z(x), y), LR0)
+    r = public_run(tiny, "standardize")
+    assert_weights(r.params[0], want)
+    assert_telling(want, descend(p, grads(p, x, y), LR0))
+    assert r.final[0]["test_loss"] == pytest.approx(_eval_loss(want, tiny, z), rel=1e-5)
+
+
+def _batch_stats(a):  # per channel over the batch (and positions): mean and biased variance
+    dims = (0, 2, 3) if a.ndim == 4 else (0,)
+    m = a.mean(dims, keepdim=True)
+    return (a - m) / torch.sqrt(((a - m) ** 2).mean(dims, keepdim=True) + 1e-5)
+
+
+def _group_stats(groups):  # per example over each group of channels and their positions
+    def f(a):
+        t = a.reshape(len(a), math.gcd(groups, a.shape[1]), -1)
+        m = t.mean(-1, keepdim=True)
+        return ((t - m) / torch.sqrt(((t - m) ** 2).mean(-1, keepdim=True) + 1e-5)).reshape(a.shape)
+    return f
+
+
+NORMS = {"batchnorm": ("batch", _batch_stats), "layernorm": ("layer", _group_stats(1)),
+         "groupnorm": ("group", _group_stats(4))}
+
+
+def sig_norm(name):
+    def check(tiny):
+        kind, stats = NORMS[name]
+        x, y = xy(tiny, 16)
+        p = init(norm=kind)
+
+        def norm(site, a):  # normalized, then the site's learned per-channel gain and bias
+            shape = (1, -1, 1, 1) if a.ndim == 4 else (1, -1)
+            return stats(a) * p[f"{site}_ng"].view(shape) + p[f"{site}_nb"].view(shape)
+        want = descend(p, grads(p, x, y, norm=norm), LR0)
+        assert_weights(public_run(tiny, name).params[0], want)
+        assert_telling(want, public_run(tiny).params[0])
+    return check
+
+
+def sig_resblocks(tiny):
+    # n = 2 blocks x + conv(relu(conv(x))) between H1 and H2, 2,616 parameters each
+    x, y = xy(tiny, 16)
+    p = init(blocks=2)
+    assert sum(v.numel() for v in p.values()) == 9760 + 2 * 2616
+    want = descend(p, grads(p, x, y, blocks=[block(p, 0), block(p, 1)]), LR0)
+    assert_weights(public_run(tiny, "resblocks").params[0], want)
+    assert_telling(want, public_run(tiny).params[0])
+
+
+def sig_rezero(tiny):
+    # every branch is multiplied by its own a = 0 at the start: after one step the 1989 layers moved
+    # exactly as without blocks, the blocks' weights not at all, and a_i by -lr <dL/dz, F_i(z)>
+    x, y = xy(tiny, 16)
+    got, plain = public_run(tiny, "rezero").params[0], public_run(tiny).params[0]
+    p0 = init(blocks=2, rezero=True)
+    assert_weights({n: got[n] for n in PARAM_NAMES}, {n: torch.as_tensor(plain[n]) for n in PARAM_NAMES})
+    for n in p0:
+        if n.startswith(("b0", "b1")) and not n.endswith("alpha"):
+            assert np.array_equal(got[n], p0[n].detach().numpy()), n
+    maps = []
+    value = F.cross_entropy(forward(init(), x, h1=lambda z: maps.append(z) or z), y)
+    z = maps[0]
+    dz = torch.autograd.grad(value, z)[0]
+    for i in (0, 1):
+        want = (-LR0 * (dz * branch(p0, i, F.relu, z.detach())).sum()).detach()
+        torch.testing.assert_close(torch.as_tensor(got[f"b{i}_alpha"]), want, rtol=1e-4, atol=1e-9)
+        assert abs(float(want)) > 1e-6
+
+
+GAIN_RELU = math.sqrt(2 / (1 - 1 / math.pi))  # 1 / std(relu(z)) for z ~ N(0, 1)
+
+
+def scaled_standardized(w, gain):
+    """Scaled weight standardization (Brock, De & Smith 2021), per output unit (first axis):
+    gain (w - mean) / (std sqrt(fan_in)), std the biased one."""
+    dims = tuple(range(1, w.ndim))
+    mean = w.mean(dims, keepdim=True)
+    return gain * (w - mean) / torch.sqrt(((w - mean) ** 2).mean(dims, keepdim=True) * w[0].numel())
+
+
+def sig_nf(tiny):
+    # the conv and H3 weights are used standardized; the raw weights' gradients are clipped by AGC
+    x, y = xy(tiny, 16)
+    p = init()
+    ws = lambda n, w: scaled_standardized(w, GAIN_RELU) if n in ("h1_w", "h2_w", "h3_w") else w  # noqa: E731
+    g = grads(p, x, y, ws=ws)
+    clipped, n_clipped, n_left = agc_by_hand(p, g)
+    assert n_clipped > 0 and n_left > 0
+    want = descend(p, clipped, LR0)
+    got = public_run(tiny, "nf").params[0]
+    # standardized kernels sum to 0, so an H1 unit whose window is all blank paper (-1) starts at
+    # a = 0 +- rounding, on ReLU's kink: whether it passes a gradient is the rounding's call, and
+    # AGC makes any gradient there a full clip * eps step. Those units are held to that bound only.
+    with torch.no_grad():
+        a1 = F.conv2d(F.pad(x, (2, 2, 2, 2), value=-1.0), ws("h1_w", p["h1_w"]), stride=2) + p["h1_b"]
+    kink = (a1.abs() < 1e-5).any(0)
+    assert 0 < kink.sum() < kink.numel()
+    assert np.abs(got["h1_b"][kink.numpy()]).max() <= LR0 * 0.01 * 1e-3 * (1 + 1e-5)
+    want["h1_b"] = torch.where(kink, torch.as_tensor(got["h1_b"]), want["h1_b"])
+    assert_weights(got, want, rtol=1e-5, atol=1e-8)
+    assert_telling(want, descend(p, g, LR0))
+
+
+def sig_bf16(tiny):
+    # the forward pass under bfloat16 autocast, gradients and the step in float32
+    x, y = xy(tiny, 16)
+    p = init()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = forward(p, x)
+    want = descend(p, dict(zip(p, torch.autograd.grad(F.cross_entropy(out.float(), y), list(p.values())))), LR0)
+    assert_weights(public_run(tiny, "bf16").params[0], want)
+    fp32 = descend(p, grads(p, x, y), LR0)
+    assert_telling(want, fp32)
+    assert gap(want, fp32) < 0.02 * max(float(v.abs().max()) for v in fp32.values())  # close, not equal
+
+
+SIGNATURES = {
+    "sgd": sig_sgd, **{n: sig_torch_optim(n) for n in TORCH_OPTIM}, "adam_sgd": sig_adam_sgd, "sdlm": sig_sdlm,
+    "sam": sig_sam, "agc": check_agc_through_the_engine,
+    **{s.split(":")[0]: sig_schedule(s) for s in SCHEDULES},
+    "swa": sig_swa, "ema": sig_ema,
+    "l1": sig_step_direction("l1:lam=0.01", lambda w, g: g + 0.01 * torch.sign(w)),
+    "l2": sig_step_direction("l2:lam=0.01", lambda w, g: g + 0.01 * w),
+    "wd": sig_wd, "label_smoothing": sig_label_smoothing,
+    "dropout": sig_dropout, "dropconnect": sig_dropconnect, "spatial_dropout": sig_spatial_dropout,
+    "stochastic_depth": sig_stochastic_depth,
+    "shift": sig_shift, "rotate_scale": sig_rotate_scale, "standardize": sig_standardize,
+    **{n: sig_norm(n) for n in NORMS}, "resblocks": sig_resblocks, "rezero": sig_rezero, "nf": sig_nf,
+    "bf16": sig_bf16,
+}
+# Methods that state the default: the run with them is the run without them (the smoke test checks
+# that, bit for bit on the same gradient path), and there is nothing else they could show.
+NO_SIGNATURE = {
+    "constant": "the base has no schedule: optim.lr at every step",
+    "nonorm": "the base net has no normalization layer",
+    "fp32": "the base computes in float32",
+}
+STATES_DEFAULT = {"sgd", *NO_SIGNATURE}  # sgd is the base's optimizer too; its signature replaces adamw
+SMOKE_OPTS = {  # defaults that leave the smoke run (2 passes of 4 steps) as it is, and what it uses
+    "swa": "swa:start=0",             # 0.75 of 2 passes averages the last pass alone: the raw weights
+    "warmup": "warmup:frac=0.25",     # 5% of 8 steps rounds to a 1-step warm-up: no change
+    "l1": "l1:lam=1e-4",              # lam 1e-5 moves the weights by 5e-6, too near CHANGED
+}
+
+
+_WITHOUT = {}
+
+
+def without(name, tiny):
+    """The smoke run without the method: same lr, the methods it requires kept."""
+    req = tuple(r for r in with_requirements([name]) if r != name)
+    key = (req, LR.get(name))
+    if key not in _WITHOUT:
+        _WITHOUT[key] = train(tiny_cfg(*req, over=[f"optim.lr={LR[name]}"] if name in LR else []), data=tiny)
+    return _WITHOUT[key]
+
+
+# -- every method alone: a smoke run through train() that the method must change -----------------
+def test_every_method_declares_its_signature():
+    assert set(SIGNATURES) | set(NO_SIGNATURE) == set(NAMES) and not set(SIGNATURES) & set(NO_SIGNATURE)
+    assert STATES_DEFAULT <= set(NAMES) and set(SMOKE_OPTS) <= set(NAMES)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_method_trains_smoke_run(name, tiny):
-    cfg = tiny_cfg(name)
+    assert (name in SIGNATURES) != (name in NO_SIGNATURE), \
+        f"method {name}: add its signature check to SIGNATURES (or say in NO_SIGNATURE why it has none)"
+    cfg = tiny_cfg(SMOKE_OPTS.get(name, name))
     r = train(cfg, data=tiny)
     assert r.status == "finished" and len(r.history) == 2
     assert all(math.isfinite(f["train_loss"]) and math.isfinite(f["test_loss"]) for f in r.final)
     assert all(np.isfinite(v).all() for v in r.params[0].values())
     assert name in [s.name for s in cfg.methods]
+    base = without(name, tiny)
+    moved_by = gap(r.params[0], base.params[0])
+    if name in STATES_DEFAULT:
+        assert moved_by == 0 if r.path == base.path else moved_by <= CHANGED, (moved_by, r.path, base.path)
+    else:
+        assert moved_by > CHANGED, f"{name} left the run as it was (weights moved by {moved_by:.1e})"
+    if name in SIGNATURES:
+        SIGNATURES[name](tiny)
 
 
 # -- every pair: trains together, or is refused naming both ------------------------------------
@@ -183,9 +822,38 @@ def _expected_refusal(a, b):
 
 
 PAIRS = list(itertools.combinations(NAMES, 2))
+# src bugs these tests found, left to whoever owns the code: strict, so a fix turns them red here
+KNOWN_BUGS = {
+    ("l1", "label_smoothing"): "label_smoothing's loss hook replaces the loss value it is given, so the "
+                               "L1 penalty added before it (lower rank) is dropped",
+    ("l2", "label_smoothing"): "label_smoothing's loss hook replaces the loss value it is given, so the "
+                               "L2 penalty added before it (lower rank) is dropped",
+}
+PAIR_PARAMS = [pytest.param(a, b, id=f"{a}+{b}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[a, b])]
+                            if (a, b) in KNOWN_BUGS else []) for a, b in PAIRS]
+_ALONE = {}
 
 
-@pytest.mark.parametrize("a,b", PAIRS, ids=[f"{a}+{b}" for a, b in PAIRS])
+def two_steps(cfg, tiny, path="auto"):
+    eng = Population(cfg, [0], path=path)
+    x, y = tiny.train_x[:32].reshape(-1, 16, 16).numpy(), tiny.train_labels[:32].numpy()
+    eng.train_pass(x, y, np.full(32, cfg.optim.lr))
+    eng.end_pass()  # 2 steps of 16
+    return eng
+
+
+def alone(name, path, tiny):
+    """Weights after the pair test's two steps with one method (None: none), on a given gradient path."""
+    if (name, path) not in _ALONE:
+        _ALONE[name, path] = two_steps(tiny_cfg(*[name] if name else []), tiny, path).params()[0]
+    return _ALONE[name, path]
+
+
+def same(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in a if k in b)
+
+
+@pytest.mark.parametrize("a,b", PAIR_PARAMS)
 def test_pair(a, b, tiny):
     if _expected_refusal(a, b):
         with pytest.raises(UserError) as e:
@@ -195,13 +863,18 @@ def test_pair(a, b, tiny):
             assert incompatibility(a, b) or "sdlm" in (a, b)
         return
     cfg = tiny_cfg(a, b)
-    eng = Population(cfg, [0])
-    x, y = tiny.train_x[:32].reshape(-1, 16, 16).numpy(), tiny.train_labels[:32].numpy()
-    eng.train_pass(x, y, np.full(32, cfg.optim.lr))
-    eng.end_pass()  # 2 steps of 16
+    eng = two_steps(cfg, tiny)
     assert eng.t == 2
-    assert all(np.isfinite(v).all() for v in eng.params()[0].values())
+    got = eng.params()[0]
+    assert all(np.isfinite(v).all() for v in got.values())
     assert math.isfinite(eng.evaluate(tiny.test_x, tiny.test_labels, "ce")[0]["loss"])
+    # both methods act in the pair: it is neither one alone whenever the other changes a run by itself
+    # (compared on the pair's gradient path, so that equal means bit for bit)
+    for one, other in ((a, b), (b, a)):
+        if tiny_cfg(one).digest() == cfg.digest():
+            continue  # `other` is a method `one` requires: the pair is `one` alone
+        if not same(alone(other, eng.path, tiny), alone(None, eng.path, tiny)):
+            assert not same(got, alone(one, eng.path, tiny)), f"{a}+{b} trains as {one} alone: {other} did nothing"
 
 
 # -- every method: stop after a pass, resume, same bits -------------------------------------------

@@ -18,7 +18,7 @@ from backproplab.methods.regularizers import smooth_cross_entropy
 from backproplab.models.modnet import ModNet
 from backproplab.models.net1989 import PARAM_NAMES, init_params
 
-from test_methods import X, Y, close, flat, net, run_engine, tiny_cfg, torch_run
+from test_methods import D96, X, Y, check_agc_through_the_engine, close, flat, net, run_engine, tiny_cfg, torch_run
 from test_methods_oracle_model import ORACLES_MODEL
 
 # -- optimizers: the same trajectory as torch.optim over 6 steps -------------------------------
@@ -94,6 +94,7 @@ def oracle_agc(name):
                     exp[u] = g[k][u] * (0.01 * wn / gn)
         close(got[k], exp, rtol=1e-5, atol=1e-8)
     assert any(not torch.equal(got[k], g[k]) for k in w) and torch.equal(got["out_w"], g["out_w"])
+    check_agc_through_the_engine(D96)  # and as the engine applies it: one step of train() on 16 digits
 
 
 # -- schedules: torch's schedulers, and the lr the engine steps with ---------------------------
