@@ -14,7 +14,7 @@ from backproplab.methods.augment import RotateScale, Shift, pass_generator, rota
 from backproplab.models.modnet import ModNet, act_gain, dropout_mask, scaled_ws
 from backproplab.models.net1989 import Net1989
 
-from test_methods import X, Y, close, flat, net, run_engine, tiny_cfg
+from test_methods import X, Y, close, flat, h2_dense, net, run_engine, tiny_cfg
 
 
 def manual(m, x, h1=None, h3=None, h2=None, norm=lambda s, a: a):
@@ -22,11 +22,17 @@ def manual(m, x, h1=None, h3=None, h2=None, norm=lambda s, a: a):
     f = F.relu
     z = f(norm("h1", F.conv2d(F.pad(x, (2, 2, 2, 2), value=-1.0), m.h1_w, stride=2) + m.h1_b))
     z = h1(z) if h1 else z
-    z = f(norm("h2", F.conv2d(F.pad(z, (2, 2, 2, 2), value=-1.0), Net1989.h2_dense(m), stride=2) + m.h2_b))
+    z = f(norm("h2", F.conv2d(F.pad(z, (2, 2, 2, 2), value=-1.0), h2_dense(m.h2_w), stride=2) + m.h2_b))
     z = z.flatten(1)
     z = h2(z) if h2 else z
     z = f(norm("h3", h3(z) if h3 else z @ m.h3_w.t() + m.h3_b))
     return z @ m.out_w.t() + m.out_b
+
+
+def keep_scaled(shape, p, gen):
+    # the mask formula written out: one uniform draw per unit from the model's generator, in the
+    # order the layer draws them; kept where the draw is >= p, kept units scaled by 1 / (1 - p)
+    return (torch.rand(shape, generator=gen) >= p).float() / (1 - p)
 
 
 def _noisy(**kw):
@@ -39,8 +45,9 @@ def oracle_dropout(name):
     mask = dropout_mask((400, 192), 0.25, torch.Generator().manual_seed(1))
     assert set(mask.unique().tolist()) == {0.0, float(torch.tensor(1 / 0.75))}
     assert abs(float((mask == 0).float().mean()) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / mask.numel())
+    assert torch.equal(mask, keep_scaled((400, 192), 0.25, torch.Generator().manual_seed(1)))
     m, g = _noisy(drop=0.25)
-    close(m(X[:16]), manual(m, X[:16], h2=lambda z: z * dropout_mask(z.shape, 0.25, g)))
+    close(m(X[:16]), manual(m, X[:16], h2=lambda z: z * keep_scaled(z.shape, 0.25, g)))
     m.eval()
     close(m(X[:16]), manual(m, X[:16]), rtol=0, atol=0)
 
@@ -49,7 +56,7 @@ def oracle_dropconnect(name):
     m, g = _noisy(dropconnect=0.25)
 
     def loop(z):  # one masked weight matrix per example
-        masks = dropout_mask((len(z), 30, 192), 0.25, g)
+        masks = keep_scaled((len(z), 30, 192), 0.25, g)
         return torch.stack([(m.h3_w * masks[i]) @ z[i] + m.h3_b for i in range(len(z))])
     close(m(X[:16]), manual(m, X[:16], h3=loop))
 
@@ -59,7 +66,7 @@ def oracle_spatial_dropout(name):
     masks = []
 
     def h1(z):
-        masks.append(dropout_mask((len(z), 12, 1, 1), 0.5, g))
+        masks.append(keep_scaled((len(z), 12, 1, 1), 0.5, g))
         return z * masks[0]
     close(m(X[:16]), manual(m, X[:16], h1=h1))
     assert 0 < float((masks[0] == 0).float().mean()) < 1
@@ -76,7 +83,7 @@ def oracle_stochastic_depth(name):
 
     def blocks(z):
         for i in range(2):  # block i drops with p (i + 1) / L
-            z = z + _block(m, i, z) * dropout_mask((len(z), 1, 1, 1), 0.5 * (i + 1) / 2, g)
+            z = z + _block(m, i, z) * keep_scaled((len(z), 1, 1, 1), 0.5 * (i + 1) / 2, g)
         return z
     close(m(X[:16]), manual(m, X[:16], h1=blocks))
 
@@ -149,16 +156,23 @@ def oracle_nonorm(name):
 
 def oracle_nf(name):
     assert abs(act_gain("relu") - math.sqrt(2 / (1 - 1 / math.pi))) < 1e-6
-    w = torch.randn(30, 192)
-    v = scaled_ws(w, 1.5)
-    close(v.mean(1), torch.zeros(30), atol=1e-6, rtol=0)
-    close(v.var(1, unbiased=False) * 192, torch.full((30,), 1.5 ** 2), rtol=1e-3, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((30, 192), (12, 8, 5, 5)):  # H3 and H2's shared kernels: a unit is a slice of axis 0
+        w = torch.randn(shape, generator=gen) * 0.3 + 0.1
+        v = scaled_ws(w, 1.5).flatten(1)
+        fan_in = v.shape[1]
+        close(v.mean(1), torch.zeros(len(v)), atol=1e-6, rtol=0)
+        close(v.var(1, unbiased=False) * fan_in, torch.full((len(v),), 1.5 ** 2), rtol=1e-4, atol=0)
     m = ModNet(0, act="relu", out_act="none", ws=True)
     out = m(X[:16])
     m.ws = False
+    gain = math.sqrt(2 / (1 - 1 / math.pi))  # 1 / std(relu(z)), z ~ N(0, 1)
     with torch.no_grad():
-        for k in ("h1_w", "h2_w", "h3_w"):
-            getattr(m, k).copy_(scaled_ws(getattr(m, k), act_gain("relu")))
+        for k in ("h1_w", "h2_w", "h3_w"):  # gain (w - mean) / (std sqrt(fan_in)) per output unit, biased std
+            w = getattr(m, k)
+            flat_w = w.flatten(1)
+            mean, std = flat_w.mean(1), flat_w.std(1, unbiased=False)
+            w.copy_((gain * (flat_w - mean[:, None]) / (std[:, None] * math.sqrt(flat_w.shape[1]))).view_as(w))
     close(out, m(X[:16]))
 
 
@@ -185,18 +199,48 @@ class _C:
     pass_idx = 3
 
 
+def translated(img, dy, dx):  # out[r, c] = img[r - dy, c - dx], -1 off the image
+    return F.pad(img, (2, 2, 2, 2), value=-1.0)[..., 2 - dy:18 - dy, 2 - dx:18 - dx]
+
+
 def oracle_shift(name):
-    sw = Shift({"max": 2}, rank=30, seeds=[7])
-    sw.pass_start(_C)
     x = X[:16]
-    out = sw.batch(x.unsqueeze(0), _C)[0]  # a population of one replica
-    sh = torch.randint(-2, 3, (16, 2), generator=pass_generator(7, 3, 130))
-    for i, (dy, dx) in enumerate(sh.tolist()):
-        for r in range(16):
+
+    def shifted(seed, pass_idx, rank=30):
+        sw = Shift({"max": 2}, rank=rank, seeds=[seed])
+        sw.pass_start(type("C", (), {"pass_idx": pass_idx}))
+        return sw.batch(x.unsqueeze(0), None)[0]  # a population of one replica
+    out = shifted(7, 3)
+    found = []
+    for i in range(16):  # each image is exactly one translation within [-2, 2]^2 of its input
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if torch.equal(out[i], translated(x[i], dy, dx))]
+        assert len(hits) == 1, (i, hits)
+        dy, dx = hits[0]
+        for r in range(16):  # the translation pixel by pixel
             for c in range(16):
                 inside = 0 <= r - dy < 16 and 0 <= c - dx < 16
                 assert float(out[i, 0, r, c]) == (float(x[i, 0, r - dy, c - dx]) if inside else -1.0)
-    assert torch.equal(out, shift_images(x, sh))
+        found.append(hits[0])
+    assert len(set(found)) >= 6  # the translations are drawn, not fixed
+    assert torch.equal(out, shift_images(x, found))
+    # the draws are the (seed, pass, consumer) stream's: reproducible, and another key draws others
+    assert torch.equal(shifted(7, 3), out)
+    assert not torch.equal(shifted(7, 4), out) and not torch.equal(shifted(8, 3), out)
+    assert not torch.equal(shifted(7, 3, rank=31), out)
+
+
+def test_pass_generator_streams_are_keyed_by_seed_pass_and_tag():
+    draw = lambda *key: torch.rand(2000, generator=pass_generator(*key))  # noqa: E731
+    ref = draw(3, 1, 100)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert torch.equal(draw(3, 1, 100), ref)
+    for key in ((4, 1, 100), (3, 2, 100), (3, 1, 101), (1, 3, 100), (100, 1, 3), (0, 0, 0)):
+        other = draw(*key)
+        # a stream of its own, not the same numbers nor the same numbers shifted along: two streams of
+        # 2,000 float32 draws share about 0.25 values by chance
+        assert len(set(ref.tolist()) & set(other.tolist())) < 10, key
+        assert abs(float(torch.corrcoef(torch.stack([ref, other]))[0, 1])) < 0.1, key
+        assert abs(float(other.mean()) - 0.5) < 0.03
 
 
 def oracle_rotate_scale(name):
