@@ -5,6 +5,7 @@ import torch
 from backproplab.config import apply_overrides, from_dict, list_presets, preset, validate
 from backproplab.errors import UserError
 from backproplab.models import H2_TABLE, MACS, Net1989, init_params, weights_sha256
+from backproplab.models.modnet import ModNet
 from backproplab.models.net1989 import PARAM_NAMES
 
 
@@ -28,19 +29,43 @@ def test_macs_by_counting_hooks():
     assert m(x).shape == (1, 10)
 
 
-def test_h2_connection_table_is_respected():
-    m = Net1989(1)
-    x = torch.rand(1, 1, 16, 16) * 2 - 1
-    x.requires_grad_(True)
-    # Zeroing an input plane's links must change exactly the output planes that see it.
+SEES = {**{o: list(range(0, 8)) for o in range(4)}, **{o: list(range(4, 12)) for o in range(4, 8)},
+        **{o: [0, 1, 2, 3, 8, 9, 10, 11] for o in range(8, 12)}}  # SPEC section 1: H2 plane -> H1 planes
+
+
+def test_h2_connection_table_matches_the_spec():
     for o in range(12):
-        assert sorted(H2_TABLE[o].tolist()) == sorted(set(H2_TABLE[o].tolist()))
-    assert H2_TABLE[0].tolist() == list(range(8)) and H2_TABLE[4].tolist() == list(range(4, 12))
-    assert H2_TABLE[8].tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
+        assert H2_TABLE[o].tolist() == SEES[o]
+    m = Net1989(1)
     dense = m.h2_dense()
     for o in range(12):
-        unseen = sorted(set(range(12)) - set(H2_TABLE[o].tolist()))
-        assert torch.all(dense[o, unseen] == 0) and torch.all(dense[o, H2_TABLE[o]] == m.h2_w[o])
+        unseen = sorted(set(range(12)) - set(SEES[o]))
+        assert torch.all(dense[o, unseen] == 0) and torch.all(dense[o, SEES[o]] == m.h2_w[o])
+
+
+@pytest.mark.parametrize("make", [Net1989, ModNet], ids=["Net1989", "ModNet"])
+def test_h2_connection_table_is_respected(make):
+    # In the forward pass itself: with H3 reading only H2 plane o (the other columns of h3_w zeroed),
+    # the net's outputs are a function of that plane. Moving H1 plane c (through its biases: tanh is
+    # strictly monotone) must change them exactly when plane o sees plane c.
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for o in range(12):
+        m = make(1)
+        with torch.no_grad():
+            cols = torch.zeros(192, dtype=torch.bool)
+            cols[o * 16:(o + 1) * 16] = True
+            m.h3_w[:, ~cols] = 0.0
+        start = m.h1_b.detach().clone()
+        with torch.no_grad():
+            ref = m(x)
+            for c in range(12):
+                m.h1_b.copy_(start)
+                m.h1_b[c] += 0.5
+                out = m(x)
+                if c in SEES[o]:
+                    assert (out - ref).abs().max() > 1e-4, (o, c)
+                else:
+                    assert torch.equal(out, ref), (o, c)
 
 
 def test_init_ranges_and_determinism():
@@ -52,9 +77,46 @@ def test_init_ranges_and_determinism():
     assert weights_sha256(init_params(3)) == weights_sha256(p) != weights_sha256(init_params(4))
 
 
-def test_presets_validate():
-    for name in list_presets():
+def _fields(cfg):
+    return {f"{sec}.{k}": v for sec, d in cfg.to_dict().items() if isinstance(d, dict) for k, v in d.items()}
+
+
+# SPEC section 2, "Time travel": each rung is the one before plus one change (rung1b: the paper's own
+# optimizer and scaled tanh; rung6: the rung-5 recipe on the micro-ViT matched to the 1989 net);
+# modern is rung 5 in minibatches on the hooked engine; the smoke presets only shrink the run
+PRESET_CHANGES = [
+    ("rung1", "lecun1989", {}),
+    ("rung1b", "rung1", {"model.act": "scaled_tanh", "model.out_act": "scaled_tanh", "optim.name": "sdlm",
+                         "optim.lr": 0.0005}),
+    ("rung2", "rung1", {"model.out_act": "none", "train.loss": "ce", "optim.lr": 0.01}),
+    ("rung3", "rung2", {"optim.name": "adamw", "optim.lr": 3e-4, "optim.lr_end": 1e-4, "optim.weight_decay": 0.01,
+                        "train.passes": 46}),
+    ("rung4", "rung3", {"train.shift": 1, "train.passes": 60}),
+    ("rung5", "rung4", {"model.dropout": 0.25, "model.act": "relu", "train.passes": 80}),
+    ("rung6", "rung5", {"model.name": "vit", "train.batch": 32, "optim.lr": 2e-3}),
+    ("modern", "rung5", {"train.batch": 32, "optim.lr": 3e-3}),
+    ("smoke", "lecun1989", {"data.n_train": 500, "data.n_test": 200, "train.passes": 2}),
+    ("modern_smoke", "modern", {"data.n_train": 500, "data.n_test": 200, "train.passes": 2}),
+]
+
+
+def test_presets_are_what_the_spec_says():
+    base = _fields(preset("lecun1989"))  # SPEC section 1: tanh everywhere, MSE on +-1, per-example SGD 0.03, 23 passes
+    want = {"model.name": "net1989", "model.act": "tanh", "model.out_act": "tanh", "model.dropout": 0.0,
+            "train.loss": "mse", "optim.name": "sgd", "optim.lr": 0.03, "optim.lr_end": None, "train.passes": 23,
+            "train.batch": 1, "train.shift": 0, "data.source": "mnist10k", "data.n_train": None, "data.n_test": None}
+    assert {k: base[k] for k in want} == want
+    assert sorted({n for n, _, _ in PRESET_CHANGES} | {"lecun1989"}) == list_presets()
+    for name, before, change in PRESET_CHANGES:
+        a, b = _fields(preset(name)), _fields(preset(before))
+        if name in ("rung6", "modern"):  # and minibatches: an engine other than the per-example ones
+            assert a["train.engine"] not in ("fast", "eager") and b["train.engine"] == "fast"
+            a["train.engine"] = b["train.engine"]
+        assert {k: v for k, v in a.items() if b[k] != v} == change, name
+        assert preset(name).name == name
         validate(preset(name))
+    r3 = _fields(preset("rung3"))  # AdamW with torch's defaults
+    assert (r3["optim.beta1"], r3["optim.beta2"], r3["optim.eps"]) == (0.9, 0.999, 1e-8)
 
 
 @pytest.mark.parametrize("override,msg", [
@@ -69,12 +131,12 @@ def test_presets_validate():
     ("train.seeds=-3", "train.seeds=-3"),
     ("optim.lr=0", "optim.lr=0.0: must be > 0"),
     ("model.act=sigmoid", "model.act='sigmoid': choose one of"),
-    ("train.engine=gpu", "choose one of fast, eager, minibatch"),
-    ("train.batch=8", "needs train.engine=minibatch"),
-    ("model.name=vit", "needs train.engine=minibatch"),
+    ("train.engine=gpu", "choose one of fast, eager, "),
+    ("train.batch=8", "train.batch=8 needs train.engine="),
+    ("model.name=vit", "model.name=vit needs train.engine="),
     ("noequals", "not key=value"),
     ("train.loss=ce", "needs model.out_act=none"),
-    ("model.name=convnet", "needs train.engine=minibatch"),
+    ("model.name=convnet", "model.name=convnet needs train.engine="),
 ])
 def test_bad_overrides(override, msg):
     with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(".", r"\.").replace("+", r"\+")):
