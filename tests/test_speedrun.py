@@ -70,12 +70,18 @@ def test_optimizer_step_matches_torch_optim(name):
     torch.testing.assert_close(theta, p.detach(), atol=1e-6, rtol=1e-5)
 
 
-def test_shifted_copies_are_shift_images(small):
+def test_shifted_copies_are_the_nine_one_pixel_translations(small):
     x = small.train_x[:20]
     bank = shifted_copies(x)                                     # (9, 20, 320)
-    assert torch.equal(bank[4], fz.prep(x))
-    s = np.tile(np.array([1, -1]), (20, 1))                      # SHIFTS[5] = (0, 1); (1, -1) is index 6
-    assert torch.equal(bank[6], fz.prep(shift_images(x, s)))
+    assert bank.shape[:2] == (9, 20)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    found = set()
+    for k in range(9):  # copy k is x translated by one (dy, dx) in [-1, 1]^2, -1 where uncovered
+        hits = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                if torch.equal(bank[k], fz.prep(padded[..., 1 - dy:17 - dy, 1 - dx:17 - dx]))]
+        assert len(hits) == 1, (k, hits)
+        found.add(hits[0])
+    assert len(found) == 9 and torch.equal(bank[4], fz.prep(x))  # all nine, the centre at index 4
 
 
 def test_seed_gives_the_same_weights_alone_twice_and_in_a_population(small):
