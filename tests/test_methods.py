@@ -290,7 +290,7 @@ def test_config_clashes_name_the_field():
         tiny_cfg("label_smoothing", over=["train.loss=mse", "model.out_act=tanh"])
     per_example = preset("smoke")
     per_example.methods.append(MethodSpec("sam"))
-    with pytest.raises(UserError, match="engine=hooked"):
+    with pytest.raises(UserError, match="engine=population"):
         validate(per_example)
     with pytest.raises(UserError, match="needs one of: resblocks"):
         apply_overrides(preset("modern_smoke"), BASE + ["+method=rezero"])
@@ -929,13 +929,14 @@ def test_per_example_preset_with_a_method_runs_batch_one(tiny):
     assert c.train.batch == 1 and eng.t == 64
 
 
-def test_no_methods_matches_minibatch_engine(tiny):
+def test_old_engine_names_run_on_the_population_engine(tiny):
+    """train.engine=minibatch and =hooked (the two loops the population engine replaced) still
+    run, as the same engine with the same numbers."""
     over = ["data.n_train=64", "data.n_test=32", "train.passes=2", "train.batch=16"]
-    a = train(apply_overrides(preset("modern_smoke"), over), data=tiny)
-    b = train(apply_overrides(preset("modern_smoke"), over + ["train.engine=minibatch"]), data=tiny)
-    for pa, pb in zip(a.params, b.params):
-        for k in pa:
-            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-5, atol=1e-6)
+    runs = [train(apply_overrides(preset("modern_smoke"), over + [f"train.engine={e}"]), data=tiny)
+            for e in ("population", "minibatch", "hooked")]
+    assert {r.config["train"]["engine"] for r in runs} == {"population"}
+    assert len({r.final[0]["weights_sha256"] for r in runs}) == 1
 
 
 # -- commands (in process: main() is what the console script runs) --------------------------------
@@ -956,7 +957,7 @@ def test_cli_methods_table_card_and_train(tmp_path, capsys):
                           "data.n_test=32", "--seeds", "2", "--out", tmp_path, "--json", "--quiet")
     assert code == 0, err
     s = json.loads(out.strip().splitlines()[-1])
-    assert s["methods"] == ["sam", "ema"] and s["seeds"] == 2 and s["engine"] == "hooked"
+    assert s["methods"] == ["sam", "ema"] and s["seeds"] == 2 and s["engine"] == "population"
     code, out, _ = _cli(capsys, "runs", "--out", tmp_path, "--json")
     assert json.loads(out.strip().splitlines()[-1])["runs"][0]["kind"] == "train"
 

@@ -30,7 +30,7 @@ def build_parser():
     r.add_argument("--preset", default="lecun1989", help="config preset (lecun1989, smoke)")
     r.add_argument("--seeds", type=int, help="replicas trained at once (train.seeds)")
     r.add_argument("--seed", type=int, help="first seed (train.seed)")
-    r.add_argument("--engine", help="fast (default), eager, or minibatch with train.batch=B (train.engine)")
+    r.add_argument("--engine", help="fast (default), eager, or population with train.batch=B (train.engine)")
     r.add_argument("--passes", type=int, help="passes over the training set (train.passes)")
     r.add_argument("--data", help="mnist10k (embedded, default) or a folder of IDX files (data.source)")
     r.add_argument("--device", help="cpu or cuda; cuda needs --engine eager (train.device)")

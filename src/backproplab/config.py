@@ -49,7 +49,7 @@ class TrainCfg:
     passes: int = 23
     loss: str = "mse"              # mse (mean over 10 outputs, +-1 targets) | ce
     shift: int = 0                 # augmentation: random shifts of up to this many pixels, -1 fill
-    engine: str = "fast"           # fast | eager (per example); minibatch when batch > 1 or model is not net1989
+    engine: str = "fast"           # fast | eager (per example); population: every minibatch run (engine/population.py)
     batch: int = 1                 # examples per update
     seed: int = 0                  # replica k uses seed + k
     seeds: int = 1                 # replicas trained at once
@@ -92,7 +92,7 @@ CHOICES = {
     "model.out_act": ("tanh", "scaled_tanh", "none"),
     "optim.name": ("sgd", "adamw", "sdlm"),
     "train.loss": ("mse", "ce"),
-    "train.engine": ("fast", "eager", "minibatch", "hooked"),
+    "train.engine": ("fast", "eager", "population", "minibatch", "hooked"),  # the last two: old names of population
     "train.device": ("cpu", "cuda"),
 }
 # (low, high, low inclusive): numeric ranges a value must fall in.
@@ -183,19 +183,19 @@ def rung6() -> Config:
     c = rung5()
     c.name = "rung6"
     c.model.name, c.model.out_act = "vit", "none"
-    c.train.engine, c.train.batch = "minibatch", 32
+    c.train.engine, c.train.batch = "population", 32
     c.optim.lr, c.optim.lr_end = 2e-3, 1e-4
     return c
 
 
 def modern() -> Config:
-    """the rung-5 recipe in minibatches on the hooked engine (the base methods are added to):
+    """the rung-5 recipe in minibatches on the population engine (the base methods are added to):
     net1989, ReLU, dropout 0.25, shifts 1, AdamW (weight decay 0.01), cross-entropy; batch 32,
     lr 3e-3 -> 1e-4 linearly per step, 80 passes. Test error 1.91 +- 0.20% over seeds 0-2
     (`backproplab train modern --seeds 3`)."""
     c = rung5()
     c.name = "modern"
-    c.train.engine, c.train.batch = "hooked", 32
+    c.train.engine, c.train.batch = "population", 32
     c.optim.lr, c.optim.lr_end = 3e-3, 1e-4
     return c
 
@@ -312,16 +312,18 @@ def validate(cfg: Config) -> Config:
                     raise UserError(f"{key}={v}: must be {'>=' if incl else '>'} {lo} and <= {hi}")
     if cfg.model.dropout >= 1.0:  # the kept units would be scaled by 1/(1-p) = inf
         raise UserError(f"model.dropout={cfg.model.dropout}: must be < 1 (1 drops every unit)")
+    if cfg.train.engine in ("minibatch", "hooked"):  # the two minibatch engines became one
+        cfg.train.engine = "population"
     per_example = cfg.train.engine in ("fast", "eager")
     if per_example and cfg.train.batch > 1:
-        raise UserError(f"train.batch={cfg.train.batch} needs train.engine=minibatch (fast and eager are per example)")
+        raise UserError(f"train.batch={cfg.train.batch} needs train.engine=population (fast and eager are per example)")
     if per_example and cfg.model.name != "net1989":
-        raise UserError(f"model.name={cfg.model.name} needs train.engine=minibatch")
+        raise UserError(f"model.name={cfg.model.name} needs train.engine=population")
     if cfg.model.name == "convnet" and (cfg.model.act != "relu" or cfg.model.out_act != "none"):
         raise UserError("model.name=convnet needs model.act=relu and model.out_act=none (ReLU convs, logits out)")
     if cfg.train.loss == "ce" and cfg.model.out_act != "none":
         raise UserError("train.loss=ce needs model.out_act=none (cross-entropy takes logits)")
-    if cfg.methods or cfg.train.engine == "hooked":
+    if cfg.methods or cfg.train.engine == "population":
         from .methods.registry import check_config
         check_config(cfg)
     return cfg

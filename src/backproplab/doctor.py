@@ -10,7 +10,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-MIN_TORCH = (2, 4)       # what pyproject.toml requires (torch.func as the minibatch engine uses it)
+MIN_TORCH = (2, 4)       # what pyproject.toml requires (torch.func as the population engine uses it)
 MIN_FREE_BYTES = 200e6   # a long run writes a checkpoint every pass; below this a disk fills mid-run
 
 

@@ -48,12 +48,12 @@ def _record(m) -> dict:
 
 def train_config(preset_name, items, seeds=None):
     """A validated config from a preset, +method=... items and key=value overrides; methods put the
-    run on the hooked engine unless train.engine is given."""
+    run on the population engine unless train.engine is given."""
     from ..config import apply_overrides, preset
     cfg = preset(preset_name)
     items = list(items)
-    if any(i.startswith("+method=") for i in items) and cfg.train.engine != "hooked":
-        items.insert(0, "train.engine=hooked")
+    if any(i.startswith("+method=") for i in items) and cfg.train.engine != "population":
+        items.insert(0, "train.engine=population")
     if seeds is not None:
         items.append(f"train.seeds={seeds}")
     return apply_overrides(cfg, items)

@@ -34,6 +34,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from ..config import MethodSpec
 from ..data.augment import shift_images
@@ -53,6 +54,11 @@ HOOK_ATTR = {"build": "build", "pass_start": "pass_start", "lr": "lr", "batch": 
              "before_step": "before_step", "step": "step", "after_step": "after_step", "pass_end": "pass_end",
              "eval": ("eval_batch", "eval_weights")}
 PATHS = ("kernel", "fused", "autograd")   # fastest first: the automatic choice is the first that can run
+# The autograd path runs the registry's other models (ViT, the convnet family: no per-replica
+# noise generators or BatchNorm buffers) under torch.func.vmap from this many replicas: their
+# small matrix products batch well (the ViT at R = 8: half the loop's time per replica, this
+# repo's benchmark). ModNet keeps the loop: see the module docstring.
+VMAP_FROM = 2
 
 
 def batch_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
@@ -108,7 +114,10 @@ class Ctx:
 
 
 class Population:
-    def __init__(self, cfg, seeds, lrs=None, path="auto"):
+    def __init__(self, cfg, seeds, lrs=None, path="auto", vmap=None):
+        """lrs: one peak rate per replica (default optim.lr for all); path: auto or one of PATHS;
+        vmap: run the autograd path's forward under torch.func.vmap (default: from VMAP_FROM
+        replicas on, for models other than net1989)."""
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise UserError("train.device=cuda but CUDA is not available on this machine")
         self.cfg, self.seeds, self.batch, self.R = cfg, [int(s) for s in seeds], int(cfg.train.batch), len(seeds)
@@ -144,6 +153,12 @@ class Population:
             for n, p in mod.named_parameters():
                 p.data = self.views[n][r]
         self.eval_buffers = None  # per replica: BatchNorm statistics recomputed for averaged weights
+        if vmap is None:
+            vmap = cfg.model.name != "net1989" and self.R >= VMAP_FROM
+        self.vmapped = bool(vmap) and path == "autograd" and cfg.model.name != "net1989"
+        if self.vmapped:  # vmap of the forward only: autograd then runs on the batched ops
+            fwd = lambda prm, xb, kb: functional_call(self.models[0], prm, (xb, kb))  # noqa: E731
+            self._vfwd = {True: torch.func.vmap(fwd, in_dims=(0, 0, 0)), False: torch.func.vmap(fwd, in_dims=(0, 0, None))}
         lrs = [cfg.optim.lr] * self.R if lrs is None else [float(v) for v in lrs]
         if len(lrs) != self.R:
             raise ValueError(f"{len(lrs)} learning rates for {self.R} replicas")
@@ -285,6 +300,8 @@ class Population:
             for m, st in zip(self.models, c.gen_states):
                 m.gen.set_state(st)
                 m.update_stats = False
+        if self.vmapped:
+            return self._vmap_grad(c)
         try:
             with self._forward_ctx():
                 out = torch.stack([m(c.x[r], None if c.keep is None else c.keep[r])
@@ -304,6 +321,20 @@ class Population:
         """Whether ctx.x must hold each replica's batch as its model sees it: a data method
         transforms it, or a switch reads it. Else the kernels shift shared images themselves."""
         return bool(self._hook("batch")) or any(getattr(sw, "needs_inputs", False) for _, sw in self.switches)
+
+    def _vmap_grad(self, c):
+        leaves = {n: v.detach().requires_grad_() for n, v in self.views.items()}  # (R, ...), W's storage
+        params, c.params = c.params, [[leaves[n][r] for n in self.names] for r in range(self.R)]
+        try:
+            with self._forward_ctx():
+                out = self._vfwd[c.keep is not None](leaves, c.x, c.keep)          # (R, B, 10)
+            value = batch_loss(out.float(), c.labels, self.cfg.train.loss)
+            for sw in self._hook("loss"):
+                value = sw.loss(c, out, c.labels, value)
+            grads = torch.autograd.grad(value.sum(), list(leaves.values()))
+        finally:
+            c.params = params
+        return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
 
     @property
     def kernel_per_replica(self):

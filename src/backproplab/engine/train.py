@@ -94,12 +94,9 @@ def make_engine(cfg: Config, seeds: list):
     optionally evaluate(x, labels, loss) -> per-replica metrics and dropout_units (keep-mask width).
     """
     m, o, t = cfg.model, cfg.optim, cfg.train
-    if t.engine == "hooked":  # minibatches with the methods registry's hook points
+    if t.engine == "population":  # every minibatch run: the one population engine
         from .population import Population
         return Population(cfg, seeds)
-    if t.engine == "minibatch":
-        from .minibatch import MinibatchPopulation
-        return MinibatchPopulation(cfg, seeds)
     params = [{n: v.numpy() for n, v in init_params(s).items()} for s in seeds]
     kw = dict(act=m.act, out_act=m.out_act, loss=t.loss, optim=o.name, weight_decay=o.weight_decay,
               betas=(o.beta1, o.beta2), eps=o.eps, dropout=m.dropout)

@@ -35,8 +35,7 @@ def base_config(base: str, seeds: int, smoke: bool, passes=None):
             cfg.data.n_train, cfg.data.n_test, cfg.train.passes = 500, 200, 2
     if passes is not None:
         cfg.train.passes = passes
-    if cfg.train.engine != "hooked":
-        cfg.train.engine = "hooked"  # methods run on the hooked engine; the base runs there too
+    cfg.train.engine = "population"  # methods run on the population engine; the base runs there too
     cfg.train.seeds, cfg.train.eval_every = seeds, 1
     return validate(cfg)
 

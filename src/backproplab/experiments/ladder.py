@@ -36,7 +36,7 @@ def parse_rungs(text: str | None) -> list[str]:
 def rung_config(rung: str, seeds: int, smoke: bool = False, source: str = "mnist10k", seed: int = 0,
                 engine: str | None = None):
     cfg = preset(RUNGS[rung][0])
-    if engine and cfg.train.engine != "minibatch":  # the micro-ViT rung always trains in minibatches
+    if engine and cfg.train.engine != "population":  # the micro-ViT rung always trains in minibatches
         cfg.train.engine = engine
     cfg.train.seeds, cfg.train.seed, cfg.data.source = seeds, seed, source
     if smoke:  # test size: 300 training and 200 test digits, 2 passes

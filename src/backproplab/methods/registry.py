@@ -223,7 +223,7 @@ def check_config(cfg) -> None:
             why = incompatibility(a, b)
             if why:
                 raise UserError(f"methods {a} and {b} are incompatible: {why}")
-    if cfg.train.engine == "hooked" and not any(get_method(n).slot == "optimizer" for n in names):
+    if cfg.train.engine == "population" and not any(get_method(n).slot == "optimizer" for n in names):
         implicit = get_method(cfg.optim.name)  # optim.name is the optimizer when no method replaces it
         for n in names:
             why = incompatibility(implicit.name, n)
@@ -242,8 +242,8 @@ def check_config(cfg) -> None:
         why = m.check(cfg, s.options) if m.check else None
         if why:
             raise UserError(f"method {s.name}: {why}")
-    if specs and cfg.train.engine != "hooked":
-        raise UserError(f"methods ({', '.join(names)}) need train.engine=hooked, not {cfg.train.engine}")
+    if specs and cfg.train.engine != "population":
+        raise UserError(f"methods ({', '.join(names)}) need train.engine=population, not {cfg.train.engine}")
     cfg.methods = sorted(specs, key=lambda s: get_method(s.name).rank)
 
 
@@ -258,7 +258,7 @@ def with_method(cfg, spec):
     out = copy.deepcopy(cfg)
     out.methods = [s for s in out.methods if not (m.slot and get_method(s.name).slot == m.slot)
                    and s.name != spec.name] + [spec]
-    out.train.engine = "hooked"
+    out.train.engine = "population"
     if m.slot == "schedule":
         out.optim.lr_end = None
     if m.name == "dropout":
