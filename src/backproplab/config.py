@@ -17,6 +17,8 @@ class DataCfg:
     source: str = "mnist10k"       # 'mnist10k' (embedded, canonical split) or a folder of IDX files
     n_train: int | None = None     # keep the first n training examples (None: all)
     n_test: int | None = None
+    val: int = 0                   # the last `val` training examples held out as a validation split (0: none);
+                                   # what is tuned, searched or stopped early is judged there, never on the test set
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Config:
         d = dataclasses.asdict(self)
         if not d["methods"]:  # a config without methods keeps the digest it had before methods existed
             del d["methods"]
+        if not d["data"]["val"]:  # likewise a config without a validation split
+            del d["data"]["val"]
         return d
 
     def to_json(self) -> str:
@@ -97,7 +101,7 @@ CHOICES = {
 }
 # (low, high, low inclusive): numeric ranges a value must fall in.
 RANGES = {
-    "data.n_train": (1, 10_000_000, True), "data.n_test": (1, 10_000_000, True),
+    "data.n_train": (1, 10_000_000, True), "data.n_test": (1, 10_000_000, True), "data.val": (0, 10_000_000, True),
     "model.dropout": (0.0, 1.0, True),
     "optim.lr": (0.0, 100.0, False), "optim.lr_end": (0.0, 100.0, True),
     "optim.weight_decay": (0.0, 10.0, True), "optim.beta1": (0.0, 1.0, True),

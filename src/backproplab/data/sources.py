@@ -27,6 +27,24 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     test_labels: torch.Tensor
+    val_x: torch.Tensor | None = None      # the validation split carved from the training set, if any
+    val_y: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+
+    def splits(self) -> tuple:
+        return ("train", "val", "test") if self.val_x is not None else ("train", "test")
+
+    def with_validation(self, n_val: int) -> "Dataset":
+        """The last n_val training examples become the validation split; training keeps the rest.
+        The test set is untouched."""
+        if self.val_x is not None:
+            raise UserError("the data already has a validation split")
+        n = len(self.train_x)
+        if not 0 < n_val < n:
+            raise UserError(f"data.val={n_val} must leave training examples: the training set has {n}")
+        k = n - n_val
+        return Dataset(self.name, self.train_x[:k], self.train_y[:k], self.train_labels[:k], self.test_x,
+                       self.test_y, self.test_labels, self.train_x[k:], self.train_y[k:], self.train_labels[k:])
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()

@@ -50,7 +50,8 @@ class Result:
              "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
              "status": self.status, "error_unit": "percent", "path": self.path,
              "config_digest": _digest(self.config)}
-        for key in ("train_loss", "train_error", "train_misses", "test_loss", "test_error", "test_misses"):
+        keys = [f"{sp}_{k}" for sp in ("train", "val", "test") for k in ("loss", "error", "misses")]
+        for key in (k for k in keys if k in self.final[0]):
             vals = np.array([f[key] for f in self.final], dtype=np.float64)
             s[key] = float(vals.mean()) if len(vals) > 1 else self.final[0][key]
             if len(vals) > 1:
@@ -147,8 +148,8 @@ def prepare_out(out) -> Path | None:
     return out
 
 
-def _final(seeds, params, hist_last):
-    return [{"seed": s, **{f"{sp}_{k}": hist_last[sp][r][k] for sp in SPLITS for k in ("loss", "error", "misses")},
+def _final(seeds, params, hist_last, splits=SPLITS):
+    return [{"seed": s, **{f"{sp}_{k}": hist_last[sp][r][k] for sp in splits for k in ("loss", "error", "misses")},
              "weights_sha256": weights_sha256(params[r])} for r, s in enumerate(seeds)]
 
 
@@ -158,6 +159,8 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
     torch.set_num_threads(cfg.train.threads)
     out = prepare_out(out)
     data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
+    if cfg.data.val and data.val_x is None:
+        data = data.with_validation(cfg.data.val)
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
     try:
         engine = make_engine(cfg, seeds)
@@ -221,8 +224,8 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         if status != "finished":
             break
     params = engine.params()
-    return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1]), seconds, eval_seconds,
-                  n, status, message, params, getattr(engine, "path", "per-example"))
+    return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1], data.splits()), seconds,
+                  eval_seconds, n, status, message, params, getattr(engine, "path", "per-example"))
 
 
 def _finite(params: dict) -> bool:
@@ -233,7 +236,7 @@ def _evaluate_pass(engine, data, cfg, p, dt) -> dict:
     m, t = cfg.model, cfg.train
     cur = None if hasattr(engine, "evaluate") else engine.params()
     rec = {"pass": p + 1, "seconds": dt}
-    for sp in SPLITS:
+    for sp in data.splits():
         xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
         rec[sp] = engine.evaluate(xs, ls, t.loss) if cur is None else evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
     return rec
@@ -247,4 +250,5 @@ def format_pass(rec: dict, passes: int) -> str:
         miss = np.mean([r["misses"] for r in v])
         miss_s = f"{int(miss)}" if len(v) == 1 else f"{miss:.1f}"
         return f"{sp} loss {loss:.6f} error {err:5.2f}% misses {miss_s:>5}"
-    return f"pass {rec['pass']:3d}/{passes}  {part('train')}  |  {part('test')}  ({rec['seconds']:.2f} s)"
+    val = f"{part('val')}  |  " if "val" in rec else ""
+    return f"pass {rec['pass']:3d}/{passes}  {part('train')}  |  {val}{part('test')}  ({rec['seconds']:.2f} s)"

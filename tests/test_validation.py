@@ -1,0 +1,51 @@
+"""data.val: a validation split carved from the end of the training set, reported beside
+train and test, and refused when it would leave nothing to train on."""
+import numpy as np
+import pytest
+
+from backproplab.cli import main
+from backproplab.config import apply_overrides, preset
+from backproplab.data import load_dataset
+from backproplab.engine.train import train
+from backproplab.errors import UserError
+from backproplab.store import list_runs
+
+
+def test_the_last_examples_become_the_validation_split():
+    full = load_dataset("mnist10k", 300, 50)
+    d = full.with_validation(100)
+    assert len(d.train_x) == 200 and len(d.val_x) == 100 and d.splits() == ("train", "val", "test")
+    assert np.array_equal(d.val_labels.numpy(), full.train_labels[200:].numpy())  # the end of the canonical order
+    assert np.array_equal(d.train_x.numpy(), full.train_x[:200].numpy())
+    assert np.array_equal(d.test_x.numpy(), full.test_x.numpy())               # the test set is untouched
+    for bad in (0, 300, 301):
+        with pytest.raises(UserError, match="must leave training examples"):
+            full.with_validation(bad)
+
+
+@pytest.mark.parametrize("preset_name", ["smoke", "modern_smoke"])
+def test_runs_report_validation_and_train_on_the_rest(preset_name):
+    cfg = apply_overrides(preset(preset_name), ["data.n_train=120", "data.n_test=40", "data.val=40",
+                                                "train.passes=1"])
+    r = train(cfg)
+    assert r.n_train == 80
+    h = r.history[-1]
+    assert len(h["val"]) == 1 and h["val"][0]["misses"] == round(h["val"][0]["error"] * 40 / 100)
+    s = r.summary()
+    assert {"val_loss", "val_error", "test_error"} <= set(s)
+    without = apply_overrides(preset(preset_name), ["data.n_train=80", "data.n_test=40", "train.passes=1"])
+    # the same 80 training examples, so the same weights: the split only moves examples out of training
+    assert train(without).final[0]["weights_sha256"] == r.final[0]["weights_sha256"]
+
+
+def test_no_split_keeps_the_config_digest():
+    a, b = preset("lecun1989"), apply_overrides(preset("lecun1989"), ["data.val=0"])
+    assert a.digest() == b.digest() and "val" not in a.to_dict()["data"]
+    assert apply_overrides(preset("lecun1989"), ["data.val=1000"]).digest() != a.digest()
+
+
+def test_cli_too_large_a_split_is_one_line_exit_2(tmp_path, capsys):
+    code = main(["repro", "--preset", "smoke", "data.n_train=50", "data.val=50", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: data.val=50") and "50" in err[0]
+    assert not (tmp_path / "runs.db").exists() or list_runs(tmp_path) == []  # nothing trained, nothing stored
