@@ -271,12 +271,27 @@ def oracle_standardize(name):
     with torch.no_grad():
         close(eng.outputs(X[:8])[0], m(z[:8]), rtol=1e-4, atol=1e-5)  # fused path against the module
 
+def oracle_tta(name):
+    # n=1 is the plain evaluation; n=5 the mean softmax over the image and its four one-pixel moves,
+    # the moves built by slicing a -1-padded copy
+    from backproplab.methods.augment import tta_log_probs
+    m = Net1989(0, "relu", "none").eval()
+    x = X[:12]
+    outputs = lambda t: m(t).unsqueeze(0)  # noqa: E731  a population of one
+    with torch.no_grad():
+        close(tta_log_probs(outputs, x, 1)[0], torch.log_softmax(m(x), -1))
+        pad = F.pad(x, (1, 1, 1, 1), value=-1.0)
+        moves = [(0, 0), (-1, 0), (0, -1), (0, 1), (1, 0)]
+        prob = sum(torch.softmax(m(pad[:, :, 1 - dy:17 - dy, 1 - dx:17 - dx]), -1) for dy, dx in moves) / 5
+        close(tta_log_probs(outputs, x, 5)[0], torch.log(prob))
+
+
 ORACLES_MODEL = {"dropout": oracle_dropout, "dropconnect": oracle_dropconnect,
                  "spatial_dropout": oracle_spatial_dropout, "stochastic_depth": oracle_stochastic_depth,
                  "shift": oracle_shift, "rotate_scale": oracle_rotate_scale, "standardize": oracle_standardize,
                  "batchnorm": oracle_batchnorm, "layernorm": oracle_layernorm, "groupnorm": oracle_groupnorm,
                  "nonorm": oracle_nonorm, "resblocks": oracle_resblocks, "rezero": oracle_rezero, "nf": oracle_nf,
-                 "fp32": oracle_fp32, "bf16": oracle_bf16}
+                 "fp32": oracle_fp32, "bf16": oracle_bf16, "tta": oracle_tta}
 
 
 @pytest.mark.parametrize("name", sorted(ORACLES_MODEL))

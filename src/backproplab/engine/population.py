@@ -50,9 +50,9 @@ EVAL_CHUNK = 2048    # images per forward pass at evaluation and BatchNorm recom
 NOISE_TAG = 1        # generator tag of the model's noise (data methods use 100 + rank)
 AFTER_BACKWARD = HOOKS[HOOKS.index("after_backward"):HOOKS.index("after_step") + 1]
 HOOK_ATTR = {"build": "build", "pass_start": "pass_start", "lr": "lr", "batch": "batch",
-             "forward": "forward_context", "loss": "loss", "after_backward": "after_backward",
+             "forward": "forward_context", "loss": ("criterion", "loss"), "after_backward": "after_backward",
              "before_step": "before_step", "step": "step", "after_step": "after_step", "pass_end": "pass_end",
-             "eval": ("eval_batch", "eval_weights")}
+             "eval": ("eval_batch", "eval_weights", "eval_outputs")}
 PATHS = ("kernel", "fused", "autograd")   # fastest first: the automatic choice is the first that can run
 # The autograd path runs the registry's other models (ViT, the convnet family: no per-replica
 # noise generators or BatchNorm buffers) under torch.func.vmap from this many replicas: their
@@ -306,9 +306,7 @@ class Population:
             with self._forward_ctx():
                 out = torch.stack([m(c.x[r], None if c.keep is None else c.keep[r])
                                    for r, m in enumerate(self.models)])             # (R, B, 10)
-            value = batch_loss(out.float(), c.labels, self.cfg.train.loss)          # (R,)
-            for sw in self._hook("loss"):
-                value = sw.loss(c, out, c.labels, value)
+            value = self._loss(c, out)                                              # (R,)
             flat_params = [p for ps in c.params for p in ps]
             grads = torch.autograd.grad(value.sum(), flat_params)  # replicas share nothing: row r = dL_r/dW_r
         finally:
@@ -322,16 +320,23 @@ class Population:
         transforms it, or a switch reads it. Else the kernels shift shared images themselves."""
         return bool(self._hook("batch")) or any(getattr(sw, "needs_inputs", False) for _, sw in self.switches)
 
+    def _loss(self, c, out):
+        """(R,) per-replica loss: the criterion (a method's, e.g. label smoothing, or train.loss), then
+        the loss terms of the methods in rank order (penalties add to whichever criterion ran)."""
+        crit = self._hook("loss", "criterion")
+        value = crit[0].criterion(out.float(), c.labels) if crit else batch_loss(out.float(), c.labels,
+                                                                                  self.cfg.train.loss)
+        for sw in self._hook("loss", "loss"):
+            value = sw.loss(c, out, c.labels, value)
+        return value
+
     def _vmap_grad(self, c):
         leaves = {n: v.detach().requires_grad_() for n, v in self.views.items()}  # (R, ...), W's storage
         params, c.params = c.params, [[leaves[n][r] for n in self.names] for r in range(self.R)]
         try:
             with self._forward_ctx():
                 out = self._vfwd[c.keep is not None](leaves, c.x, c.keep)          # (R, B, 10)
-            value = batch_loss(out.float(), c.labels, self.cfg.train.loss)
-            for sw in self._hook("loss"):
-                value = sw.loss(c, out, c.labels, value)
-            grads = torch.autograd.grad(value.sum(), list(leaves.values()))
+            grads = torch.autograd.grad(self._loss(c, out).sum(), list(leaves.values()))
         finally:
             c.params = params
         return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
@@ -349,7 +354,7 @@ class Population:
         return self.kernel.grad(self.W, c.x[0].reshape(-1, 16, 16), c.labels, sh, keep)
 
     def _fused_grad(self, c):
-        smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss"))
+        smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss", "criterion"))
         keep = None
         if c.keep is not None:
             keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.cfg.model.dropout))
@@ -415,21 +420,30 @@ class Population:
 
     @torch.no_grad()
     def outputs(self, x) -> torch.Tensor:
-        """x (B, 1, 16, 16) -> (R, B, 10) in eval mode, with the evaluated weights."""
-        x = self._eval_input(torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 16, 16).to(self.device))
+        """x (B, 1, 16, 16) -> (R, B, 10) in eval mode, with the evaluated weights; an eval_outputs
+        method (test-time shifts) decides which inputs are presented and how outputs combine."""
+        x = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 16, 16).to(self.device)
         avg = self.eval_weights()
-        if self.path == "fused":
-            theta = self.W if avg is None else avg
-            return torch.cat([fz.logits(theta, fz.prep(x[a:a + EVAL_CHUNK]))
-                              for a in range(0, len(x), EVAL_CHUNK)], 1).cpu()
         with self._swapped(avg, self.eval_buffers):
-            outs = []
             for m in self.models:
                 m.eval()
-                with self._forward_ctx():
-                    outs.append(torch.cat([m(x[a:a + EVAL_CHUNK]).float() for a in range(0, len(x), EVAL_CHUNK)]))
-                m.train()
-        return torch.stack(outs).cpu()
+            try:
+                combine = self._hook("eval", "eval_outputs")
+                if combine:
+                    return combine[0].eval_outputs(self._raw_outputs, x, self.ctx).cpu()
+                return self._raw_outputs(x).cpu()
+            finally:
+                for m in self.models:
+                    m.train()
+
+    def _raw_outputs(self, x):
+        x = self._eval_input(x)
+        if self.path == "fused":
+            return torch.cat([fz.logits(self.W, fz.prep(x[a:a + EVAL_CHUNK]))
+                              for a in range(0, len(x), EVAL_CHUNK)], 1)
+        with self._forward_ctx():
+            return torch.stack([torch.cat([m(x[a:a + EVAL_CHUNK]).float() for a in range(0, len(x), EVAL_CHUNK)])
+                                for m in self.models])
 
     def evaluate(self, x, labels, loss) -> list:
         return metrics_from_outputs(self.outputs(np.asarray(x)), torch.as_tensor(np.asarray(labels)).long(), loss)

@@ -122,3 +122,42 @@ register(Method(
          "evaluation. The model's own -1 border padding is unchanged.",
     paper="LeCun, Bottou, Orr & Mueller 1998, 'Efficient BackProp' section 4.3",
     oracle="the transformed training set has mean 0 and standard deviation 1"))
+
+
+SHIFT_SETS = {1: [(0, 0)], 5: [(0, 0), (-1, 0), (0, -1), (0, 1), (1, 0)],
+              9: [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]}
+
+
+def tta_log_probs(outputs_of, x: torch.Tensor, n: int) -> torch.Tensor:
+    """log of the mean softmax over the n one-pixel shifts of SHIFT_SETS[n]; outputs_of(x) -> (R, B, 10)
+    logits. The log keeps what the evaluation reads: its argmax is the averaged prediction, its
+    cross-entropy the loss of that prediction."""
+    logp = [torch.log_softmax(outputs_of(shift_images(x, np.tile(np.array(s, np.int64), (len(x), 1)))).float(), -1)
+            for s in SHIFT_SETS[n]]
+    return torch.logsumexp(torch.stack(logp), 0) - math.log(len(logp))  # stable where a softmax underflows
+
+
+class TestTimeShifts:
+    def __init__(self, opts, **ctx):
+        self.n = opts["n"]
+
+    def eval_outputs(self, outputs_of, x, ctx):
+        return tta_log_probs(outputs_of, x, self.n)
+
+
+def _tta_check(cfg, opts):
+    return None if cfg.train.loss == "ce" else f"averages softmax outputs: needs train.loss=ce, not {cfg.train.loss}"
+
+
+register(Method(
+    "tta", kind="augmentation", touches=("data",), hooks=("eval",), impl="augment:TestTimeShifts",
+    summary="test-time augmentation: the softmax averaged over one-pixel shifts of each image",
+    options={"n": Option(9, "shifted copies", "the image and its 4 or 8 one-pixel translations", 1, 9,
+                         choices=(1, 5, 9))},
+    check=_tta_check,
+    what="At evaluation only (training is unchanged), every image is presented n times: itself (n=1), "
+         "with its four one-pixel moves (n=5), or all nine translations by -1, 0, +1 pixels in y and x "
+         "(n=9, -1 fill); the prediction is the mean of the n softmax outputs, and the loss is the "
+         "cross-entropy of that mean. Costs n forward passes per evaluated image.",
+    paper="Simard, Steinkraus & Platt 2003; Krizhevsky, Sutskever & Hinton 2012 (averaging over crops)",
+    oracle="the mean of softmax outputs over shifted copies built by slicing a -1-padded image"))
