@@ -70,8 +70,7 @@ def test_kernel_gradients_equal_autograd():
             assert float((G[r] - g).norm() / g.norm()) < 1e-5
 
 
-# every method that declares the fast paths, on each fast path that can run it (the kernels
-# have no label smoothing: that one runs on the fused products only)
+# every method that declares the fast paths, on each fast path that can run it
 FAST = [(m.name, p) for m in list_methods() if m.fast for p in FAST_PATHS
         if fused_reason(cfg_with(m.name), run_specs(cfg_with(m.name)), p) is None]
 
@@ -132,7 +131,7 @@ def test_automatic_path_and_the_run_record():
     base = apply_overrides(preset("modern_smoke"), BASE)  # AdamW, linear decay, dropout, shifts
     assert Population(base, [0]).path == ("kernel" if HAVE_KERNELS else "fused")
     smooth = cfg_with("label_smoothing")
-    assert Population(smooth, [0]).path == "fused"          # the kernels have no label smoothing
+    assert Population(smooth, [0]).path == ("kernel" if HAVE_KERNELS else "fused")  # the kernels smooth too
     assert Population(cfg_with("batchnorm"), [0]).path == "autograd"
     assert Population(cfg_with("l2"), [0]).path == "autograd"
     tanh = apply_overrides(preset("modern_smoke"), BASE + ["model.act=tanh"])

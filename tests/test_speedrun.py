@@ -1,5 +1,6 @@
-"""Speedrun: the fused 1989 net against autograd, its optimizers against torch.optim, seeds that
-reproduce, a smoke run that learns, the command's records and its bad-argument errors."""
+"""Speedrun: the fused 1989 net against autograd, the preset on the population engine (seeds that
+reproduce, a smoke run that learns, methods that compose), the command's records and its
+bad-argument errors."""
 import json
 
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backproplab.data import load_dataset, shift_images
-from backproplab.experiments.speedrun import (Recipe, optimizer_step, run_speedrun, shifted_copies,
-                                              eval_errors, train_population)
+from backproplab.config import apply_overrides, preset
+from backproplab.data import load_dataset
+from backproplab.experiments.speedrun import run_speedrun
 from backproplab.models import fused1989 as fz
 from backproplab.models.net1989 import PARAM_NAMES, Net1989, weights_sha256
 from conftest import run_cli
@@ -52,58 +53,36 @@ def test_fused_logits_and_param_export_match_net1989(small):
     assert weights_sha256(params) == weights_sha256({n: getattr(net, n) for n in PARAM_NAMES})
 
 
-@pytest.mark.parametrize("name", ["adam", "nesterov"])
-def test_optimizer_step_matches_torch_optim(name):
-    rc = Recipe(optimizer=name, momentum=0.9, beta2=0.99, weight_decay=0.02)
-    g = torch.Generator().manual_seed(0)
-    theta = torch.randn(3, 40, generator=g)
-    p = theta.clone().requires_grad_()
-    opt = (torch.optim.AdamW([p], lr=1.0, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.02) if name == "adam"
-           else torch.optim.SGD([p], lr=1.0, momentum=0.9, nesterov=True, weight_decay=0.02))
-    mom, sq = torch.zeros_like(theta), torch.zeros_like(theta)
-    for k in range(1, 8):
-        grad, lr = torch.randn(3, 40, generator=g), 0.01 * k
-        opt.param_groups[0]["lr"] = lr
-        p.grad = grad.clone()
-        opt.step()
-        optimizer_step(rc, theta, grad.clone(), mom, sq, k, lr)
-    torch.testing.assert_close(theta, p.detach(), atol=1e-6, rtol=1e-5)
+def small_cfg(*items):
+    return apply_overrides(preset("speedrun"), ["data.n_train=600", "data.n_test=300", "train.passes=3",
+                                                "train.batch=50", *items])
 
 
-def test_shifted_copies_are_the_nine_one_pixel_translations(small):
-    x = small.train_x[:20]
-    bank = shifted_copies(x)                                     # (9, 20, 320)
-    assert bank.shape[:2] == (9, 20)
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
-    found = set()
-    for k in range(9):  # copy k is x translated by one (dy, dx) in [-1, 1]^2, -1 where uncovered
-        hits = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
-                if torch.equal(bank[k], fz.prep(padded[..., 1 - dy:17 - dy, 1 - dx:17 - dx]))]
-        assert len(hits) == 1, (k, hits)
-        found.add(hits[0])
-    assert len(found) == 9 and torch.equal(bank[4], fz.prep(x))  # all nine, the centre at index 4
+def test_preset_is_made_of_registered_methods_on_the_population_engine():
+    cfg = preset("speedrun")
+    assert cfg.train.engine == "population" and [m.name for m in cfg.methods] == ["warmup", "label_smoothing", "tta"]
+    assert (cfg.model.act, cfg.model.out_act, cfg.train.loss, cfg.optim.lr_end) == ("relu", "none", "ce", 0.0)
 
 
 def test_seed_gives_the_same_weights_alone_twice_and_in_a_population(small):
-    rc = Recipe(epochs=2, batch=50, dropout=0.25)
-    a, _ = train_population(small, [4], rc)
-    b, _ = train_population(small, [4], rc)
-    pop, _ = train_population(small, [9, 4], rc)
-    assert torch.equal(a, b)
-    torch.testing.assert_close(pop[1], a[0], atol=1e-5, rtol=1e-5)  # batched products may round differently
-    assert not torch.allclose(pop[0], a[0])
+    cfg = small_cfg("model.dropout=0.25")
+    quiet = lambda s: None  # noqa: E731
+    a = run_speedrun(cfg, small, [4], log=quiet)["per_seed"][0]["weights_sha256"]
+    b = run_speedrun(cfg, small, [4], log=quiet)["per_seed"][0]["weights_sha256"]
+    pop = run_speedrun(cfg, small, [3, 4], population=True, log=quiet)["per_seed"]
+    assert a == b and pop[1]["weights_sha256"] == a and pop[0]["weights_sha256"] != a
 
 
-def test_smoke_recipe_learns_and_tta_is_a_mean_of_shifts(small):
-    res = run_speedrun(small, [0, 1], Recipe(epochs=6, batch=32), population=True, log=lambda s: None)
+def test_smoke_recipe_learns_and_reports_the_plain_error(small):
+    res = run_speedrun(small_cfg("train.passes=6", "train.batch=32"), small, [0, 1], population=True,
+                       log=lambda s: None)
     assert res["seeds"] == 2 and len({p["weights_sha256"] for p in res["per_seed"]}) == 2
     assert res["test_error"] < 35.0 and res["test_error_no_tta"] < 35.0    # chance is 90 %
-    theta, _ = train_population(small, [0], Recipe(epochs=1, batch=32))
-    x, n = small.test_x, len(small.test_x)
-    prob = sum(torch.softmax(fz.logits(theta, fz.prep(shift_images(x, np.tile(np.array(s), (n, 1))))), -1)
-               for s in [(0, 0), (-1, 0), (0, -1), (0, 1), (1, 0)])   # the centre and the four 1-pixel moves
-    want = 100.0 * float((prob[0].argmax(1) != small.test_labels).float().mean())
-    assert abs(eval_errors(theta, small, 5)[0] - want) < 1e-4
+    assert res["test_error"] != res["test_error_no_tta"]                   # tta changes the evaluation
+    with_sam = run_speedrun(small_cfg("train.passes=6", "train.batch=32", "+method=sam"), small, [0],
+                            log=lambda s: None)
+    assert with_sam["per_seed"][0]["weights_sha256"] != res["per_seed"][0]["weights_sha256"]
+    assert "sam" in [m["name"] for m in with_sam["config"]["methods"]]
 
 
 def test_cli_smoke_records_a_speedrun(tmp_path):
@@ -112,7 +91,7 @@ def test_cli_smoke_records_a_speedrun(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["seeds"] == 2 and len(res["per_seed"]) == 2 and res["test_error"] < 60.0
     assert res["reference"]["full_steps"] == 80 * 7291 and res["speedup"] > 0
-    assert "mean +- std, n=2" in r.stdout
+    assert "mean +- std, n=2" in r.stdout and res["path"] in ("kernel", "fused")
     from backproplab.store import list_runs
     runs = list_runs(tmp_path)
     assert runs[-1]["kind"] == "speedrun" and runs[-1]["summary"]["seeds"] == 2

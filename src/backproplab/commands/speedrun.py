@@ -11,16 +11,18 @@ def register(sub, add_common):
     add_common(s)
     s.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 (default 8)")
     s.add_argument("--population", action="store_true",
-                   help="train all seeds at once in one process (batched products) instead of one after another")
-    s.add_argument("--epochs", type=int, help="passes over the training set (recipe default 30)")
-    s.add_argument("--batch", type=int, help="examples per step (recipe default 128)")
-    s.add_argument("--lr", type=float, help="peak learning rate (recipe default 0.02)")
-    s.add_argument("--tta", type=int, help="test-time shifts averaged: 1 (none), 5 or 9 (default 9)")
+                   help="train all seeds at once as one population instead of one after another")
+    s.add_argument("--epochs", type=int, help="passes over the training set (train.passes)")
+    s.add_argument("--batch", type=int, help="examples per step (train.batch)")
+    s.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    s.add_argument("--tta", type=int, help="test-time shifts averaged: 1 (none), 5 or 9 (+method=tta:n=N)")
     s.add_argument("--reference-steps", type=int, default=300,
                    help="steps of the per-example eager rung-5 reference to time (default 300; 0 skips it)")
     s.add_argument("--target", type=float, help="test error to beat in percent (default: rung 5's measured mean)")
     s.add_argument("--smoke", action="store_true",
                    help="test size: 1000 training and 500 test digits, 5 epochs of batch 32")
+    s.add_argument("items", nargs="*", metavar="+method=NAME[:k=v,...] | key=value",
+                   help="methods and config overrides on the speedrun preset, e.g. +method=sam data.val=1000")
     r = sub.add_parser("rezero", help="ReZero vs none/BatchNorm/LayerNorm in deep residual MLP and conv stacks")
     add_common(r)
     r.add_argument("--depths", default="8,32,64,128", help="residual layers, comma-separated (default 8,32,64,128)")
@@ -49,21 +51,29 @@ def _fmt(m, s):
     return f"{m:.2f} +- {s:.2f} %"
 
 
+def speedrun_config(args):
+    """The speedrun preset with the command's flags and items applied, validated."""
+    from ..config import apply_overrides, preset
+    items = []
+    if args.smoke:
+        items += ["data.n_train=1000", "data.n_test=500", "train.passes=5", "train.batch=32"]
+    for flag, key in (("epochs", "train.passes"), ("batch", "train.batch"), ("lr", "optim.lr")):
+        if getattr(args, flag) is not None:
+            items.append(f"{key}={getattr(args, flag)}")
+    if args.tta is not None:
+        items.append(f"+method=tta:n={args.tta}")
+    cfg = apply_overrides(preset("speedrun"), items + list(args.items))
+    if cfg.train.engine != "population":
+        raise UserError(f"the speedrun trains on the population engine, not train.engine={cfg.train.engine}")
+    cfg.train.eval_every = cfg.train.passes  # evaluated once, at the end
+    return cfg
+
+
 def cmd_speedrun(args):
-    from ..experiments.speedrun import Recipe
     if args.seeds < 1 or args.reference_steps < 0 or (args.target is not None and not 0 < args.target <= 100):
         raise UserError("--seeds must be >= 1, --reference-steps >= 0 and --target in (0, 100]")
-    rc = Recipe()
-    for k in ("epochs", "batch", "lr", "tta"):
-        if getattr(args, k) is not None:
-            setattr(rc, k, getattr(args, k))
-    n_train = n_test = None
-    ref_steps = args.reference_steps
-    if args.smoke:
-        n_train, n_test, ref_steps = 1000, 500, min(ref_steps, 20)
-        rc.epochs = 5 if args.epochs is None else rc.epochs
-        rc.batch = 32 if args.batch is None else rc.batch
-    rc.check()
+    cfg = speedrun_config(args)
+    ref_steps = min(args.reference_steps, 20) if args.smoke else args.reference_steps
     import torch
     torch.set_num_threads(1)
     from ..data import load_dataset
@@ -72,15 +82,14 @@ def cmd_speedrun(args):
     from ..store import add_run
     out = prepare_out(args.out)
     target, source = rung5_target(out) if args.target is None else (args.target, "--target")
-    data = load_dataset("mnist10k", n_train, n_test)
-    print(f"recipe: Net1989 (ReLU, logits; 9,760 parameters), {rc.epochs} epochs, batch {rc.batch}, "
-          f"{rc.optimizer} lr {rc.lr:g} (warm-up {rc.warmup:.0%}, then linear to 0), label smoothing {rc.smooth:g}, "
-          f"dropout {rc.dropout:g}, {'shifts of up to 1 pixel' if rc.shift else 'no shifts'}, test-time "
-          f"average over {rc.tta} shift{'s' if rc.tta > 1 else ''}; "
+    d = cfg.data
+    data = load_dataset(d.source, d.n_train, d.n_test)
+    methods = ", ".join(f"{m.name}({', '.join(f'{k}={v}' for k, v in m.options.items())})" for m in cfg.methods)
+    print(f"recipe: the speedrun preset, {cfg.train.passes} passes of batch {cfg.train.batch}, {cfg.optim.name} "
+          f"lr {cfg.optim.lr:g} -> {cfg.optim.lr_end}, methods {methods}; "
           f"{'one population of ' + str(args.seeds) + ' seeds' if args.population else 'each seed alone'}, "
           f"1 thread", flush=True)
-    res = run_speedrun(data, list(range(args.seeds)), rc, population=args.population, n_train=n_train,
-                       n_test=n_test)
+    res = run_speedrun(cfg, data, list(range(args.seeds)), population=args.population)
     ref = reference_step_seconds(data, ref_steps) if ref_steps else None
     fast = reference_step_seconds(data, 10 * ref_steps, "fast") if ref_steps and _fast_engine_ok() else None
     per_seed = res["train_seconds_per_seed"] if args.population else res["train_seconds_max_seed"]
@@ -88,18 +97,22 @@ def cmd_speedrun(args):
                 "meets_target": res["test_error"] <= target, "smoke": args.smoke, "reference": ref,
                 "speedup": ref["full_seconds"] / per_seed if ref else None, "reference_fast": fast,
                 "speedup_vs_fast": fast["full_seconds"] / per_seed if fast else None,
-                "passes": rc.epochs, "seconds": res["train_seconds_total"]})  # the fields `backproplab runs` lists
+                "passes": cfg.train.passes, "seconds": res["train_seconds_total"]})  # fields `backproplab runs` lists
     n = res["seeds"]
-    print(f"test error {_fmt(res['test_error'], res['test_error_std'])} (mean +- std, n={n}); without test-time "
-          f"shifts {_fmt(res['test_error_no_tta'], res['test_error_no_tta_std'])}")
+    plain = ("" if res["test_error_no_tta"] is None else
+             f"; without test-time shifts {_fmt(res['test_error_no_tta'], res['test_error_no_tta_std'] or 0.0)}")
+    print(f"test error {_fmt(res['test_error'], res['test_error_std'])} (mean +- std, n={n}){plain}")
+    if "val_error" in res:
+        print(f"validation error {_fmt(res['val_error'], res['val_error_std'])} (data.val={cfg.data.val})")
     print(f"target {target:.2f} % ({res['target_source']}): {'met' if res['meets_target'] else 'NOT met'}")
     if args.population:
-        print(f"training: {res['train_seconds_total']:.2f} s wall for all {n} seeds in one process "
-              f"({res['train_seconds_per_seed']:.2f} s a seed), cpu {res['train_cpu_seconds_total']:.2f} s")
+        print(f"training: {res['train_seconds_total']:.2f} s wall for all {n} seeds in one population "
+              f"({res['train_seconds_per_seed']:.2f} s a seed), cpu {res['train_cpu_seconds_total']:.2f} s; "
+              f"gradient path {res['path']}")
     else:
         print(f"training: {res['train_seconds_per_seed']:.2f} s wall a seed on average, slowest seed "
-              f"{res['train_seconds_max_seed']:.2f} s, total {res['train_seconds_total']:.2f} s "
-              f"(cpu {res['train_cpu_seconds_total']:.2f} s)")
+              f"{res['train_seconds_max_seed']:.2f} s, total {res['train_seconds_total']:.2f} s; "
+              f"gradient path {res['path']}")
     print(f"evaluation (not in the training time): {res['eval_seconds_total']:.2f} s; "
           f"{res['steps']} steps, {res['gflop_per_seed']:.0f} GFLOP a seed")
     if ref:
@@ -112,8 +125,7 @@ def cmd_speedrun(args):
               f"speed-up {res['speedup_vs_fast']:.1f}x")
     status = "finished" if res["meets_target"] or args.smoke else "missed"
     res["run_id"] = add_run(out, "speedrun", "speedrun-smoke" if args.smoke else "speedrun", status,
-                            {"recipe": res["recipe"], "seeds": n, "population": args.population,
-                             "n_train": n_train, "n_test": n_test}, {k: v for k, v in res.items() if k != "per_seed"},
+                            cfg.to_dict(), {k: v for k, v in res.items() if k not in ("per_seed", "config")},
                             res["per_seed"], environment())
     if args.json:
         _emit_json(res)

@@ -133,10 +133,12 @@ def loss_curv(y, dout, o, st, loss, s):
 
 
 @njit(inline="always")
-def loss_grad(y, dout, o, st, lab, loss, g):
+def loss_grad(y, dout, o, st, lab, loss, smooth, g):
     """g[o + q*st] = dL/dz_q for the 10 outputs, from y[o + q*st] and dout = dy/dz likewise.
 
-    mse: torch.mean((y - t)^2), t = +-1; ce: softmax cross-entropy on y (logits), batch of one.
+    mse: torch.mean((y - t)^2), t = +-1; ce: softmax cross-entropy on y (logits), batch of one,
+    against the target (1 - smooth) on the label + smooth / 10 everywhere (label smoothing;
+    smooth = 0 is the plain one-hot target, to the bit).
     Scalar code on one replica: solo passes (o=0, st=1), the population (o=lane, st=16).
     """
     if loss == 0:
@@ -151,9 +153,11 @@ def loss_grad(y, dout, o, st, lab, loss, g):
         for q in range(10):
             s += np.float32(math.exp(y[o + q * st] - mx))
         ls = np.float32(math.log(s))
+        sm = np.float32(smooth)
+        off, on = sm / np.float32(10.0), (F1 - sm) + sm / np.float32(10.0)
         for q in range(10):
             p = np.float32(math.exp(y[o + q * st] - mx - ls))
-            g[o + q * st] = (p - (F1 if q == lab else F0)) * dout[o + q * st]
+            g[o + q * st] = (p - (on if q == lab else off)) * dout[o + q * st]
 
 
 def _vconst(x):

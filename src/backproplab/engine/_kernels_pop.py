@@ -39,13 +39,14 @@ def XP(y, x):
 
 @njit(cache=not PROF)
 def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
-             act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, table, h1pos, prof):
+             act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, table, h1pos, prof):
     """Train one block of 16 replicas on X[n], n in order (all lanes see the same examples).
 
     P, M, V: flat (POP_OFFSETS['total'],) parameters and AdamW moments of the block, lane
     r = replica r (opt=2: M receives the gradient, nothing is stepped; opt=3: M the running
     curvature, V this example's estimate, see _kernels_sdlm.py). shifts (16, N, 2) int8 or (0, N, 2); keep (16, N, 192) bool
     or (0, N, 192). table: H2_TABLE (12, 8) int64; h1pos: the solo H1 position order (64,).
+    smooth: label smoothing of the cross-entropy's target (0: none).
     prof: int64 (8 N,), cycles per phase and step when PROF is set.
     """
     f32 = np.float32
@@ -234,7 +235,7 @@ def pop_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
             vstore(y, q * L, yv)
             vstore(d4, q * L, dv)
         for r in range(L):
-            loss_grad(y, d4, r, L, labels[n], loss, g4)
+            loss_grad(y, d4, r, L, labels[n], loss, smooth, g4)
         if opt == 3:
             pop_curvature(V, P, xpad, h1p, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, table, h1pos, cw)
         if PROF:

@@ -42,14 +42,15 @@ W2O = 5 * W2R                                       # floats per output plane of
 
 @njit(cache=not PROF)   # a profiling build must not land in the cache
 def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
-              act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, tb, prof):
+              act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof):
     """Train one replica on X[n], n in order.
 
     P: the parameters, flat solo layout (SOLO_OFFSETS), stepped in place. M, V: AdamW
     moments (same layout); with opt=2 nothing is stepped and M receives the gradient; with
     opt=3 (SDLM) M is the running curvature and V receives this example's estimate
     (_kernels_sdlm.py). shifts (N, 2) int8 or (0, 2); keep (N, 192) bool or (0, 192) with
-    scale = 1/(1-p). step: int64 (1,), the optimizer's step count. tb: solo_tables() as a
+    scale = 1/(1-p). step: int64 (1,), the optimizer's step count. smooth: label smoothing of the
+    cross-entropy's target (0: none). tb: solo_tables() as a
     tuple. prof: int64 (16,), cycles per phase when PROF is set.
     """
     x4t, p1src, p1win, win, winv, g1t, w1a, w1b, m2 = tb
@@ -234,7 +235,7 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
         yv, dv = out_fwd(vload(z4, 0), out_act)
         vstore(y, 0, yv)
         vstore(d4, 0, dv)
-        loss_grad(y, d4, 0, 1, labels[n], loss, g4)
+        loss_grad(y, d4, 0, 1, labels[n], loss, smooth, g4)
         if opt == 3:
             solo_curvature(V, P, P1, h1, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, tb, cw)
         if PROF:

@@ -171,7 +171,8 @@ class FastPopulation:
     def _args(self, opt):
         act, out_act, loss, _ = self._codes
         b1, b2 = self.betas
-        return (act, out_act, loss, opt, self.weight_decay, b1, b2, self.eps, self.mu, self.gamma)
+        # smooth 0.0: the per-example recipes have no label smoothing (the population engine passes its own)
+        return (act, out_act, loss, opt, self.weight_decay, b1, b2, self.eps, self.mu, self.gamma, 0.0)
 
     # ---- state --------------------------------------------------------------------
     def params(self) -> list:

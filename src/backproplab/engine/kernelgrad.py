@@ -58,7 +58,7 @@ def _solo_maps():
 
 
 class KernelGrad:
-    def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False):
+    def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False, smooth=0.0):
         self.R = R
         self.codes = (ACT[act], OUT[out_act], LOSS[loss], OPT["accumulate"])
         self.scale = np.float32(1.0 / (1.0 - dropout))
@@ -68,7 +68,8 @@ class KernelGrad:
         self.padded = np.zeros(N_THETA + 1, np.float32)   # [0, w...]: index 0 feeds the layout's zero padding
         self.no_shift, self.no_keep = np.zeros((0, 2), np.int8), np.zeros((0, 192), np.bool_)
         self.prof, self.step = np.zeros(1, np.int64), np.zeros(1, np.int64)   # step: counted, never used by opt 4
-        self.rest = (*self.codes, 0.0, 0.9, 0.999, 1e-8, 0.02, 0.01)       # optimizer constants: unused by opt 4
+        # optimizer constants (unused by opt 4), then the cross-entropy's label smoothing
+        self.rest = (*self.codes, 0.0, 0.9, 0.999, 1e-8, 0.02, 0.01, float(smooth))
         self.tables, self._zeros, self._buf = _tables(), {}, {}
 
     def _aligned(self, key, shape):
@@ -124,3 +125,12 @@ class KernelGrad:
         G *= np.float32(1.0 / B)
         return torch.from_numpy(G).to(W.device)
 
+
+
+def warm_up() -> None:
+    """Load (or compile) the kernels once, untimed: the first call of a process reads them from
+    numba's cache (about half a second here) or compiles them (about a minute on a new install)."""
+    kg = KernelGrad(1, "relu", "none", "ce", 0.0)
+    kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))
+    kg.groups = [("pop", [0])]
+    kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))

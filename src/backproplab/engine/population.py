@@ -92,8 +92,6 @@ def fused_reason(cfg, specs, path="fused") -> str | None:
     if slow:
         return f"{', '.join(slow)} need autograd or change the model"
     if path == "kernel":
-        if any(s.name == "label_smoothing" for s in specs):
-            return "the numba kernels have no label smoothing"
         from .kernelgrad import kernel_reason
         return kernel_reason(cfg)
     if m.act != "relu" or m.out_act != "none" or t.loss != "ce":
@@ -138,8 +136,9 @@ class Population:
         if path == "kernel":
             from .kernelgrad import KernelGrad
             m = cfg.model
+            smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss", "criterion"))
             self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, m.dropout,
-                                     per_replica_inputs=self._inputs_per_replica())
+                                     per_replica_inputs=self._inputs_per_replica(), smooth=smooth)
         self.models = [self._build_model(s) for s in self.seeds]
         self.names = [n for n, _ in self.models[0].named_parameters()]
         shapes = [p.shape for _, p in self.models[0].named_parameters()]
