@@ -119,3 +119,23 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, args):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs.db").exists()  # nothing trained, nothing recorded
+
+
+def test_speedrun_preset_resumes_bit_identical(small, tmp_path):
+    """Stopped after its first pass and resumed from the checkpoint: the same weights as one run
+    (the population engine's state: weights, Adam's moments, the step count)."""
+    from backproplab.engine.train import train
+    cfg = small_cfg("train.seeds=2")
+
+    class Stop(Exception):
+        pass
+
+    def stop(pass_idx, done, total):
+        if pass_idx == 1:
+            raise Stop
+    full = train(cfg, data=small)
+    with pytest.raises(Stop):
+        train(cfg, out=tmp_path, data=small, progress=stop)
+    resumed = train(cfg, out=tmp_path, resume=True, data=small)
+    assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
+    assert resumed.path == full.path
