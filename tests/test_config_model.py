@@ -83,7 +83,7 @@ def _fields(cfg):
 
 # SPEC section 2, "Time travel": each rung is the one before plus one change (rung1b: the paper's own
 # optimizer and scaled tanh; rung6: the rung-5 recipe on the micro-ViT matched to the 1989 net);
-# modern is rung 5 in minibatches on the hooked engine; the smoke presets only shrink the run
+# modern is rung 5 in minibatches on the population engine; the smoke presets only shrink the run
 PRESET_CHANGES = [
     ("rung1", "lecun1989", {}),
     ("rung1b", "rung1", {"model.act": "scaled_tanh", "model.out_act": "scaled_tanh", "optim.name": "sdlm",
@@ -97,6 +97,10 @@ PRESET_CHANGES = [
     ("modern", "rung5", {"train.batch": 32, "optim.lr": 3e-3}),
     ("smoke", "lecun1989", {"data.n_train": 500, "data.n_test": 200, "train.passes": 2}),
     ("modern_smoke", "modern", {"data.n_train": 500, "data.n_test": 200, "train.passes": 2}),
+    # the speedrun (values chosen on data.val, see README), plus its methods, checked below
+    ("speedrun", "modern", {"train.batch": 128, "train.passes": 40, "model.dropout": 0.0, "optim.lr": 0.04,
+                            "optim.lr_end": 0.0, "optim.beta2": 0.99, "optim.weight_decay": 0.0,
+                            "train.eval_every": 40}),
 ]
 
 
@@ -115,6 +119,9 @@ def test_presets_are_what_the_spec_says():
         assert {k: v for k, v in a.items() if b[k] != v} == change, name
         assert preset(name).name == name
         validate(preset(name))
+    assert [(m.name, m.options) for m in preset("speedrun").methods] == [
+        ("warmup", {"frac": 0.2}), ("label_smoothing", {"eps": 0.1}), ("tta", {"n": 9})]
+    assert all(not preset(n).methods for n in list_presets() if n != "speedrun")
     r3 = _fields(preset("rung3"))  # AdamW with torch's defaults
     assert (r3["optim.beta1"], r3["optim.beta2"], r3["optim.eps"]) == (0.9, 0.999, 1e-8)
 
