@@ -282,3 +282,36 @@ def test_one_job_trains_on_one_thread_and_restores_the_setting(tmp_path, monkeyp
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- methods in a scaling cell ---------------------------------------------------------------------
+def test_a_cell_takes_registered_methods_and_they_change_it(digits):
+    from backproplab.config import MethodSpec
+    x, y = digits.train_x[:96], digits.train_labels[:96]
+    plain = CellTrainer(member("convnet", 1), [0.02, 0.05], x, y, 1.0, batch=16)
+    smooth = CellTrainer(member("convnet", 1), [0.02, 0.05], x, y, 1.0, batch=16,
+                         methods=[MethodSpec("label_smoothing", {"eps": 0.2})])
+    sgd = CellTrainer(member("convnet", 1), [0.02, 0.05], x, y, 1.0, batch=16, methods=[MethodSpec("sgd", {})])
+    for tr in (plain, smooth, sgd):
+        tr.run()
+    assert not torch.equal(plain.W, smooth.W) and not torch.equal(plain.W, sgd.W)
+    assert [m.name for m in sgd.cfg.methods] == ["sgd", "cosine"]       # sgd took the momentum's place
+    assert "label_smoothing" in [m.name for m in smooth.cfg.methods] and smooth.pop.path == "autograd"
+
+
+def test_scale_run_with_a_method_keeps_its_own_cells_and_refuses_what_a_cell_cannot_run(tmp_path, capsys):
+    out = tmp_path / "study"
+    args = ["scale", "run", "--smoke", "--jobs", "1", "--sizes", "1", "--n-train", "200", "--epochs", "0.5",
+            "--out", str(out), "--json"]
+    assert main(args) == 0 and main(args + ["+method=label_smoothing"]) == 0
+    runs = list_runs(out)
+    assert len(runs) == 2 and len({r["config"]["cell"] for r in runs}) == 2
+    assert runs[1]["config"]["methods"] == [{"name": "label_smoothing", "options": {"eps": 0.1}}]
+    assert "methods" not in runs[0]["config"]
+    capsys.readouterr()
+    for bad, words in (("+method=swa", "end of a pass"), ("+method=shift", "random stream"),
+                       ("+method=batchnorm", "needs model.name=net1989, not convnet"), ("optim.lr=1", "+method=")):
+        assert main(args + [bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert len(list_runs(out)) == 2                                        # nothing trained or stored

@@ -33,6 +33,8 @@ def register(sub, add_common):
                    help="seed of initialization and data order (default 0); studies of several seeds may "
                         "share one store: `scale fit` averages a cell's loss over its seeds")
     r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
+    r.add_argument("methods", nargs="*", metavar="+method=NAME[:k=v,...]",
+                   help="registered methods every cell adds to its recipe (their own cells, keys and records)")
     f = ss.add_parser("fit", help="fit scaling laws to a study's runs (frontier, Chinchilla, IsoFLOP, lr)")
     add_common(f)
     f.set_defaults(out=None)
@@ -69,7 +71,7 @@ def _run(args):
     data = study_data(args.data, n_val, args.seed)
     study = make_study(args.family, args.data, smoke=args.smoke, sizes=args.sizes, n_train=args.n_train,
                        epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
-                       seed=args.seed, data_fingerprint=data_fingerprint(data))
+                       seed=args.seed, data_fingerprint=data_fingerprint(data), methods=_methods(args.methods))
     if study.spec["n_val"] != n_val:                          # the smoke size uses fewer validation digits
         data = data[:2] + (data[2][:study.spec["n_val"]], data[3][:study.spec["n_val"]])
     quiet = args.json
@@ -80,6 +82,13 @@ def _run(args):
     if args.json:
         _emit_json(summary)
     return 0 if summary.get("diverged_cells", 0) == 0 else 3
+
+
+def _methods(items):
+    bad = [i for i in items if not i.startswith("+method=")]
+    if bad:
+        raise UserError(f"scale run: {bad[0]!r} is not +method=NAME[:key=value,...]")
+    return items
 
 
 def _fit(args):

@@ -173,6 +173,7 @@ class Population:
         opt = self._hook("step")
         assert len(opt) == 1, "exactly one optimizer"
         self.t, self.passes_done, self.n, self.chunks = 0, 0, None, []
+        self._batch_pass = None   # train_batch(): the epoch whose pass_start hooks ran last
 
     def _build_model(self, seed):
         m = self.cfg.model
@@ -241,6 +242,26 @@ class Population:
         self._train_pass(x, xs.to(self.device), labels.to(self.device),
                          None if keep is None else keep.to(self.device))
         self.passes_done += 1
+
+    def train_batch(self, x, labels, total_steps, pass_idx=0, pass_x=None):
+        """One step on a batch the caller chose (a scaling cell's epoch sampler): x (B, 1, 16, 16)
+        shared by every replica, labels (B,), total_steps the run's length (the schedules'),
+        pass_idx the epoch the batch belongs to (it keys the random streams; the pass_start hooks
+        run when it changes), pass_x the whole training set (input statistics). No train.shift
+        or model.dropout masks: those come with train()'s passes."""
+        c = self.ctx
+        if self.cfg.train.shift or self.cfg.model.dropout:
+            raise UserError("train.shift and model.dropout need train()'s passes, not train_batch()")
+        if self._batch_pass != pass_idx:
+            self._batch_pass = c.pass_idx = self.passes_done = pass_idx
+            c.pass_x = pass_x if pass_x is not None else x
+            for mod, s in zip(self.models, self.seeds):
+                mod.gen = pass_generator(s, pass_idx, NOISE_TAG)
+            for sw in self._hook("pass_start"):
+                sw.pass_start(c)
+        c.total_steps = int(total_steps)
+        xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, 16, 16).expand(self.R, -1, -1, -1, -1)
+        self._step(xs.to(self.device), torch.as_tensor(labels).long().to(self.device), None, c.base_lr)
 
     def _train_pass(self, x_raw, xs, labels, keep):
         c, n = self.ctx, len(labels)

@@ -25,7 +25,7 @@ import torch
 from ..engine.checkpoint import atomic_write_bytes, remove_checkpoint
 from ..store import add_run
 from .families import member
-from .trainer import CellTrainer
+from .trainer import CellTrainer, spec_methods
 
 KIND = "scale"
 DIVERGED_LOSS = 1e3      # a validation loss above this (or non-finite) counts as diverged
@@ -88,6 +88,7 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
         tr = CellTrainer(m, rates, x, y, cell["epochs"], optim=spec["optim"], batch=spec["batch"],
                          momentum=spec["momentum"], weight_decay=spec["weight_decay"], seed=spec["seed"],
                          ckpt=ckpt, ckpt_seconds=spec["ckpt_seconds"], ckpt_steps=spec.get("ckpt_steps"),
+                         methods=spec_methods(spec),
                          tag=f"{cell['key']}|{','.join(f'{r:.6g}' for r in rates)}")
         if hooks and hooks.get("on_batch"):
             tr.on_batch = hooks["on_batch"]
@@ -129,6 +130,8 @@ def _record(cell, spec, m, done, wall) -> dict:
         "wall_seconds_this_process": wall, "resumed": any(p["resumed_from_step"] for p in done)}
     config = {k: spec[k] for k in ("optim", "batch", "momentum", "weight_decay", "seed", "data", "n_val",
                                    "lrs", "extend", "max_extend", "digest")}
+    if spec.get("methods"):
+        config["methods"] = spec["methods"]
     config.update({"family": cell["family"], "size": cell["size"], "n_train": cell["n_train"],
                    "epochs": cell["epochs"], "cell": cell["key"]})
     return {"status": "finished" if ok else "diverged", "config": config, "summary": summary}

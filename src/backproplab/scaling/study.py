@@ -81,7 +81,9 @@ class Study:
 
 
 def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None, epochs=None, lrs=None,
-               n_avail=None, n_val=None, batch=32, seed=0, ckpt_seconds=60.0, data_fingerprint="") -> Study:
+               n_avail=None, n_val=None, batch=32, seed=0, ckpt_seconds=60.0, data_fingerprint="",
+               methods=()) -> Study:
+    """methods: '+method=NAME[:k=v]' texts (or MethodSpecs) every cell adds to its recipe."""
     if family not in FAMILIES:
         raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
     rec = RECIPES[family]
@@ -105,6 +107,14 @@ def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None
     spec = {"family": family, "optim": rec["optim"], "momentum": rec["momentum"], "weight_decay": 0.0,
             "batch": int(batch), "seed": int(seed), "data": str(data), "n_val": SMOKE["n_val"] if smoke else n_val,
             "lrs": base, "extend": 2, "max_extend": 0 if smoke else 2, "ckpt_seconds": ckpt_seconds}
+    if methods:  # only when given, so the default study keeps its cells' keys
+        from ..methods.registry import parse_method
+        from .trainer import cell_config
+        specs = [parse_method(m[len("+method="):] if m.startswith("+method=") else m) if isinstance(m, str)
+                 else m for m in methods]
+        cell_config(member(family, sizes[0]), rec["optim"], batch, rec["momentum"], 0.0, (0.9, 0.999), 1e-8,
+                    specs)                               # refused here, in one line, before anything trains
+        spec["methods"] = [{"name": s.name, "options": dict(s.options)} for s in specs]
     # Cells of different settings never mix: the digest is part of every cell's key.
     spec["digest"] = hashlib.sha256(json.dumps({**{k: spec[k] for k in sorted(spec) if k != "ckpt_seconds"},
                                                 "fingerprint": data_fingerprint}, sort_keys=True)
@@ -137,13 +147,13 @@ def one_thread():
 
 def calibrate(study: Study, data, steps=6) -> dict:
     """size -> CPU seconds per training step of the base population (measured, this process)."""
-    from .trainer import CellTrainer
+    from .trainer import CellTrainer, spec_methods
     tx, ty = data[0], data[1]
     out = {}
     with one_thread():
         for s in study.sizes:
             tr = CellTrainer(member(study.family, s), study.spec["lrs"], tx, ty, 1.0, optim=study.spec["optim"],
-                             batch=study.spec["batch"])
+                             batch=study.spec["batch"], methods=spec_methods(study.spec))
             tr.run(stop_after=2)                              # warm-up (allocations, first-call costs)
             c0 = time.process_time()
             tr.run(stop_after=steps)
