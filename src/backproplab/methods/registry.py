@@ -121,8 +121,9 @@ class Method:
             inter.append(f"needs one of: {', '.join(self.requires)}")
         if self.modnet:
             inter.append("changes the model: needs model.name=net1989 (built as ModNet)")
-        inter.append("runs on the fused fast path" if self.fast else "runs on the autograd path (" + (
-            "changes the model" if self.modnet else "needs autograd") + ")")
+        why = "changes the model" if self.modnet else "needs autograd"
+        inter.append("allows the fast paths (numba kernels, fused products)" if self.fast
+                     else f"runs on the autograd path ({why})")
         inter += [f"not with {k}: {v}" for k, v in self.incompatible_with.items()]
         if self.interactions:
             inter += textwrap.wrap(self.interactions, 86)
