@@ -141,7 +141,10 @@ def _record(cell, spec, m, done, wall) -> dict:
 _DATA = {}
 
 
-def worker_init(source, n_val, order_seed):
+def worker_init(source, n_val, order_seed, parent_pid=None):
+    if parent_pid is not None:
+        from ..experiments.pool import die_with_parent
+        die_with_parent(parent_pid)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _DATA["data"] = study_data(source, n_val, order_seed)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import multiprocessing as mp
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -239,7 +240,8 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
                 report(records[-1])
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,
-                                    initargs=(study.data, study.spec["n_val"], study.spec["seed"])) as pool:
+                                    initargs=(study.data, study.spec["n_val"], study.spec["seed"],
+                                              os.getpid())) as pool:
             futs = [pool.submit(worker_run, c, spec, out) for c in order]
             for f in cf.as_completed(futs):
                 records.append(f.result())
