@@ -18,20 +18,12 @@ from backproplab.methods.regularizers import smooth_cross_entropy
 from backproplab.models.modnet import ModNet
 from backproplab.models.net1989 import PARAM_NAMES, init_params
 
-from test_methods import D96, X, Y, check_agc_through_the_engine, close, flat, net, run_engine, tiny_cfg, torch_run
+from test_methods import (D96, TORCH_OPTIM, X, Y, check_agc_through_the_engine, close, flat, net, run_engine,
+                          tiny_cfg, torch_run)
 from test_methods_oracle_model import ORACLES_MODEL
 
 # -- optimizers: the same trajectory as torch.optim over 6 steps -------------------------------
-TORCH_OPT = {
-    "sgd": (0.05, lambda p, lr: torch.optim.SGD(p, lr)),
-    "momentum": (0.05, lambda p, lr: torch.optim.SGD(p, lr, momentum=0.9)),
-    "nesterov": (0.05, lambda p, lr: torch.optim.SGD(p, lr, momentum=0.9, nesterov=True)),
-    "adagrad": (0.01, lambda p, lr: torch.optim.Adagrad(p, lr)),
-    "adadelta": (1.0, lambda p, lr: torch.optim.Adadelta(p, lr)),
-    "rmsprop": (0.001, lambda p, lr: torch.optim.RMSprop(p, lr)),
-    "adam": (0.003, lambda p, lr: torch.optim.Adam(p, lr)),
-    "adamw": (0.003, lambda p, lr: torch.optim.AdamW(p, lr, weight_decay=0.01)),
-}
+TORCH_OPT = {"sgd": (0.05, lambda p, lr: torch.optim.SGD(p, lr)), **TORCH_OPTIM}  # test_methods: one rate table
 
 
 def oracle_torch_optim(name):

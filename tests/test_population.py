@@ -15,7 +15,7 @@ from backproplab.errors import UserError
 from backproplab.methods.registry import get_method, list_methods
 from backproplab.models.net1989 import Net1989
 
-from test_methods import LR, with_requirements
+from test_methods import LR, TORCH_OPTIM, with_requirements
 
 D = load_dataset("mnist10k", 96, 32)
 HAVE_KERNELS = kernel_reason(preset("modern")) is None
@@ -25,7 +25,7 @@ BASE = ["data.n_train=96", "data.n_test=32", "train.passes=2", "train.batch=16"]
 METHOD_BASE = BASE + ["optim.name=sgd", "optim.lr=0.05", "optim.lr_end=none"]
 # adaptive optimizers at rates where 6 steps stay smooth (as their torch.optim oracles run them): at
 # SGD's 0.05 Adam's steps are chaotic and float rounding grows to the size of a step
-RATE = {**LR, "adagrad": 0.01, "rmsprop": 0.001, "adam": 0.003, "adamw": 0.003, "adam_sgd": 0.003, "adadelta": 1.0}
+RATE = {**LR, **{n: lr for n, (lr, _) in TORCH_OPTIM.items()}, "adam_sgd": 0.003}
 
 
 def cfg_with(*methods, over=()):

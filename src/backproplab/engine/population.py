@@ -132,13 +132,21 @@ class Population:
         if why:
             raise UserError(f"the {path} path cannot run this run: {why}")
         self.path = path
+        # what the switches need of the engine, fixed at construction (switches never change):
+        # the label smoothing the fast paths build into their cross-entropy; whether ctx.x must hold
+        # each replica's batch as its model sees it (a data method transforms it, or a switch reads
+        # it; else the kernels shift shared images themselves); whether a switch replays the batch
+        # (SAM's second gradient: the same model noise again)
+        self.smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss", "criterion"))
+        self.inputs_per_replica = bool(self._hook("batch")) or any(
+            getattr(sw, "needs_inputs", False) for _, sw in self.switches)
+        self.replays = any(getattr(sw, "replays_batch", False) for _, sw in self.switches)
         self.kernel = None
         if path == "kernel":
             from .kernelgrad import KernelGrad
             m = cfg.model
-            smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss", "criterion"))
             self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, m.dropout,
-                                     per_replica_inputs=self._inputs_per_replica(), smooth=smooth)
+                                     per_replica_inputs=self.inputs_per_replica, smooth=self.smooth)
         self.models = [self._build_model(s) for s in self.seeds]
         self.names = [n for n, _ in self.models[0].named_parameters()]
         shapes = [p.shape for _, p in self.models[0].named_parameters()]
@@ -157,7 +165,8 @@ class Population:
         self.vmapped = bool(vmap) and path == "autograd" and cfg.model.name != "net1989"
         if self.vmapped:  # vmap of the forward only: autograd then runs on the batched ops
             fwd = lambda prm, xb, kb: functional_call(self.models[0], prm, (xb, kb))  # noqa: E731
-            self._vfwd = {True: torch.func.vmap(fwd, in_dims=(0, 0, 0)), False: torch.func.vmap(fwd, in_dims=(0, 0, None))}
+            self._vfwd = {True: torch.func.vmap(fwd, in_dims=(0, 0, 0)),
+                          False: torch.func.vmap(fwd, in_dims=(0, 0, None))}
         lrs = [cfg.optim.lr] * self.R if lrs is None else [float(v) for v in lrs]
         if len(lrs) != self.R:
             raise ValueError(f"{len(lrs)} learning rates for {self.R} replicas")
@@ -230,17 +239,16 @@ class Population:
             raise ValueError(f"keep masks {tuple(keep.shape)}, expected {(self.R, n, self.dropout_units)}")
         if keep is None and self.cfg.model.dropout > 0:
             raise ValueError("dropout needs the caller's keep masks (train() draws them from the pass stream)")
-        if self.kernel is not None and not self.kernel_per_replica:
+        kernel_shifts = None
+        if self.kernel is not None and not self.inputs_per_replica:
             xs = x.unsqueeze(0).expand(self.R, -1, -1, -1, -1)  # the kernels shift each replica's copy themselves
-            self.pass_shifts = None if shifts is None else shifts.astype(np.int8)
+            kernel_shifts = None if shifts is None else shifts.astype(np.int8)
         else:
             xs = (torch.stack([shift_images(x, shifts[r]) for r in range(self.R)]) if shifts is not None
                   else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))              # (R, n, 1, 16, 16)
-            self.pass_shifts = None
-        self.pass_keep = keep
         keep = None if keep is None else torch.from_numpy(keep)
         self._train_pass(x, xs.to(self.device), labels.to(self.device),
-                         None if keep is None else keep.to(self.device))
+                         None if keep is None else keep.to(self.device), kernel_shifts)
         self.passes_done += 1
 
     def train_batch(self, x, labels, total_steps, pass_idx=0, pass_x=None):
@@ -259,11 +267,11 @@ class Population:
                 mod.gen = pass_generator(s, pass_idx, NOISE_TAG)
             for sw in self._hook("pass_start"):
                 sw.pass_start(c)
-        c.total_steps = int(total_steps)
+        c.total_steps, c.shifts = int(total_steps), None
         xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, 16, 16).expand(self.R, -1, -1, -1, -1)
         self._step(xs.to(self.device), torch.as_tensor(labels).long().to(self.device), None, c.base_lr)
 
-    def _train_pass(self, x_raw, xs, labels, keep):
+    def _train_pass(self, x_raw, xs, labels, keep, kernel_shifts=None):
         c, n = self.ctx, len(labels)
         steps = math.ceil(n / self.batch)
         c.pass_idx, c.pass_x, c.total_steps = self.passes_done, x_raw, self.cfg.train.passes * steps
@@ -273,7 +281,7 @@ class Population:
             sw.pass_start(c)
         for a in range(0, n, self.batch):
             b = a + self.batch
-            c.slice = (a, b)
+            c.shifts = None if kernel_shifts is None else kernel_shifts[:, a:b]  # (R, B, 2) for the kernels
             self._step(xs[:, a:b], labels[a:b], None if keep is None else keep[:, a:b], self._run_lr(a, n))
         for sw in self._hook("pass_end"):
             sw.pass_end(c)
@@ -301,7 +309,8 @@ class Population:
         for sw in self._hook("batch"):
             x = sw.batch(x, c)
         c.x, c.labels, c.keep = x, labels, keep
-        c.gen_states = [m.gen.get_state() for m in self.models] if self.path == "autograd" else None
+        if self.replays and self.path == "autograd":  # the model noise of this batch, for the replay
+            c.gen_states = [m.gen.get_state() for m in self.models]
         c.g, c._gv = self._closure(), None
         for hook in AFTER_BACKWARD:
             for sw in self._hook(hook):
@@ -335,11 +344,6 @@ class Population:
         k = len(self.names)
         return torch.stack([torch.cat([g.reshape(-1) for g in grads[r * k:(r + 1) * k]]) for r in range(self.R)])
 
-    def _inputs_per_replica(self) -> bool:
-        """Whether ctx.x must hold each replica's batch as its model sees it: a data method
-        transforms it, or a switch reads it. Else the kernels shift shared images themselves."""
-        return bool(self._hook("batch")) or any(getattr(sw, "needs_inputs", False) for _, sw in self.switches)
-
     def _loss(self, c, out):
         """(R,) per-replica loss: the criterion (a method's, e.g. label smoothing, or train.loss), then
         the loss terms of the methods in rank order (penalties add to whichever criterion ran)."""
@@ -361,25 +365,18 @@ class Population:
             c.params = params
         return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
 
-    @property
-    def kernel_per_replica(self):
-        return self.kernel is not None and self._inputs_per_replica()
-
     def _kernel_grad(self, c):
-        a, b = c.slice
-        keep = None if self.pass_keep is None else self.pass_keep[:, a:b]
-        if self.kernel_per_replica:  # each replica's batch went through the data methods
+        keep = None if c.keep is None else c.keep.cpu().numpy()
+        if self.inputs_per_replica:  # each replica's batch as its model sees it
             return self.kernel.grad(self.W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep)
-        sh = None if self.pass_shifts is None else self.pass_shifts[:, a:b]
-        return self.kernel.grad(self.W, c.x[0].reshape(-1, 16, 16), c.labels, sh, keep)
+        return self.kernel.grad(self.W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep)
 
     def _fused_grad(self, c):
-        smooth = sum(getattr(sw, "fused_smooth", 0.0) for sw in self._hook("loss", "criterion"))
         keep = None
         if c.keep is not None:
             keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.cfg.model.dropout))
         labels = c.labels.unsqueeze(0).expand(self.R, -1)
-        return fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, smooth)[1]
+        return fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, self.smooth)[1]
 
     # -- evaluation -------------------------------------------------------------------------
     def eval_weights(self):

@@ -38,6 +38,8 @@ def agc_(weights: dict, grads: dict, clip: float, eps: float, skip=(), lead: int
 
 
 class SAM:
+    replays_batch = True  # its second gradient needs the batch's model noise again (the engine keeps it)
+
     def __init__(self, opts, **ctx):
         self.rho = opts["rho"]
 
