@@ -133,7 +133,8 @@ def test_automatic_path_and_the_run_record():
     smooth = cfg_with("label_smoothing")
     assert Population(smooth, [0]).path == ("kernel" if HAVE_KERNELS else "fused")  # the kernels smooth too
     assert Population(cfg_with("batchnorm"), [0]).path == "autograd"
-    assert Population(cfg_with("l2"), [0]).path == "autograd"
+    assert Population(cfg_with("bf16"), [0]).path == "autograd"
+    assert Population(cfg_with("l2"), [0]).path == Population(cfg_with("wd"), [0]).path  # a fast method
     tanh = apply_overrides(preset("modern_smoke"), BASE + ["model.act=tanh"])
     assert Population(tanh, [0]).path == ("kernel" if HAVE_KERNELS else "autograd")
     r = train(cfg_with("batchnorm"), data=D)

@@ -321,10 +321,11 @@ class Population:
         """Forward, loss and backward on ctx's batch -> (R, P) gradient. second: SAM's pass at
         perturbed weights: the same noise, BatchNorm statistics not updated."""
         c = self.ctx
-        if self.path == "kernel":
-            return self._kernel_grad(c)
-        if self.path == "fused":
-            return self._fused_grad(c)
+        if self.path in ("kernel", "fused"):
+            g = self._kernel_grad(c) if self.path == "kernel" else self._fused_grad(c)
+            for sw in self._hook("loss", "penalty_grad"):  # a penalty's own gradient (the kernels' is the data term's)
+                g += sw.penalty_grad(self.W)
+            return g
         if second:
             for m, st in zip(self.models, c.gen_states):
                 m.gen.set_state(st)

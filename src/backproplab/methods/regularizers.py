@@ -21,6 +21,14 @@ def l2_penalty(params, lam: float) -> torch.Tensor:
     return 0.5 * lam * sum((p * p).sum() for p in params)
 
 
+def l1_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
+    return lam * torch.sign(w)  # autograd's subgradient of |w|: 0 at 0
+
+
+def l2_grad(w: torch.Tensor, lam: float) -> torch.Tensor:
+    return lam * w
+
+
 def smooth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
     """(..., B, 10) logits, (B,) labels -> (...) mean over the batch of (1-eps) CE(y) + eps * mean_k CE(k)."""
     logp = F.log_softmax(logits, dim=-1)
@@ -29,7 +37,10 @@ def smooth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float)
 
 
 class L1:
-    penalty = staticmethod(l1_penalty)
+    """On the autograd path the penalty joins the loss (loss hook); the fast paths, whose kernels
+    return only the data term's gradient, add the penalty's gradient to it (penalty_grad), at the
+    weights the gradient was taken at (SAM's perturbed ones too)."""
+    penalty, grad = staticmethod(l1_penalty), staticmethod(l1_grad)
 
     def __init__(self, opts, **ctx):
         self.lam = opts["lam"]
@@ -37,9 +48,12 @@ class L1:
     def loss(self, ctx, out, labels, value):  # value (R,); ctx.params: each replica's parameter list
         return value + torch.stack([type(self).penalty(ps, self.lam) for ps in ctx.params])
 
+    def penalty_grad(self, w):  # (R, P) -> (R, P)
+        return type(self).grad(w, self.lam)
+
 
 class L2(L1):
-    penalty = staticmethod(l2_penalty)
+    penalty, grad = staticmethod(l2_penalty), staticmethod(l2_grad)
 
 
 class DecoupledDecay:
@@ -101,11 +115,11 @@ LAM = "per parameter, on the batch-mean loss"
 P = lambda d, what: {"p": Option(d, "probability", what, 0.0, 0.95)}  # noqa: E731
 _REG = dict(kind="regularizer")
 
-register(Method("l1", touches=("loss",), hooks=("loss",), impl="regularizers:L1", autograd=True, **_REG,
+register(Method("l1", touches=("loss",), hooks=("loss",), impl="regularizers:L1", **_REG,
                 summary="L1 penalty lam * sum |w| on every parameter", options={"lam": Option(1e-5, LAM, "", 0.0, 1.0)},
                 what="Adds lam * sum |w| over all parameters to the batch loss; pushes small weights to zero.",
                 paper="Tibshirani 1996 (lasso); Williams 1995", oracle="autograd of the formula: gradient lam*sign(w)"))
-register(Method("l2", touches=("loss",), hooks=("loss",), impl="regularizers:L2", autograd=True, **_REG,
+register(Method("l2", touches=("loss",), hooks=("loss",), impl="regularizers:L2", **_REG,
                 summary="L2 penalty lam/2 * sum w^2 (coupled weight decay)",
                 options={"lam": Option(1e-4, LAM, "", 0.0, 1.0)},
                 what="Adds lam/2 * sum w^2 over all parameters to the batch loss, so the gradient gains lam*w "
