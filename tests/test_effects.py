@@ -84,7 +84,7 @@ def test_cli_smoke_table_plot_composition_and_records(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--methods", "nosuch"], ["--pairs", "ema"], ["--pairs", "ema+nosuch"],
-                                  ["--seeds", "0"], ["--base", "nosuch"], ["--passes", "0"]])
+                                  ["--seeds", "0"], ["--base", "nosuch"], ["--passes", "0"], ["--eval-every", "0"]])
 def test_bad_arguments_exit_2(tmp_path, capsys, args):
     from backproplab.cli import main
     assert main(["effects", "--smoke", "--out", str(tmp_path), *args]) == 2

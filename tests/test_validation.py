@@ -49,3 +49,25 @@ def test_cli_too_large_a_split_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: data.val=50") and "50" in err[0]
     assert not (tmp_path / "runs.db").exists() or list_runs(tmp_path) == []  # nothing trained, nothing stored
+
+
+def test_eval_train_false_evaluates_the_training_split_after_the_last_pass_only():
+    over = ["data.n_train=120", "data.n_test=40", "data.val=40", "train.passes=3"]
+    every = train(apply_overrides(preset("modern_smoke"), over))
+    r = train(apply_overrides(preset("modern_smoke"), over + ["train.eval_train=false"]))
+    assert [sorted(k for k in h if k in ("train", "val", "test")) for h in r.history] == \
+        [["test", "val"], ["test", "val"], ["test", "train", "val"]]
+    # evaluation only reads: the same weights and the same numbers where both evaluated
+    assert r.final == every.final
+    assert [h["test"] for h in r.history] == [h["test"] for h in every.history]
+    # the default keeps the digest configs had before the switch existed
+    assert "eval_train" not in apply_overrides(preset("modern_smoke"), []).to_dict()["train"]
+    assert r.summary()["config_digest"] != every.summary()["config_digest"]
+
+
+def test_effects_evaluates_the_test_split_at_its_cadence():
+    from backproplab.experiments.effects import base_config
+    cfg = base_config("modern", 2, smoke=False)
+    assert (cfg.train.eval_every, cfg.train.eval_train) == (4, False)  # 80 passes: 20 points
+    assert base_config("modern", 2, smoke=False, passes=10).train.eval_every == 1
+    assert base_config("modern", 2, smoke=False, eval_every=2).train.eval_every == 2

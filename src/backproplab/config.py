@@ -58,6 +58,7 @@ class TrainCfg:
     device: str = "cpu"            # eager engine only: cpu | cuda
     threads: int = 1
     eval_every: int = 1            # evaluate every k passes (and always after the last)
+    eval_train: bool = True        # evaluate the training split each time (False: after the last pass only)
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Config:
             del d["methods"]
         if not d["data"]["val"]:  # likewise a config without a validation split
             del d["data"]["val"]
+        if d["train"]["eval_train"]:  # ... and one that evaluates the training split every time
+            del d["train"]["eval_train"]
         return d
 
     def to_json(self) -> str:
@@ -218,7 +221,7 @@ def speedrun() -> Config:
     beta2 0.99), a linear warm-up over 10% of the steps times a linear decay to 0, label smoothing
     0.1, one-pixel shifts, no dropout, and the softmax averaged over the 9 one-pixel shifts at test
     time (tta). lr, passes, batch, smoothing and warm-up were chosen on data.val=1000 (trained on
-    the other 6,291 digits, 4 seeds a candidate) by `python scripts/tune_speedrun.py`, never on the
+    the other 6,291 digits, 4 seeds a candidate) by `python scripts/tune_preset.py speedrun`, never on the
     test set: lr 0.01/0.02/0.04 -> 0.04, passes 20/30/40 -> 40, batch 64/128/256 -> 128, smoothing
     0/0.1/0.2 -> 0.1, warm-up 0.05/0.1/0.2 -> 0.2 of the steps."""
     c = modern()

@@ -16,6 +16,9 @@ def register(sub, add_common):
     e.add_argument("--top-pairs", type=int, default=3,
                    help="how many of the singles that reached the base's error, fastest first, are paired (default 3)")
     e.add_argument("--passes", type=int, help="passes for the base and every method (default: the base's)")
+    e.add_argument("--eval-every", type=int,
+                   help="evaluate the test split every k passes (default: passes // 20, at least 1); "
+                        "time to the base's error is resolved to k passes")
     e.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (default 1)")
     e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
     e.add_argument("--smoke", action="store_true",
@@ -36,8 +39,9 @@ def _parse(args):
     from ..config import preset
     from ..errors import UserError
     from ..methods.registry import get_method
-    if args.seeds < 1 or args.jobs < 1 or args.top_pairs < 0 or (args.passes is not None and args.passes < 1):
-        raise UserError("--seeds, --jobs and --passes must be >= 1, --top-pairs >= 0")
+    if args.seeds < 1 or args.jobs < 1 or args.top_pairs < 0 or (args.passes is not None and args.passes < 1) \
+            or (args.eval_every is not None and args.eval_every < 1):
+        raise UserError("--seeds, --jobs, --passes and --eval-every must be >= 1, --top-pairs >= 0")
     preset(args.base)  # an unknown base is named before anything trains
     methods = None
     if args.methods is not None:
@@ -80,7 +84,8 @@ def cmd_effects(args):
     out = prepare_out(args.out)
     rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
                                                         args.smoke, args.passes, pairs, args.top_pairs,
-                                                        log=lambda s: print(s, flush=True))
+                                                        log=lambda s: print(s, flush=True),
+                                                        eval_every=args.eval_every)
     env = environment()
     for key, res in results.items():
         s = res.summary()
@@ -89,7 +94,8 @@ def cmd_effects(args):
             add_run(out, "effects-run", cfgs[key].name, res.status, res.config, s, res.history, env)
     print(f"\nbase {cfgs[fx.BASE_KEY].name}: {rows[0]['test_error']:.2f} +- {rows[0]['test_error_std']:.2f} % "
           f"(n={rows[0]['seeds']}); time to base = training seconds a seed until the seed-mean test error first "
-          f"reaches {rows[0]['base_error']:.2f} %")
+          f"reaches {rows[0]['base_error']:.2f} % (test split evaluated every {cfgs[fx.BASE_KEY].train.eval_every} "
+          f"passes)")
     print(fx.format_table(rows))
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")
@@ -102,7 +108,8 @@ def cmd_effects(args):
                          f"effects on {name}: {seeds} seeds, {cfgs[fx.BASE_KEY].train.passes} passes")
     if png:
         print(f"wrote {png}")
-    summary = {"base": name, "seeds": seeds, "passes": cfgs[fx.BASE_KEY].train.passes, "rows": rows,
+    summary = {"base": name, "seeds": seeds, "passes": cfgs[fx.BASE_KEY].train.passes,
+               "eval_every": cfgs[fx.BASE_KEY].train.eval_every, "rows": rows,
                "composition": comp, "skipped": skipped, "plot": str(png) if png else None, "smoke": args.smoke}
     status = "finished" if all(r["status"] == "finished" for r in rows) else "partial"
     summary["run_id"] = add_run(out, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),

@@ -207,12 +207,13 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         bad_w = [seeds[r] for r, prm in enumerate(engine.params()) if not _finite(prm)]
         if bad_w or (p + 1) % t.eval_every == 0 or p + 1 == t.passes:  # a diverged pass is always evaluated
             t0 = time.perf_counter()
-            rec = _evaluate_pass(engine, data, cfg, p, dt)
+            rec = _evaluate_pass(engine, data, cfg, p, dt, last=bool(bad_w) or p + 1 == t.passes)
             eval_seconds += time.perf_counter() - t0
             history.append(rec)
             if log:
                 log(format_pass(rec, t.passes))
-            bad_l = [seeds[r] for r, v in enumerate(rec["train"]) if not math.isfinite(v["loss"])]
+            watched = rec[next(sp for sp in ("train", "val", "test") if sp in rec)]  # train.eval_train=false
+            bad_l = [seeds[r] for r, v in enumerate(watched) if not math.isfinite(v["loss"])]
             if bad_w or bad_l:
                 what = ([f"NaN/Inf weights (seeds {bad_w})"] if bad_w else []) + \
                        ([f"NaN/Inf loss (seeds {bad_l})"] if bad_l else [])
@@ -232,11 +233,14 @@ def _finite(params: dict) -> bool:
     return all(bool(np.isfinite(np.asarray(v)).all()) for v in params.values())
 
 
-def _evaluate_pass(engine, data, cfg, p, dt) -> dict:
+def _evaluate_pass(engine, data, cfg, p, dt, last=True) -> dict:
+    """Every split; with train.eval_train=false the training split only after the last pass."""
     m, t = cfg.model, cfg.train
     cur = None if hasattr(engine, "evaluate") else engine.params()
     rec = {"pass": p + 1, "seconds": dt}
     for sp in data.splits():
+        if sp == "train" and not (t.eval_train or last):
+            continue
         xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
         rec[sp] = engine.evaluate(xs, ls, t.loss) if cur is None else evaluate(cur, xs, ls, m.act, m.out_act, t.loss)
     return rec
@@ -250,5 +254,5 @@ def format_pass(rec: dict, passes: int) -> str:
         miss = np.mean([r["misses"] for r in v])
         miss_s = f"{int(miss)}" if len(v) == 1 else f"{miss:.1f}"
         return f"{sp} loss {loss:.6f} error {err:5.2f}% misses {miss_s:>5}"
-    val = f"{part('val')}  |  " if "val" in rec else ""
-    return f"pass {rec['pass']:3d}/{passes}  {part('train')}  |  {val}{part('test')}  ({rec['seconds']:.2f} s)"
+    parts = [part(sp) for sp in ("train", "val", "test") if sp in rec]
+    return f"pass {rec['pass']:3d}/{passes}  {'  |  '.join(parts)}  ({rec['seconds']:.2f} s)"

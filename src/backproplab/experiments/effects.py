@@ -1,13 +1,17 @@
 """Measured effects: each method alone on top of a base recipe, then pairs of methods.
 
 Every run is the base config plus methods (methods.registry.with_method: a method replaces
-the base's method or config field doing the same job), trained on n seeds by train() with
-an evaluation after every pass. Per run and against the base:
+the base's method or config field doing the same job), trained on n seeds by train(), the
+test split evaluated every `eval_every` passes (default: CURVE_POINTS points on the curve,
+every 4th pass of the modern base's 80) and the training split after the last pass only
+(train.eval_train=false): evaluation is not what is measured, and at every pass it cost
+as much as training. Per run and against the base:
   test error        mean and sample std over seeds after the last pass
   difference        method - base, 95% confidence interval (Welch-Satterthwaite t) and
                     Welch's t-test p-value (scipy.stats.ttest_ind, equal_var=False)
   time to base      training seconds a seed until the seed-mean test error first reaches
-                    the base's final mean (None: never); also in passes, which do not
+                    the base's final mean (None: never), at the first evaluated pass that
+                    does (so to within eval_every passes); also in passes, which do not
                     depend on the machine's load
   speed-up          base's time to its own final error / the method's time
 Composition: for pairs of compatible methods, the measured speed-up against the product
@@ -22,9 +26,14 @@ from ..config import preset, validate
 from ..errors import UserError
 
 SMOKE_METHODS = ("label_smoothing", "ema")
+CURVE_POINTS = 20   # default evaluations a run: every max(1, passes // CURVE_POINTS) passes
 
 
-def base_config(base: str, seeds: int, smoke: bool, passes=None):
+def default_eval_every(passes: int) -> int:
+    return max(1, passes // CURVE_POINTS)
+
+
+def base_config(base: str, seeds: int, smoke: bool, passes=None, eval_every=None):
     from ..config import PRESETS
     if smoke and f"{base}_smoke" in PRESETS:
         cfg = preset(f"{base}_smoke")
@@ -36,7 +45,8 @@ def base_config(base: str, seeds: int, smoke: bool, passes=None):
     if passes is not None:
         cfg.train.passes = passes
     cfg.train.engine = "population"  # methods run on the population engine; the base runs there too
-    cfg.train.seeds, cfg.train.eval_every = seeds, 1
+    cfg.train.seeds, cfg.train.eval_train = seeds, False
+    cfg.train.eval_every = default_eval_every(cfg.train.passes) if eval_every is None else int(eval_every)
     return validate(cfg)
 
 
@@ -224,18 +234,19 @@ BASE_KEY = "base"
 
 
 def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke=False, passes=None,
-                pairs=None, top_k=3, log=print):
+                pairs=None, top_k=3, log=print, eval_every=None):
     """methods: names (None: every registered method that runs on the base; smoke: SMOKE_METHODS).
     pairs: [(a, b)] or None for all pairs among the top_k single speed-ups.
     -> (rows, composition, skipped {key: why}, results {key: Result}, configs {key: Config})."""
     from ..methods.registry import list_methods
     from .pool import run_configs
-    base_cfg = base_config(base, seeds, smoke, passes)
+    base_cfg = base_config(base, seeds, smoke, passes, eval_every)
     if methods is None:
         methods = list(SMOKE_METHODS) if smoke else [m.name for m in list_methods()]
     singles, skipped = single_configs(base_cfg, methods)
     cfgs = {BASE_KEY: base_cfg, **singles}
-    log(f"effects: base {base_cfg.name} ({base_cfg.train.passes} passes, {seeds} seeds), "
+    log(f"effects: base {base_cfg.name} ({base_cfg.train.passes} passes, {seeds} seeds, test split every "
+        f"{base_cfg.train.eval_every} passes), "
         f"{len(singles)} methods" + (f", {len(skipped)} skipped" if skipped else ""))
     describe = lambda k, res: f"{k}: test error {np.mean([f['test_error'] for f in res.final]):.2f}% " \
                               f"in {res.seconds / max(len(res.final), 1):.1f} s a seed"  # noqa: E731
