@@ -55,6 +55,24 @@ def test_time_to_base_speedup_and_composition_on_known_curves():
     assert fx.top_pairs(list(rows.values()), 3) == [("a", "b"), ("a", "d"), ("b", "d")]  # reached, slower: still in
 
 
+def test_time_to_base_on_a_curve_evaluated_every_other_pass():
+    """With eval_every 2 only passes 2 and 4 are in the history: the time to the base is the
+    cumulative training time at the evaluated pass (seconds_total), not the sum of the
+    evaluated passes' own seconds."""
+    def sparse(errors, secs):  # 4 passes, evaluated after 2 and 4
+        res = fake([errors[0], errors[1]], [secs[1], secs[3]])
+        for h, p, tot in zip(res.history, (2, 4), (sum(secs[:2]), sum(secs))):
+            h["pass"], h["seconds_total"] = p, tot
+        res.seconds = float(sum(secs))
+        return res
+    results = {"base": sparse([[4, 4], [2, 2]], [1, 2, 3, 4]),   # 2.0 at pass 4: 10 s for 2 seeds
+               "a": sparse([[2, 2], [1, 1]], [1, 1, 1, 1])}      # 2.0 at pass 2: 2 s
+    rows = {r["method"]: r for r in fx.analyse(results, "base")}
+    assert rows["base"]["time_to_base"] == 5.0 and rows["base"]["passes_to_base"] == 4
+    assert rows["a"]["time_to_base"] == 1.0 and rows["a"]["passes_to_base"] == 2
+    assert rows["a"]["speedup"] == pytest.approx(5.0) and rows["a"]["seconds_per_seed"] == 2.0
+
+
 def test_methods_that_cannot_run_on_the_base_are_skipped_with_the_reason():
     base = fx.base_config("modern", 1, smoke=True)
     cfgs, skipped = fx.single_configs(base, ["label_smoothing", "rezero"])

@@ -34,7 +34,8 @@ SPLITS = ("train", "test")
 class Result:
     config: dict
     seeds: list
-    history: list                    # per pass: {"pass", "seconds", "train": [per replica], "test": [...]}
+    history: list                    # per evaluated pass: {"pass", "seconds" (that pass's), "seconds_total",
+                                     #   "train": [per replica], "test": [...]}
     final: list                      # per replica: {"seed", "train_loss", ..., "weights_sha256"}
     seconds: float                   # training time (engine only), all passes including resumed ones
     eval_seconds: float
@@ -208,6 +209,7 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         if bad_w or (p + 1) % t.eval_every == 0 or p + 1 == t.passes:  # a diverged pass is always evaluated
             t0 = time.perf_counter()
             rec = _evaluate_pass(engine, data, cfg, p, dt, last=bool(bad_w) or p + 1 == t.passes)
+            rec["seconds_total"] = seconds  # training seconds up to here (eval_every may skip passes)
             eval_seconds += time.perf_counter() - t0
             history.append(rec)
             if log:

@@ -93,7 +93,10 @@ def curve(res):
     R = len(res.final)
     passes = np.array([h["pass"] for h in res.history])
     err = np.array([np.mean([t["error"] for t in h["test"]]) for h in res.history])
-    secs = np.cumsum([h["seconds"] for h in res.history]) / R
+    if all("seconds_total" in h for h in res.history):
+        secs = np.array([h["seconds_total"] for h in res.history]) / R
+    else:  # records from before seconds_total, evaluated after every pass
+        secs = np.cumsum([h["seconds"] for h in res.history]) / R
     return passes, err, secs
 
 
@@ -137,8 +140,9 @@ def analyse(results: dict, base_key: str) -> list[dict]:
         err = [f["test_error"] for f in res.final]
         d, lo, hi, p = welch(err, b_err)
         t, ps = time_to(res, target)
-        total = float(curve(res)[2][-1]) if res.history else float("nan")
-        rows.append({"method": key, "status": res.status, "seeds": len(err), "test_error": float(np.mean(err)),
+        total = res.seconds / max(len(res.final), 1)
+        rows.append({"method": key, "status": res.status, "path": res.path, "seeds": len(err),
+                     "test_error": float(np.mean(err)),
                      "test_error_std": float(np.std(err, ddof=1)) if len(err) > 1 else 0.0,
                      "diff": d, "ci_low": lo, "ci_high": hi, "p_value": p, "seconds_per_seed": total,
                      "time_to_base": t, "passes_to_base": ps, "base_error": target,
