@@ -1,12 +1,11 @@
 """The command line: parses, calls a function, prints. Errors: one line on stderr, exit 2."""
 import argparse
-import json
-import math
 import os
 import sys
 import time
 
 from .errors import UserError
+from .jsonout import emit_json as _emit_json
 
 DEFAULT_OUT = "runs"
 
@@ -79,19 +78,6 @@ def _command_modules():
     return [importlib.import_module(f"backproplab.commands.{m}") for m in COMMAND_MODULES]
 
 
-def _json_safe(obj):
-    """NaN and Inf (a diverged run's losses) are not JSON: they become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _emit_json(obj):
-    print(json.dumps(_json_safe(obj), sort_keys=True, allow_nan=False))
 
 
 def cmd_repro(args):

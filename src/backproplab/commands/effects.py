@@ -1,7 +1,6 @@
 """`backproplab effects`: each training method alone on top of a base recipe, with error bars,
 a significance test, time to the base's error, a Pareto plot and a composition table."""
-import json
-import math
+from ..jsonout import emit_json, json_safe as _finite
 
 
 def register(sub, add_common):
@@ -25,14 +24,6 @@ def register(sub, add_common):
                    help="test size: the base's smoke preset (500/200 digits, 2 passes), 2 methods, <= 2 seeds")
 
 
-def _finite(obj):  # NaN (an undefined interval) is not JSON: null
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _parse(args):
@@ -115,7 +106,7 @@ def cmd_effects(args):
     summary["run_id"] = add_run(out, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),
                                 _finite(summary), [], env)
     if args.json:
-        print(json.dumps(_finite(summary), sort_keys=True, allow_nan=False))
+        emit_json(summary)
     return 0 if status == "finished" else 3
 
 

@@ -1,5 +1,5 @@
 """`backproplab methods [NAME]` (the registry, or one card) and `backproplab train PRESET +method=... key=value`."""
-import json
+from ..jsonout import emit_json as _emit_json
 
 
 def register(sub, add_common):
@@ -16,8 +16,6 @@ def register(sub, add_common):
     t.add_argument("--quiet", action="store_true", help="no per-pass lines")
 
 
-def _emit_json(obj):
-    print(json.dumps(obj, sort_keys=True))
 
 
 def cmd_methods(args):

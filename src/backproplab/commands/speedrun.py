@@ -1,9 +1,9 @@
 """`backproplab speedrun` (the 1989 net to the rung-5 error in seconds) and `backproplab rezero`
 (deep residual stacks with and without normalization)."""
-import json
 import math
 
 from ..errors import UserError
+from ..jsonout import emit_json as _emit_json
 
 
 def register(sub, add_common):
@@ -33,18 +33,6 @@ def register(sub, add_common):
     r.add_argument("--smoke", action="store_true", help="test size: depths 2,4, 12 steps, 2 seeds, 600 digits")
 
 
-def _finite(obj):  # NaN (a variant that never reached its target) is not JSON: null
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _emit_json(obj):
-    print(json.dumps(_finite(obj), sort_keys=True, allow_nan=False))
 
 
 def _fmt(m, s):
