@@ -38,7 +38,7 @@ from backproplab.models.net1989 import Net1989  # noqa: E402
 def baseline_pass_seconds(data, passes: int) -> list:
     """Plain PyTorch: nn ops, torch.optim.AdamW, batch 32, shifts drawn per batch."""
     model = Net1989(0, act="relu", out_act="none", dropout=0.25).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.01)
     x, y = data.train_x.reshape(-1, 1, 16, 16), data.train_labels.long()
     g = torch.Generator().manual_seed(0)
     times = []

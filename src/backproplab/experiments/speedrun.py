@@ -6,7 +6,7 @@ methods: minibatches of 128, Adam (beta2 0.99), a linear warm-up times a linear 
 label smoothing, one-pixel shifts, and the softmax averaged over the 9 one-pixel shifts at
 test time (the `tta` method). Any override or `+method=NAME` composes with it, so "does
 SAM help the speedrun?" is `backproplab speedrun +method=sam`. Its values were chosen on a
-validation split carved from the training set (scripts/tune_speedrun.py), never on the test
+validation split carved from the training set (scripts/tune_preset.py speedrun), never on the test
 set. Each seed trains alone (timed) or all seeds as one population; the training seconds
 are train()'s (every optimizer step and its data preparation), evaluation is timed apart.
 """
