@@ -124,40 +124,47 @@ KILL_SCRIPT = textwrap.dedent("""
     from backproplab.scaling.families import member
     from backproplab.scaling.trainer import CellTrainer
     ckpt, log, final, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    seeds = [int(v) for v in sys.argv[5].split(",")]
     x, y = digits()
     tr = CellTrainer(member("convnet", 1), [0.02, 0.05], x, y, 2.5, batch=8, ckpt=ckpt, ckpt_steps=3,
-                     tag="kill-test")
+                     tag="kill-test", seeds=seeds)
     f = open(log, "a")
     def on_batch(step, idx):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)              # mid-epoch, two steps after a checkpoint
-        f.write(f"{step} {' '.join(map(str, idx))}\\n"); f.flush()
+        idx = idx.reshape(len(seeds), -1)                     # each seed's batch
+        f.write(f"{step} {' | '.join(' '.join(map(str, i)) for i in idx)}\\n"); f.flush()
     tr.on_batch = on_batch
     tr.run()
     torch.save(tr.W, final)
 """)
 
 
-def test_sampler_exactly_once_per_epoch_across_sigkill(tmp_path):
+@pytest.mark.parametrize("seeds", ["0", "0,1,2"])
+def test_sampler_exactly_once_per_epoch_across_sigkill(tmp_path, seeds):
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     ckpt, log, final = tmp_path / "c.ckpt", tmp_path / "batches.log", tmp_path / "W.pt"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]))
-    first = subprocess.run([sys.executable, str(script), ckpt, log, final, "11"], env=env, timeout=300)
+    first = subprocess.run([sys.executable, str(script), ckpt, log, final, "11", seeds], env=env, timeout=300)
     assert first.returncode == -signal.SIGKILL and ckpt.exists() and not final.exists()
-    second = subprocess.run([sys.executable, str(script), ckpt, log, final, "-1"], env=env, timeout=300)
+    second = subprocess.run([sys.executable, str(script), ckpt, log, final, "-1", seeds], env=env, timeout=300)
     assert second.returncode == 0
-    lines = [ln.split() for ln in log.read_text().splitlines()]
+    lines = [ln.split(" ", 1) for ln in log.read_text().splitlines()]
     steps = [int(ln[0]) for ln in lines]
     assert steps[:11] == list(range(11)) and steps[11:14] == [9, 10, 11]   # resumed from the step-9 checkpoint
-    last = {int(ln[0]): [int(v) for v in ln[1:]] for ln in lines}          # the batches that count
-    stream = np.concatenate([last[s] for s in range(len(last))])
-    assert len(stream) == examples_for(2.5, 60) == 150
-    for e in range(2):
-        assert sorted(stream[60 * e: 60 * (e + 1)]) == list(range(60))      # exactly once per epoch
-    assert len(set(stream[120:])) == 30
+    last = {int(ln[0]): [[int(v) for v in part.split()] for part in ln[1].split("|")] for ln in lines}
+    S = len(seeds.split(","))
+    streams = [np.concatenate([last[s][k] for s in range(len(last))]) for k in range(S)]   # the batches that count
+    for stream in streams:                                    # every seed's own order, exactly once per epoch
+        assert len(stream) == examples_for(2.5, 60) == 150
+        for e in range(2):
+            assert sorted(stream[60 * e: 60 * (e + 1)]) == list(range(60))
+        assert len(set(stream[120:])) == 30
+    assert all(not np.array_equal(streams[0], st) for st in streams[1:])
     # The same weights as a run never killed.
-    ref = CellTrainer(member("convnet", 1), [0.02, 0.05], *fake_digits(), 2.5, batch=8)
+    ref = CellTrainer(member("convnet", 1), [0.02, 0.05], *fake_digits(), 2.5, batch=8,
+                      seeds=[int(v) for v in seeds.split(",")])
     ref.run()
     assert torch.equal(torch.load(final), ref.W)
 
@@ -243,6 +250,7 @@ def test_run_refuses_bad_budget_family_and_data(tmp_path, capsys):
     assert "no such file" in _error(capsys, "scale", "run", "--data", tmp_path / "nope", "--out", out)
     assert "size must be an integer from 1" in _error(capsys, "scale", "run", "--sizes", "99", "--out", out)
     assert "--seed must be >= 0" in _error(capsys, "scale", "run", "--seed", "-1", "--out", out)
+    assert "distinct seeds >= 0" in _error(capsys, "scale", "run", "--seeds", "1,-1", "--out", out)
     assert not (out / "runs.db").exists()
     assert parse_budget("30m") == 1800 and parse_budget("1.5h") == 5400 and parse_budget("90") == 90
 

@@ -24,14 +24,18 @@ def register(sub, add_common):
     r.add_argument("--smoke", action="store_true", help="test size: 3 sizes x 2 training sets x 2 budgets x 2 rates")
     r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="cells trained at once, one core each")
     r.add_argument("--sizes", help="comma-separated model sizes (default 1-6)")
-    r.add_argument("--n-train", help="comma-separated training-set sizes (default n/4, n/2, n of the data)")
+    r.add_argument("--n-train", help="comma-separated training-set sizes (default n/4, n/2, n of the training "
+                                        "set left after the validation carve-out: 1573,3146,6291 on mnist10k)")
     r.add_argument("--epochs", help="comma-separated epoch budgets, fractions allowed (default 0.25,0.5,1,2,4,8)")
     r.add_argument("--lrs", help="comma-separated base learning rates (default: the family's grid)")
-    r.add_argument("--n-val", type=int, help="validation examples: the first n of the test split (default all)")
+    r.add_argument("--n-val", type=int, help="validation examples: the last n of the training set, carved out "
+                                              "as data.val does (default 1000; --smoke 300); the cells train on "
+                                              "the rest; the test set is only reported")
     r.add_argument("--batch", type=int, default=32, help="minibatch size (default 32)")
-    r.add_argument("--seed", type=int, default=0,
-                   help="seed of initialization and data order (default 0); studies of several seeds may "
-                        "share one store: `scale fit` averages a cell's loss over its seeds")
+    r.add_argument("--seeds", help="comma-separated seeds every cell trains, all in one population (default "
+                                   "0,1,2); a seed sets a run's init, training subset and epoch order; a cell's "
+                                   "loss is the mean over its seeds")
+    r.add_argument("--seed", type=int, help="one seed only (the same as --seeds SEED)")
     r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
     r.add_argument("methods", nargs="*", metavar="+method=NAME[:k=v,...]",
                    help="registered methods every cell adds to its recipe (their own cells, keys and records)")
@@ -62,18 +66,20 @@ def _run(args):
     budget = parse_budget(args.budget)
     if args.jobs < 1 or args.batch < 1 or (args.n_val is not None and args.n_val < 1):
         raise UserError("--jobs, --batch and --n-val must be >= 1")
-    if args.seed < 0:
+    if args.seed is not None and args.seeds is not None:
+        raise UserError("give --seeds or --seed, not both")
+    if args.seed is not None and args.seed < 0:
         raise UserError("--seed must be >= 0")
+    seeds = [args.seed] if args.seed is not None else _seeds(args.seeds)
     if args.data != "mnist10k" and not Path(args.data).expanduser().exists():
         raise UserError(f"--data {args.data}: no such file or folder (use mnist10k or a folder of IDX files)")
-    from ..scaling.cells import data_fingerprint, study_data
-    n_val = args.n_val
-    data = study_data(args.data, n_val, args.seed)
+    from ..scaling.cells import DEFAULT_N_VAL, data_fingerprint, study_data
+    from ..scaling.study import SMOKE
+    n_val = args.n_val if args.n_val is not None else SMOKE["n_val"] if args.smoke else DEFAULT_N_VAL
+    data = study_data(args.data, n_val)
     study = make_study(args.family, args.data, smoke=args.smoke, sizes=args.sizes, n_train=args.n_train,
                        epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
-                       seed=args.seed, data_fingerprint=data_fingerprint(data), methods=_methods(args.methods))
-    if study.spec["n_val"] != n_val:                          # the smoke size uses fewer validation digits
-        data = data[:2] + (data[2][:study.spec["n_val"]], data[3][:study.spec["n_val"]])
+                       seeds=seeds, data_fingerprint=data_fingerprint(data), methods=_methods(args.methods))
     quiet = args.json
     summary = run_study(study, args.out, jobs=args.jobs, budget=budget, plan_only=args.plan, data=data,
                         log=(lambda line: print(line, file=sys.stderr)) if quiet else print)
@@ -82,6 +88,19 @@ def _run(args):
     if args.json:
         _emit_json(summary)
     return 0 if summary.get("diverged_cells", 0) == 0 else 3
+
+
+def _seeds(text):
+    from ..scaling.study import DEFAULT_SEEDS
+    if text is None:
+        return list(DEFAULT_SEEDS)
+    try:
+        seeds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give distinct seeds >= 0")
+    return seeds
 
 
 def _methods(items):

@@ -62,11 +62,12 @@ VMAP_FROM = 2
 
 
 def batch_loss(out: torch.Tensor, labels: torch.Tensor, loss: str) -> torch.Tensor:
-    """out (..., B, 10), labels (B,) -> (...) mean over the batch of the per-example loss."""
+    """out (..., B, 10), labels (B,) or (R, B) (each replica its own) -> (...) mean over the batch
+    of the per-example loss."""
     if loss == "mse":  # mean over the 10 outputs against -1 / +1 targets
         target = 2.0 * F.one_hot(labels, 10).to(out.dtype) - 1.0
         return torch.mean((out - target) ** 2, dim=(-2, -1))
-    per = F.cross_entropy(out.reshape(-1, 10), labels.repeat(out.numel() // (10 * len(labels))), reduction="none")
+    per = F.cross_entropy(out.reshape(-1, 10), labels.expand(out.shape[:-1]).reshape(-1), reduction="none")
     return per.reshape(out.shape[:-1]).mean(-1)
 
 
@@ -253,13 +254,22 @@ class Population:
 
     def train_batch(self, x, labels, total_steps, pass_idx=0, pass_x=None):
         """One step on a batch the caller chose (a scaling cell's epoch sampler): x (B, 1, 16, 16)
-        shared by every replica, labels (B,), total_steps the run's length (the schedules'),
-        pass_idx the epoch the batch belongs to (it keys the random streams; the pass_start hooks
-        run when it changes), pass_x the whole training set (input statistics). No train.shift
-        or model.dropout masks: those come with train()'s passes."""
+        shared by every replica and labels (B,), or x (R, B, 1, 16, 16) and labels (R, B), each
+        replica its own batch (of the same size B; autograd and fused paths); total_steps the
+        run's length (the schedules'), pass_idx the epoch the batch belongs to (it keys the random
+        streams; the pass_start hooks run when it changes), pass_x the whole training set (input
+        statistics). No train.shift or model.dropout masks: those come with train()'s passes."""
         c = self.ctx
         if self.cfg.train.shift or self.cfg.model.dropout:
             raise UserError("train.shift and model.dropout need train()'s passes, not train_batch()")
+        labels = torch.as_tensor(labels).long()
+        if labels.dim() == 2:  # per-replica batches
+            x = torch.as_tensor(x, dtype=torch.float32)
+            if labels.shape[0] != self.R or x.shape[:2] != labels.shape:
+                raise ValueError(f"per-replica batches: x {tuple(x.shape)}, labels {tuple(labels.shape)} "
+                                 f"for {self.R} replicas")
+            if self.path == "kernel":
+                raise UserError("per-replica batches run on the autograd or fused path, not the kernels")
         if self._batch_pass != pass_idx:
             self._batch_pass = c.pass_idx = self.passes_done = pass_idx
             c.pass_x = pass_x if pass_x is not None else x
@@ -268,8 +278,11 @@ class Population:
             for sw in self._hook("pass_start"):
                 sw.pass_start(c)
         c.total_steps, c.shifts = int(total_steps), None
-        xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, 16, 16).expand(self.R, -1, -1, -1, -1)
-        self._step(xs.to(self.device), torch.as_tensor(labels).long().to(self.device), None, c.base_lr)
+        if labels.dim() == 2:
+            xs = x.reshape(self.R, -1, 1, 16, 16)
+        else:
+            xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, 16, 16).expand(self.R, -1, -1, -1, -1)
+        self._step(xs.to(self.device), labels.to(self.device), None, c.base_lr)
 
     def _train_pass(self, x_raw, xs, labels, keep, kernel_shifts=None):
         c, n = self.ctx, len(labels)
@@ -376,7 +389,7 @@ class Population:
         keep = None
         if c.keep is not None:
             keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.cfg.model.dropout))
-        labels = c.labels.unsqueeze(0).expand(self.R, -1)
+        labels = c.labels.expand(self.R, -1)   # (B,) shared or (R, B) per replica
         return fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, self.smooth)[1]
 
     # -- evaluation -------------------------------------------------------------------------

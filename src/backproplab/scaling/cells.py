@@ -1,11 +1,21 @@
 """One study cell from start to its store record: a learning-rate sweep of one model size
-on one training-set size for one epoch budget.
+on one training-set size for one epoch budget, every rate trained for each of the study's
+seeds.
 
-The sweep: the family's base grid (factor 2 apart) trained at once as a population; if
-the best rate sits at an edge of what was tried, `extend` more rates beyond that edge
-(factor 2 again) are trained, up to `max_extend` times, so the kept rate is usually an
-interior minimum. The best rate's validation loss is the cell's loss (seed 002 keeps
-the best learning rate per cell).
+Data: validation is carved from the training set (the last n_val training examples, default
+1,000, as data.val does elsewhere: Dataset.with_validation); the cells train on the rest, in
+nested subsets (seed k's subset of n is the first n of a permutation of the rest keyed by
+k); the test set is read once per cell, after the rate is chosen, and only reported.
+
+The sweep: the family's base grid (factor 2 apart) trained at once as a population of
+rates x seeds; each rate's validation loss is the mean over the seeds (a rate at which any
+seed diverged counts as diverged); if the best rate sits at an edge of what was tried,
+`extend` more rates beyond that edge (factor 2 again) are trained, up to `max_extend` times,
+so the kept rate is usually an interior minimum. The best rate's mean validation loss is the
+cell's loss (seed 002 keeps the best learning rate per cell); its test loss and error, per
+seed and mean, are recorded as reported figures. The test set is evaluated after each
+population, once its best rate by validation is known, and only that rate's test figures
+are kept: no choice reads them.
 
 Resume: each population checkpoints on its own (trainer.py) and the results of finished
 populations are kept in a small JSON file beside it, so a killed cell continues with
@@ -68,15 +78,49 @@ def _next_rates(done: list[dict], spec) -> list[float]:
     return []
 
 
+def seed_subsets(n_pool: int, seeds, n: int) -> list[np.ndarray]:
+    """Per seed: the indices (into the training pool) of its nested subset of n examples."""
+    return [np.random.default_rng(int(s)).permutation(n_pool)[:n] for s in seeds]
+
+
+def _mean(v):
+    return float(np.mean(v))
+
+
+def _sd(v):
+    return float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+
+
+def _results(rates, seeds, ev) -> list[dict]:
+    """Per rate: the seeds' validation figures (ev seed-major, trainer.replica) and their means."""
+    L, out = len(rates), []
+    for j, lr in enumerate(rates):
+        e = [ev[k * L + j] for k in range(len(seeds))]
+        losses, errors = [x["loss"] for x in e], [x["error"] for x in e]
+        bad = [not math.isfinite(v) or v > DIVERGED_LOSS for v in losses]
+        out.append({"lr": lr, "val_loss": None if any(bad) else _mean(losses),
+                    "val_loss_seeds": [None if b else v for b, v in zip(bad, losses)],
+                    "val_error": _mean(errors), "val_error_seeds": errors,
+                    "diverged_seeds": int(sum(bad)), "status": "diverged" if any(bad) else "finished"})
+    return out
+
+
+def _best(results):
+    """The finished rate of lowest mean validation loss (ties: the lower rate), or None."""
+    ok = sorted((r for r in results if r["status"] == "finished"), key=lambda r: r["lr"])
+    return min(ok, key=lambda r: r["val_loss"]) if ok else None
+
+
 def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
     """Train the cell's sweep (resuming), write its record, return it.
 
-    cell: family, size, n_train, epochs, key. spec: study settings (see study.study_spec).
-    data: (train_x, train_labels, val_x, val_labels) tensors, training set already in the
-    study's fixed order (the cell uses its first n_train examples)."""
-    tx, ty, vx, vy = data
-    n = cell["n_train"]
-    x, y = tx[:n], ty[:n]
+    cell: family, size, n_train, epochs, key. spec: study settings (see study.make_study).
+    data: (train_x, train_labels, val_x, val_labels, test_x, test_labels) tensors (study_data):
+    the training pool without the validation split; each seed trains on its subset of it."""
+    tx, ty, vx, vy, sx, sy = data
+    n, seeds = cell["n_train"], spec["seeds"]
+    subs = seed_subsets(len(ty), seeds, n)
+    xs, ys = [tx[i] for i in subs], [ty[i] for i in subs]
     m = member(cell["family"], cell["size"])
     ckpt, sweep_file = _scratch(out, cell["key"])
     done = json.loads(sweep_file.read_text())["populations"] if sweep_file.is_file() else []
@@ -85,8 +129,8 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
         rates = _next_rates(done, spec)
         if not rates:
             break
-        tr = CellTrainer(m, rates, x, y, cell["epochs"], optim=spec["optim"], batch=spec["batch"],
-                         momentum=spec["momentum"], weight_decay=spec["weight_decay"], seed=spec["seed"],
+        tr = CellTrainer(m, rates, xs, ys, cell["epochs"], optim=spec["optim"], batch=spec["batch"],
+                         momentum=spec["momentum"], weight_decay=spec["weight_decay"], seeds=seeds,
                          ckpt=ckpt, ckpt_seconds=spec["ckpt_seconds"], ckpt_steps=spec.get("ckpt_steps"),
                          methods=spec_methods(spec),
                          tag=f"{cell['key']}|{','.join(f'{r:.6g}' for r in rates)}")
@@ -94,17 +138,19 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
             tr.on_batch = hooks["on_batch"]
         c0 = time.process_time()
         sec = tr.run()
-        ev = tr.evaluate(vx, vy)
-        res = []
-        for lr, e in zip(rates, ev):
-            bad = not math.isfinite(e["loss"]) or e["loss"] > DIVERGED_LOSS
-            res.append({"lr": lr, "val_loss": None if bad else e["loss"], "val_error": e["error"],
-                        "status": "diverged" if bad else "finished"})
-        done.append({"results": res, "seconds": sec, "cpu_seconds": time.process_time() - c0,
+        res = _results(rates, seeds, tr.evaluate(vx, vy))
+        best = _best(res)
+        test = None
+        if best is not None:               # chosen on validation above; the test set only reports it
+            j = rates.index(best["lr"])
+            te = tr.evaluate(sx, sy)
+            te = [te[tr.replica(k, j)] for k in range(len(seeds))]
+            test = {"lr": best["lr"], "loss_seeds": [x["loss"] for x in te], "error_seeds": [x["error"] for x in te]}
+        done.append({"results": res, "test_of_best": test, "seconds": sec, "cpu_seconds": time.process_time() - c0,
                      "steps": tr.steps, "resumed_from_step": tr.resumed_from, "examples": tr.seen()})
         atomic_write_bytes(sweep_file, json.dumps({"key": cell["key"], "populations": done}).encode())
         remove_checkpoint(ckpt)
-    record = _record(cell, spec, m, done, time.perf_counter() - t_cell)
+    record = _record(cell, spec, m, done, time.perf_counter() - t_cell, len(vy), len(sy))
     add_run(out, KIND, cell["key"], record["status"], record["config"], record["summary"], [], spec["env"])
     drop_scratch(out, cell["key"])
     if log:
@@ -112,42 +158,48 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
     return record
 
 
-def _record(cell, spec, m, done, wall) -> dict:
+def _record(cell, spec, m, done, wall, n_val, n_test) -> dict:
     res = sorted((r for pop in done for r in pop["results"]), key=lambda r: r["lr"])
-    ok = [r for r in res if r["status"] == "finished"]
     examples = done[0]["examples"]
-    best = min(ok, key=lambda r: r["val_loss"]) if ok else None
+    best = _best(res)
     lrs = [r["lr"] for r in res]
+    test = next((p["test_of_best"] for p in done if p.get("test_of_best") and best
+                 and p["test_of_best"]["lr"] == best["lr"]), None)
     summary = {
         "family": cell["family"], "size": cell["size"], "N": m.params, "n_train": cell["n_train"],
         "epochs": cell["epochs"], "D": examples, "C": float(m.train_flops) * examples,
         "flops_per_example": m.train_flops, "macs": m.macs, "shape": m.shape,
+        "seeds": list(spec["seeds"]), "n_val": n_val, "n_test": n_test,
+        "validation": f"the last {n_val} training examples", "lr_chosen_on": "mean validation loss over the seeds",
         "lr": best and best["lr"], "loss": best and best["val_loss"], "val_loss": best and best["val_loss"],
-        "val_error": best and best["val_error"], "test_error": best and best["val_error"],
+        "val_loss_seeds": best and best["val_loss_seeds"], "val_loss_sd": best and _sd(best["val_loss_seeds"]),
+        "val_error": best and best["val_error"], "val_error_seeds": best and best["val_error_seeds"],
+        "test_loss": test and _mean(test["loss_seeds"]), "test_loss_seeds": test and test["loss_seeds"],
+        "test_error": test and _mean(test["error_seeds"]), "test_error_seeds": test and test["error_seeds"],
         "best_at_edge": bool(best and best["lr"] in (lrs[0], lrs[-1])), "sweep": res,
         "steps": done[0]["steps"], "populations": len(done),
         "seconds": sum(p["seconds"] for p in done), "cpu_seconds": sum(p["cpu_seconds"] for p in done),
         "wall_seconds_this_process": wall, "resumed": any(p["resumed_from_step"] for p in done)}
-    config = {k: spec[k] for k in ("optim", "batch", "momentum", "weight_decay", "seed", "data", "n_val",
-                                   "lrs", "extend", "max_extend", "digest")}
+    config = {k: spec[k] for k in ("optim", "batch", "momentum", "weight_decay", "seeds", "data", "n_val",
+                                   "split", "lrs", "extend", "max_extend", "digest")}
     if spec.get("methods"):
         config["methods"] = spec["methods"]
     config.update({"family": cell["family"], "size": cell["size"], "n_train": cell["n_train"],
                    "epochs": cell["epochs"], "cell": cell["key"]})
-    return {"status": "finished" if ok else "diverged", "config": config, "summary": summary}
+    return {"status": "finished" if best else "diverged", "config": config, "summary": summary}
 
 
 # -- worker processes ---------------------------------------------------------------------
 _DATA = {}
 
 
-def worker_init(source, n_val, order_seed, parent_pid=None):
+def worker_init(source, n_val, parent_pid=None):
     if parent_pid is not None:
         from ..experiments.pool import die_with_parent
         die_with_parent(parent_pid)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _DATA["data"] = study_data(source, n_val, order_seed)
+    _DATA["data"] = study_data(source, n_val)
 
 
 def worker_run(cell, spec, out):
@@ -161,12 +213,20 @@ def data_fingerprint(data) -> str:
     return h.hexdigest()
 
 
-def study_data(source, n_val, order_seed):
-    """(train_x, train_labels, val_x, val_labels): the training set in a fixed random order
-    (nested subsets: the first n of it for every n), validation = the first n_val test examples."""
+DEFAULT_N_VAL = 1000     # as data.val=1000 elsewhere: the last 1,000 of the 7,291 training digits
+
+
+def study_data(source, n_val=DEFAULT_N_VAL):
+    """(train_x, train_labels, val_x, val_labels, test_x, test_labels): validation = the last
+    n_val training examples (Dataset.with_validation, the carve-out data.val makes), training =
+    the rest in the data's order (cells take per-seed subsets of it), test = the whole test split,
+    read only for the reported figures."""
     from ..data import load_dataset
+    from ..errors import UserError
     ds = load_dataset(source)
-    perm = torch.from_numpy(np.random.default_rng(order_seed).permutation(len(ds.train_labels)))
-    nv = len(ds.test_labels) if n_val is None else min(n_val, len(ds.test_labels))
-    return (ds.train_x[perm].contiguous(), ds.train_labels[perm].contiguous(), ds.test_x[:nv].contiguous(),
-            ds.test_labels[:nv].contiguous())
+    n = len(ds.train_labels)
+    if not 0 < n_val < n:
+        raise UserError(f"--n-val {n_val} must leave training examples: the training set of {source} has {n}")
+    ds = ds.with_validation(int(n_val))
+    return tuple(t.contiguous() for t in (ds.train_x, ds.train_labels, ds.val_x, ds.val_labels,
+                                          ds.test_x, ds.test_labels))

@@ -50,12 +50,31 @@ def fit_store(db, out=None, *, n_boot=1000, seed=0) -> dict:
     rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
     summary = summarize(rep)
     summary["seeds_per_run"] = {str(k): v for k, v in sorted(runs.info.get("seeds", {}).items())}
+    summary["seed_spread"] = seed_spread_summary(runs.info.get("seed_spread") or [], summary)
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
     if path.name == DB_NAME:                                  # the summary table goes into the store too
         summary["store_record"] = add_run(path.parent, "scale_fit", "scale-fit", "finished",
                                           {"n_boot": n_boot, "seed": seed, "out": str(out)}, summary, [], {})
     return summary
+
+
+def seed_spread_summary(cells: list, summary: dict) -> dict:
+    """Seed-to-seed spread of the cells' losses (relative sd at the chosen rate, from records of
+    several seeds), over all cells and over the extrapolation check's held-out ones (C at or
+    above its threshold), to read the misses against."""
+    out = {"n_cells": len(cells)}
+    if not cells:
+        return out
+    rel = [c["rel_sd"] for c in cells]
+    out.update({"mean_rel_sd": sum(rel) / len(rel), "max_rel_sd": max(rel)})
+    for fam, f in summary["families"].items():
+        thr = (f.get("extrapolation") or {}).get("C_threshold")
+        ho = [c["rel_sd"] for c in cells if c["family"] == fam and thr is not None and c["C"] >= thr]
+        if ho:
+            out.setdefault("held_out", {})[fam] = {"n_cells": len(ho), "mean_rel_sd": sum(ho) / len(ho),
+                                                   "max_rel_sd": max(ho)}
+    return out
 
 
 # -- text --------------------------------------------------------------------------------
@@ -74,6 +93,12 @@ def fit_text(s: dict) -> str:
     if set(seeds) - {"1"}:
         lines.append("  each run's loss is the mean over its seeds: " + ", ".join(
             f"{v} runs of {k} seed{'s' if k != '1' else ''}" for k, v in seeds.items()))
+    sp = s.get("seed_spread") or {}
+    if sp.get("n_cells"):
+        lines.append(f"  seed-to-seed spread of a cell's loss (sd / mean at its rate): {100 * sp['mean_rel_sd']:.1f}% "
+                     f"on average, {100 * sp['max_rel_sd']:.1f}% at most ({sp['n_cells']} cells)" + "".join(
+                         f"; held-out {fam} cells {100 * h['mean_rel_sd']:.1f}% (at most {100 * h['max_rel_sd']:.1f}%)"
+                         for fam, h in (sp.get("held_out") or {}).items()))
     for fam, f in s["families"].items():
         lines.append(f"\n== {fam}: {f.get('n_cells', '?')} cells, {f['n_runs']} runs")
         if "frontier" not in f:

@@ -120,29 +120,42 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
 
 def _expand_sweep(rec: dict, summary: dict, status: str) -> list[dict]:
     """A study cell's record holds its whole learning-rate sweep (summary['sweep']: lr,
-    val_loss, status per rate); each rate becomes one run. Other records are one run."""
+    val_loss, status per rate; val_loss is the mean over the cell's seeds, val_loss_seeds
+    the seeds' own); each rate becomes one run. Other records are one run of one seed."""
     sweep = summary.get("sweep")
     if not isinstance(sweep, list) or not sweep:
-        return [{**rec, "status": status}]
+        return [{**rec, "status": status, "n_seeds": 1}]
     out = []
     for r in sweep:
         loss = r.get("val_loss")
+        per = r.get("val_loss_seeds")
         out.append({**rec, "lr": float(r["lr"]), "loss": np.nan if loss is None else float(loss),
-                    "status": r.get("status", status)})
+                    "status": r.get("status", status), "n_seeds": len(per) if isinstance(per, list) and per else 1})
     return out
 
 
 def _average_seeds(recs: list[dict]) -> tuple[list[dict], dict]:
     """One run per (family, N, D, epochs, lr): the mean loss over the seeds that ran it (a
-    store may hold a study of several seeds). Returns the runs and {seeds per run: count}."""
+    record may hold several seeds, and a store several records of one cell: each record's
+    mean weighs by its seeds). Returns the runs and {seeds per run: count}."""
     groups: dict = {}
     for r in recs:
         groups.setdefault((r["family"], r["N"], r["D"], r["epochs"], r["lr"]), []).append(r)
     out, n_seeds = [], {}
     for g in groups.values():
-        out.append({**g[0], "loss": float(np.mean([r["loss"] for r in g]))})
-        n_seeds[len(g)] = n_seeds.get(len(g), 0) + 1
+        w = np.array([r.get("n_seeds", 1) for r in g], dtype=float)
+        out.append({**g[0], "loss": float(np.dot(w, [r["loss"] for r in g]) / w.sum())})
+        n_seeds[int(w.sum())] = n_seeds.get(int(w.sum()), 0) + 1
     return out, n_seeds
+
+
+def _seed_spread(s: dict) -> dict | None:
+    """A cell record's seed-to-seed spread at its chosen rate: (N, D, C, loss, relative sd), or None."""
+    per = s.get("val_loss_seeds")
+    if not isinstance(per, list) or len(per) < 2 or any(v is None for v in per) or not s.get("loss"):
+        return None
+    return {"N": float(s["N"]), "D": float(s["D"]), "C": float(s["C"]), "loss": float(s["loss"]),
+            "n_seeds": len(per), "rel_sd": float(np.std(per, ddof=1) / np.mean(per))}
 
 
 def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
@@ -172,7 +185,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         raise UserError(f"results store {path} is unreadable: {e}") from None
     finally:
         con.close()
-    recs, kinds, skipped = [], {}, {"diverged": 0, "malformed": 0}
+    recs, kinds, skipped, spread = [], {}, {"diverged": 0, "malformed": 0}, []
     for rkind, status, config, summary in rows:
         kinds[rkind] = kinds.get(rkind, 0) + 1
         if rkind != kind:
@@ -188,13 +201,16 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         except (ValueError, TypeError, KeyError, AttributeError):
             skipped["malformed"] += 1
             continue
+        sp = _seed_spread(s)
+        if sp:
+            spread.append({**sp, "family": rec["family"]})
         for r in _expand_sweep(rec, s, status):
             if r["status"] == "diverged" or not np.isfinite(r["loss"]):
                 skipped["diverged"] += 1
             elif any(not np.isfinite(r[f]) or r[f] <= 0 for f in REQUIRED):
                 skipped["malformed"] += 1
             else:
-                recs.append({f: r[f] for f in (*FIELDS, "family")})
+                recs.append({f: r[f] for f in (*FIELDS, "family", "n_seeds")})
     if not recs and not kinds.get(kind):
         found = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "no runs at all"
         raise UserError(f"no {kind} runs in {path} (found {found}); run `backproplab scale run` first")
@@ -213,4 +229,5 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             f, why = next(iter(whys.items()))
             raise UserError(f"too few runs to fit in {path}: {why}" + (f" (family {f})" if len(whys) > 1 else ""))
     return Runs(**{f: getattr(runs, f) for f in FIELDS}, family=runs.family,
-                info={"source": str(path), "n_records": len(recs), "skipped": skipped, "seeds": n_seeds})
+                info={"source": str(path), "n_records": len(recs), "skipped": skipped, "seeds": n_seeds,
+                      "seed_spread": spread})

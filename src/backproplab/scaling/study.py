@@ -2,13 +2,23 @@
 learning-rate sweep (cells.py), run `jobs` cells at a time, skipping cells already in
 the store, trimmed to a time budget.
 
-Default grids (the embedded digits: 7,291 training examples, 2,007 for validation):
+Data: validation is the last n_val (default 1,000) of the training examples, carved out as
+data.val does; the cells train on the rest (6,291 of the embedded digits' 7,291); the test
+set (2,007) is only reported, for each cell's chosen rate (cells.py).
+
+Default grids (the embedded digits):
   convnet sizes 1..6 (N 2.2k to 79k; the 1989 net's 9.8k between sizes 2 and 3),
   vit sizes 1..6 (N 2.9k to 90k; size 2 is the 1989-matched micro-ViT),
-  training-set sizes n/4, n/2, n of the available set, epoch budgets 0.25 to 8 (x2),
-  learning rates: SGD with momentum 2^-7..2^-3 for the convnet, AdamW 2^-10..2^-6 for the
-  ViT (pilot sweeps on the digits put the optima inside), extended at an edge.
-That is 6 x 3 x 6 = 108 cells of 5+ learning rates each.
+  training-set sizes n/4, n/2, n of the training set left after the validation carve-out
+  (1,573, 3,146 and 6,291 on the digits), epoch budgets 0.25 to 8 (x2),
+  learning rates: SGD with momentum 2^-6..2^-4 for the convnet, AdamW 2^-9..2^-7 for the
+  ViT (the middle three of the pilot grids 2^-7..2^-3 and 2^-10..2^-6, which put the optima
+  inside), extended by one rate (factor 2) at an edge, up to 3 times, so the kept rate is
+  an interior minimum as before; three rates rather than five keep the 3-seed study's
+  cost down (a step of R replicas costs about R times one at the larger sizes, measured),
+  seeds 0, 1, 2: every rate of a cell is trained for each seed (its own init, training
+  subset and epoch order), all in one population.
+That is 6 x 3 x 6 = 108 cells of 3+ learning rates x 3 seeds each.
 
 Time: before running, the cost of a step of each size is measured (a few steps, CPU
 time of this process) and every cell projected as steps x time per step plus its
@@ -30,17 +40,20 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..store import check_store, list_runs, store_path
-from .cells import KIND, cell_key, drop_scratch, run_cell, study_data, worker_init, worker_run
+from .cells import DEFAULT_N_VAL, KIND, cell_key, drop_scratch, run_cell, study_data, worker_init, worker_run
 from .families import FAMILIES, member
 
 RECIPES = {  # optimizer, base learning-rate grid (factor 2), momentum
-    "convnet": {"optim": "sgd", "lrs": [2.0 ** j for j in range(-7, -2)], "momentum": 0.9},
-    "vit": {"optim": "adamw", "lrs": [2.0 ** j for j in range(-10, -5)], "momentum": 0.9},
+    "convnet": {"optim": "sgd", "lrs": [2.0 ** j for j in range(-6, -3)], "momentum": 0.9},
+    "vit": {"optim": "adamw", "lrs": [2.0 ** j for j in range(-9, -6)], "momentum": 0.9},
 }
 DEFAULT_SIZES = (1, 2, 3, 4, 5, 6)
 DEFAULT_EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)     # of the available training set
 SMOKE = {"sizes": (1, 2, 3), "n_train": (100, 200), "epochs": (0.5, 1.0), "n_val": 300, "lr_count": 2}
+DEFAULT_SEEDS = (0, 1, 2)
+SPLIT = "val=last n_val training examples; test reported only"   # part of the digest: older stores'
+#                                                                  cells (validation on test) never mix in
 
 
 def parse_budget(text) -> float | None:
@@ -78,13 +91,16 @@ class Study:
     def describe(self) -> str:
         return (f"{self.family} sizes {','.join(map(str, self.sizes))} x training sets "
                 f"{','.join(map(str, self.n_train))} x epochs {','.join(f'{e:g}' for e in self.epochs)} "
-                f"x learning rates {','.join(f'{r:.4g}' for r in self.spec['lrs'])} (factor 2, extended at an edge)")
+                f"x learning rates {','.join(f'{r:.4g}' for r in self.spec['lrs'])} (factor 2, extended at an edge) "
+                f"x seeds {','.join(map(str, self.spec['seeds']))}")
 
 
 def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None, epochs=None, lrs=None,
-               n_avail=None, n_val=None, batch=32, seed=0, ckpt_seconds=60.0, data_fingerprint="",
+               n_avail=None, n_val=None, batch=32, seeds=DEFAULT_SEEDS, ckpt_seconds=60.0, data_fingerprint="",
                methods=()) -> Study:
-    """methods: '+method=NAME[:k=v]' texts (or MethodSpecs) every cell adds to its recipe."""
+    """n_avail: training examples left after the validation carve-out; n_val: the carve-out
+    (default 1,000; the smoke size 300); seeds: the seeds every cell trains;
+    methods: '+method=NAME[:k=v]' texts (or MethodSpecs) every cell adds to its recipe."""
     if family not in FAMILIES:
         raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
     rec = RECIPES[family]
@@ -100,14 +116,19 @@ def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None
         ns = SMOKE["n_train"] if smoke else [round(f * n_avail) for f in DEFAULT_FRACTIONS]
     ns = sorted({int(v) for v in ns})
     if n_avail is not None and ns[-1] > n_avail:
-        raise UserError(f"--n-train {ns[-1]} is larger than the {n_avail} training examples of {data}")
+        raise UserError(f"--n-train {ns[-1]} is larger than the {n_avail} training examples of {data} "
+                        f"left after the validation carve-out")
+    seeds = [int(v) for v in seeds]
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds >= 0")
     base = _floats(lrs, "lrs") or rec["lrs"]
     if smoke and lrs is None:
         mid = len(base) // 2
         base = base[mid - SMOKE["lr_count"] // 2: mid - SMOKE["lr_count"] // 2 + SMOKE["lr_count"]]
     spec = {"family": family, "optim": rec["optim"], "momentum": rec["momentum"], "weight_decay": 0.0,
-            "batch": int(batch), "seed": int(seed), "data": str(data), "n_val": SMOKE["n_val"] if smoke else n_val,
-            "lrs": base, "extend": 2, "max_extend": 0 if smoke else 2, "ckpt_seconds": ckpt_seconds}
+            "batch": int(batch), "seeds": sorted(seeds), "data": str(data), "split": SPLIT,
+            "n_val": int(n_val if n_val is not None else SMOKE["n_val"] if smoke else DEFAULT_N_VAL),
+            "lrs": base, "extend": 1, "max_extend": 0 if smoke else 3, "ckpt_seconds": ckpt_seconds}
     if methods:  # only when given, so the default study keeps its cells' keys
         from ..methods.registry import parse_method
         from .trainer import cell_config
@@ -154,7 +175,7 @@ def calibrate(study: Study, data, steps=6) -> dict:
     with one_thread():
         for s in study.sizes:
             tr = CellTrainer(member(study.family, s), study.spec["lrs"], tx, ty, 1.0, optim=study.spec["optim"],
-                             batch=study.spec["batch"], methods=spec_methods(study.spec))
+                             batch=study.spec["batch"], seeds=study.spec["seeds"], methods=spec_methods(study.spec))
             tr.run(stop_after=2)                              # warm-up (allocations, first-call costs)
             c0 = time.process_time()
             tr.run(stop_after=steps)
@@ -163,8 +184,8 @@ def calibrate(study: Study, data, steps=6) -> dict:
 
 
 def project(study: Study, per_step: dict, n_val: int) -> None:
-    """Adds 'projected_s' to every cell: its steps x time per step, plus evaluation (a
-    forward pass of the validation set, about a third of a training step per example)."""
+    """Adds 'projected_s' to every cell: its steps x time per step, plus evaluation (a forward
+    pass of the validation and test sets, about a third of a training step per example)."""
     from ..data.sampler import examples_for
     b = study.spec["batch"]
     for c in study.cells:
@@ -198,7 +219,7 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_store(out)                                          # a foreign runs.db: refuse before any work
-    data = data or study_data(study.data, study.spec["n_val"], study.spec["seed"])
+    data = data or study_data(study.data, study.spec["n_val"])
     done = finished_keys(out)
     todo = [c for c in study.cells if c["key"] not in done]
     for c in study.cells:
@@ -206,7 +227,7 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
             drop_scratch(out, c["key"])
     per_step = calibrate(study, data) if todo else {}
     if todo:
-        project(study, per_step, len(data[3]))
+        project(study, per_step, len(data[3]) + len(data[5]))
     kept, dropped = trim(todo, budget, jobs)
     proj = sum(c["projected_s"] for c in kept) / max(jobs, 1) if kept else 0.0
     summary = {"family": study.family, "data": study.data, "out": str(out), "store": str(store_path(out)),
@@ -229,7 +250,8 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
         n_done += 1
         s = rec["summary"]
         lr = f"lr {s['lr']:.4g}{' (edge)' if s['best_at_edge'] else ''}" if s["lr"] else "all diverged"
-        loss = f"val loss {s['loss']:.4f}  error {s['val_error']:5.2f}%" if s["loss"] is not None else ""
+        loss = (f"val loss {s['loss']:.4f} +- {s['val_loss_sd']:.4f}  error {s['val_error']:5.2f}%  "
+                f"(test error {s['test_error']:5.2f}%, reported)") if s["loss"] is not None else ""
         log(f"[{n_done}/{len(kept)}] {study.family} size {s['size']} n {s['n_train']} epochs {s['epochs']:g}: "
             f"{lr}  {loss}  ({s['seconds']:.1f} s, {time.perf_counter() - t0:.0f} s elapsed)")
 
@@ -240,8 +262,7 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
                 report(records[-1])
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,
-                                    initargs=(study.data, study.spec["n_val"], study.spec["seed"],
-                                              os.getpid())) as pool:
+                                    initargs=(study.data, study.spec["n_val"], os.getpid())) as pool:
             futs = [pool.submit(worker_run, c, spec, out) for c in order]
             for f in cf.as_completed(futs):
                 records.append(f.result())
