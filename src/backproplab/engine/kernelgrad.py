@@ -20,6 +20,10 @@ gathered through an index map built once; the population kernel's is the torch l
 with a trailing axis of 16 lanes (a transpose). Inputs: the raw images shared by all
 replicas with per-replica integer shifts done inside the kernels, or (when a data method
 has transformed each replica's batch) each replica's own images on the solo kernel.
+
+Evaluation: `outputs` (and `net_outputs`, for the per-example engines' engine/evaluate.py) run
+the forward-only kernel of _kernels_eval.py on the weights in torch's layout as they are:
+lanes = images, all replicas in one call.
 """
 import numpy as np
 import torch
@@ -35,13 +39,44 @@ N_THETA = sum(int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES)
 
 def kernel_reason(cfg) -> str | None:
     """Why the numba kernels cannot compute this run's gradients, or None."""
-    f = binding.get_host_cpu_features()
-    if not (f.get("avx512f") and f.get("avx512vl") and f.get("avx512bw")):
-        return "the numba kernels need an AVX-512 CPU"
+    why = _cpu_reason()
+    if why:
+        return why
     m = cfg.model
     if m.name != "net1989" or m.act not in ACT or m.out_act not in OUT or cfg.train.loss not in LOSS:
         return "the numba kernels are Net1989's"
     return None
+
+
+def _cpu_reason() -> str | None:
+    f = binding.get_host_cpu_features()
+    if not (f.get("avx512f") and f.get("avx512vl") and f.get("avx512bw")):
+        return "the numba kernels need an AVX-512 CPU"
+    return None
+
+
+def outputs_reason(act, out_act) -> str | None:
+    """Why the evaluation kernel cannot compute Net1989's outputs with these activations, or None."""
+    why = _cpu_reason()
+    if why:
+        return why
+    if act not in ACT or out_act not in OUT:
+        return "the numba kernels are Net1989's"
+    return None
+
+
+def net_outputs(W, x, act, out_act) -> torch.Tensor:
+    """Net1989's eval-mode forward by the evaluation kernel (_kernels_eval.py): W (R, 9760) in
+    PARAM_NAMES order, x (B, 1, 16, 16) or (B, 16, 16), any strides -> (R, B, 10) float32."""
+    from ._kernels_eval import eval_pass
+    Wn = np.ascontiguousarray(W.detach().cpu().numpy() if torch.is_tensor(W) else W, np.float32)
+    if Wn.ndim != 2 or Wn.shape[1] != N_THETA:
+        raise ValueError(f"weights of shape {Wn.shape}, expected (R, {N_THETA})")
+    xn = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    xn = np.ascontiguousarray(xn.reshape(-1, 256), np.float32)          # copies only if it must
+    out = np.empty((Wn.shape[0], xn.shape[0], 10), np.float32)
+    eval_pass(xn, Wn.reshape(-1), out, ACT[act], OUT[out_act], H2_TABLE)
+    return torch.from_numpy(out)
 
 
 def _solo_maps():
@@ -59,7 +94,7 @@ def _solo_maps():
 
 class KernelGrad:
     def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False, smooth=0.0):
-        self.R = R
+        self.R, self.act, self.out_act = R, act, out_act
         self.codes = (ACT[act], OUT[out_act], LOSS[loss], OPT["accumulate"])
         self.scale = np.float32(1.0 / (1.0 - dropout))
         self.groups = _groups(R, "solo" if per_replica_inputs else "auto")
@@ -125,6 +160,9 @@ class KernelGrad:
         G *= np.float32(1.0 / B)
         return torch.from_numpy(G).to(W.device)
 
+    def outputs(self, W, x) -> torch.Tensor:
+        """W (R, 9760), x (B, 1, 16, 16) -> (R, B, 10): the eval-mode outputs (no dropout)."""
+        return net_outputs(W, x, self.act, self.out_act).to(W.device)
 
 
 def warm_up() -> None:
@@ -134,3 +172,4 @@ def warm_up() -> None:
     kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))
     kg.groups = [("pop", [0])]
     kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))
+    kg.outputs(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16))
