@@ -166,3 +166,23 @@ def test_bad_validation_training_sizes_and_seeds_are_refused(tmp_path, capsys):
     assert "not both" in _error(capsys, "scale", "run", "--seeds", "0,1", "--seed", "2", "--out", out)
     assert "--n-val must be >= 1" in _error(capsys, "scale", "run", "--n-val", "0", "--out", out)
     assert not (out / "runs.db").exists()
+
+
+def test_fit_refuses_a_store_mixing_test_validated_and_carve_out_cells(tmp_path):
+    from backproplab.errors import UserError
+    from backproplab.scaling.study import SPLIT
+    from backproplab.store import add_run
+
+    def summary(size, n):
+        m = member("convnet", size)
+        return {"N": m.params, "D": n, "C": m.train_flops * n, "loss": 1.0 / size + 1000.0 / n, "lr": 0.03,
+                "epochs": 1.0, "n_train": n}
+    old = {"n_val": None, "seed": 0}                               # a record written before the carve-out
+    new = {"n_val": 1000, "split": SPLIT, "seeds": [0, 1, 2]}
+    for size in (1, 2, 3):
+        for n in (500, 1000, 2000, 4000):
+            add_run(tmp_path, "scale", f"o{size}-{n}", "finished", old, summary(size, n), [], {})
+    assert "test split" in load_runs_from_store(tmp_path).info["validation"]
+    add_run(tmp_path, "scale", "n1", "finished", new, summary(1, 1573), [], {})
+    with pytest.raises(UserError, match="mixes scale records validated on different data"):
+        load_runs_from_store(tmp_path)

@@ -469,6 +469,8 @@ class Population:
 
     def _raw_outputs(self, x):
         x = self._eval_input(x)
+        if self.path == "kernel":  # the evaluation kernel: every replica and image in one call
+            return self.kernel.outputs(self.W, x)
         if self.path == "fused":
             return torch.cat([fz.logits(self.W, fz.prep(x[a:a + EVAL_CHUNK]))
                               for a in range(0, len(x), EVAL_CHUNK)], 1)

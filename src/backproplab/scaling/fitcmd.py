@@ -51,6 +51,7 @@ def fit_store(db, out=None, *, n_boot=1000, seed=0) -> dict:
     summary = summarize(rep)
     summary["seeds_per_run"] = {str(k): v for k, v in sorted(runs.info.get("seeds", {}).items())}
     summary["seed_spread"] = seed_spread_summary(runs.info.get("seed_spread") or [], summary)
+    summary["validation"] = runs.info.get("validation")
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
     if path.name == DB_NAME:                                  # the summary table goes into the store too
@@ -89,6 +90,8 @@ def _with_ci(v, ci, fmt=".4g"):
 
 def fit_text(s: dict) -> str:
     lines = [f"scale fit: {s['n_runs']} runs from {s['source']} (95% bootstrap intervals in brackets)"]
+    if s.get("validation"):
+        lines.append(f"  losses are validation losses on {s['validation']}")
     seeds = s.get("seeds_per_run") or {}
     if set(seeds) - {"1"}:
         lines.append("  each run's loss is the mean over its seeds: " + ", ".join(

@@ -149,6 +149,16 @@ def _average_seeds(recs: list[dict]) -> tuple[list[dict], dict]:
     return out, n_seeds
 
 
+def _validation_of(config) -> str:
+    """What a study record was validated on: the training carve-out of `scale run` (config 'split',
+    'n_val'), or, in records without a split (stores written before it), the test split."""
+    if isinstance(config, dict) and config.get("split"):
+        return f"the last {config.get('n_val')} training examples"
+    if isinstance(config, dict) and "n_val" in config:
+        return "the test split (older layout: the rate was chosen on it)"
+    return "unknown"
+
+
 def _seed_spread(s: dict) -> dict | None:
     """A cell record's seed-to-seed spread at its chosen rate: (N, D, C, loss, relative sd), or None."""
     per = s.get("val_loss_seeds")
@@ -185,7 +195,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         raise UserError(f"results store {path} is unreadable: {e}") from None
     finally:
         con.close()
-    recs, kinds, skipped, spread = [], {}, {"diverged": 0, "malformed": 0}, []
+    recs, kinds, skipped, spread, splits = [], {}, {"diverged": 0, "malformed": 0}, [], {}
     for rkind, status, config, summary in rows:
         kinds[rkind] = kinds.get(rkind, 0) + 1
         if rkind != kind:
@@ -198,9 +208,11 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
                 rec[f] = v if v is not None else (np.nan if f != "family" else "model")
             rec["lr"], rec["epochs"], rec["family"] = float(rec["lr"]), float(rec["epochs"]), str(rec["family"])
             rec["U"] = float(rec.pop("n_train"))
+            split = _validation_of(c)
         except (ValueError, TypeError, KeyError, AttributeError):
             skipped["malformed"] += 1
             continue
+        splits[split] = splits.get(split, 0) + 1
         sp = _seed_spread(s)
         if sp:
             spread.append({**sp, "family": rec["family"]})
@@ -219,6 +231,10 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             if sum(skipped.values()) else ""
         raise UserError(f"too few runs to fit in {path}: {len(recs)} usable {kind} runs{extra}; "
                         f"{fit_requirements()}")
+    if len(splits) > 1:
+        raise UserError(f"{path} mixes {kind} records validated on different data ("
+                        + "; ".join(f"{v} on {k}" for k, v in sorted(splits.items()))
+                        + "): fit each from its own store")
     recs, n_seeds = _average_seeds(recs)
     runs = as_runs(recs)
     if require_chinchilla:
@@ -230,4 +246,4 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             raise UserError(f"too few runs to fit in {path}: {why}" + (f" (family {f})" if len(whys) > 1 else ""))
     return Runs(**{f: getattr(runs, f) for f in FIELDS}, family=runs.family,
                 info={"source": str(path), "n_records": len(recs), "skipped": skipped, "seeds": n_seeds,
-                      "seed_spread": spread})
+                      "seed_spread": spread, "validation": next(iter(splits), None)})
