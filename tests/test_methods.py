@@ -917,10 +917,15 @@ def test_population_resume_with_train_randomness_and_many_methods(tiny, tmp_path
         train(cfg, out=tmp_path, data=tiny, progress=_stop_in(2))
     resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
-    # a replica of a population is the same run as alone
+    # a replica of a population is the same run as alone: the same draws, to float tolerance (the
+    # stacked forward's grouped convolutions round differently for another replica count)
     solo = train(tiny_cfg("sam", "swa:start=0", "batchnorm", "stochastic_depth", "rotate_scale",
                           over=over[1:] + ["train.seed=1"]), data=tiny)
-    assert solo.final[0]["weights_sha256"] == full.final[1]["weights_sha256"]
+    for k, v in solo.params[0].items():
+        np.testing.assert_allclose(full.params[1][k], v, rtol=1e-4, atol=1e-5, err_msg=k)
+    other = train(tiny_cfg("sam", "swa:start=0", "batchnorm", "stochastic_depth", "rotate_scale",
+                           over=over[1:] + ["train.seed=0"]), data=tiny)  # not merely close to any run
+    assert max(float(np.abs(full.params[1][k] - v).max()) for k, v in other.params[0].items()) > 1e-3
 
 
 def test_vit_on_hooked_engine_takes_training_methods(tiny):

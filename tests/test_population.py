@@ -98,17 +98,21 @@ def test_fast_path_equals_autograd_for_every_fast_method(name, path):
     (g_fast, w_fast, _), (g_ref, w_ref, g_all) = grads[path], grads["autograd"]
     assert float((g_fast - g_ref).norm() / g_ref.norm()) < 1e-5
     live = torch.ones_like(w_ref, dtype=torch.bool)
+    atol = 1e-5
+    if name in ADAPTIVE:
+        # A per-weight normalizing optimizer magnifies a gradient's rounding where the gradient is
+        # small, and over a pass rounding can flip a ReLU near 0 (the kernels and the stacked
+        # forward's grouped convolutions round differently; seen: one h1_b entry of 19,520 whose
+        # 6th-step gradient differed by one example's share): the weights agree to a fifth of a
+        # step (0.2 lr).
+        atol = 0.2 * cfg.optim.lr
     if path == "fused" and name in ADAPTIVE:
         # The fused products move H1/H2's -1 padding into a subtracted sum of weights, so a gradient
         # that is exactly 0 (a dead unit) comes out as ~1e-9, and a per-weight normalizing optimizer
         # turns that into a step of order lr. Those weights (an exactly 0 gradient at some step of the
-        # pass) are left out; the rest agree to a fifth of a step (0.2 lr: a normalized step
-        # magnifies a gradient's rounding where the gradient is small).
+        # pass) are left out.
         live = (g_all != 0).all(0)
         assert live.float().mean() > 0.3
-        atol = 0.2 * cfg.optim.lr
-    else:
-        atol = 1e-5
     torch.testing.assert_close(w_fast[live], w_ref[live], rtol=1e-4, atol=atol)
 
 
@@ -120,7 +124,9 @@ def test_replica_k_of_a_population_equals_a_solo_run_of_seed_k(path):
     cfg = cfg_with("ema", over=["train.seed=0"])
     pop = one_pass(cfg, [0, 1, 2], path)
     solo = one_pass(cfg, [2], path)
-    if path == "fused":  # batched matrix products: the same maths, the rounding may differ by replica count
+    if path in ("fused", "autograd"):
+        # batched matrix products, and on the autograd path the stacked forward's grouped convolutions
+        # (the replicas are the groups): the same maths, the rounding differs by replica count
         torch.testing.assert_close(pop.W[2], solo.W[0], rtol=1e-5, atol=1e-6)
     else:
         assert torch.equal(pop.W[2], solo.W[0])

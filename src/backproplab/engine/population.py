@@ -10,11 +10,17 @@ Two paths compute the gradient, chosen automatically (`path`, stored with every 
             cross-entropy) as batched matrix products over the replica axis: taken when the
             model is that net and every active method declares `fast` (it needs no autograd
             and leaves the model's structure alone);
-  autograd  one module per replica (its parameters alias its row of W), the R forward passes
-            stacked into (R, B, 10) and one backward through their summed losses. Measured on
-            this machine (one thread, R = 8, batch 32): a grouped convolution over the
-            replicas costs as much as the loop for H1 and 1.7x the loop for H2, so the loop it
-            is; each module keeps its own BatchNorm buffers and (seed, pass) noise generator.
+  autograd  ModNet (Net1989 with the model methods' switches): models/stacked.py's one forward
+            for the whole population, the replicas as the groups of channels-last grouped
+            convolutions, parameters as (R, ...) leaves on W's storage, so one backward gives
+            the (R, P) gradient; each replica draws its noise from its own (seed, pass)
+            generator and keeps its own BatchNorm statistics (rows of (R, C) buffers that the
+            modules share). Per step 1.5-1.9x faster than the loop over R modules at R = 8,
+            batch 32, one thread (benchmarks/bench_autograd.py; Population(..., _loop=True)
+            keeps the loop). Replica k equals a solo run of seed k to float tolerance, not bit
+            for bit: the grouped convolutions round differently for another R (a resumed run
+            of the same R is bit for bit). Other models (ViT, convnets) loop over modules or
+            run under torch.func.vmap.
 Both paths see the same batches and masks; tests check that their gradients agree.
 
 Per pass, in the order methods/registry.HOOKS fixes (and, inside one hook, rank order):
@@ -43,6 +49,7 @@ from ..methods.augment import pass_generator
 from ..methods.registry import HOOKS, build_switch, get_method, resolve
 from ..models import fused1989 as fz
 from ..models.modnet import FINAL_PARAMS, ModNet
+from ..models.stacked import StackedModNet
 from ..models.registry import build_model, dropout_units
 from .evaluate import metrics_from_outputs
 
@@ -57,7 +64,7 @@ PATHS = ("kernel", "fused", "autograd")   # fastest first: the automatic choice 
 # The autograd path runs the registry's other models (ViT, the convnet family: no per-replica
 # noise generators or BatchNorm buffers) under torch.func.vmap from this many replicas: their
 # small matrix products batch well (the ViT at R = 8: half the loop's time per replica, this
-# repo's benchmark). ModNet keeps the loop: see the module docstring.
+# repo's benchmark). ModNet has its stacked forward: see the module docstring.
 VMAP_FROM = 2
 
 
@@ -113,10 +120,11 @@ class Ctx:
 
 
 class Population:
-    def __init__(self, cfg, seeds, lrs=None, path="auto", vmap=None):
+    def __init__(self, cfg, seeds, lrs=None, path="auto", vmap=None, _loop=False):
         """lrs: one peak rate per replica (default optim.lr for all); path: auto or one of PATHS;
         vmap: run the autograd path's forward under torch.func.vmap (default: from VMAP_FROM
-        replicas on, for models other than net1989)."""
+        replicas on, for models other than net1989). _loop: ModNet's autograd path as the loop
+        over the R modules instead of the stacked forward (benchmarks/bench_autograd.py)."""
         if cfg.train.device == "cuda" and not torch.cuda.is_available():
             raise UserError("train.device=cuda but CUDA is not available on this machine")
         self.cfg, self.seeds, self.batch, self.R = cfg, [int(s) for s in seeds], int(cfg.train.batch), len(seeds)
@@ -160,6 +168,15 @@ class Population:
             mod.to(self.device)
             for n, p in mod.named_parameters():
                 p.data = self.views[n][r]
+        # ModNet on the autograd path: one stacked forward for the population (models/stacked.py);
+        # each module's BatchNorm buffers become rows of its (R, C) buffers
+        self.stack = None
+        if cfg.model.name == "net1989" and not _loop:
+            self.stack = StackedModNet(self.models[0], self.R).to(self.device)
+            for r, mod in enumerate(self.models):
+                for n in self.stack.bufs:
+                    self.stack.bufs[n][r].copy_(mod._buffers[n])
+                    mod._buffers[n] = self.stack.bufs[n][r]
         self.eval_buffers = None  # per replica: BatchNorm statistics recomputed for averaged weights
         if vmap is None:
             vmap = cfg.model.name != "net1989" and self.R >= VMAP_FROM
@@ -342,9 +359,12 @@ class Population:
         if second:
             for m, st in zip(self.models, c.gen_states):
                 m.gen.set_state(st)
-                m.update_stats = False
         if self.vmapped:
             return self._vmap_grad(c)
+        if self.stack is not None:
+            return self._stacked_grad(c, second)
+        for m in self.models:
+            m.update_stats = not second
         try:
             with self._forward_ctx():
                 out = torch.stack([m(c.x[r], None if c.keep is None else c.keep[r])
@@ -374,6 +394,20 @@ class Population:
         try:
             with self._forward_ctx():
                 out = self._vfwd[c.keep is not None](leaves, c.x, c.keep)          # (R, B, 10)
+            grads = torch.autograd.grad(self._loss(c, out).sum(), list(leaves.values()))
+        finally:
+            c.params = params
+        return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
+
+    def _stacked_grad(self, c, second):
+        """ModNet's population in one forward: leaves (R, ...) share W's storage, so their
+        gradients are the (R, P) gradient's pieces; ctx.params are the leaves' rows meanwhile."""
+        leaves = {n: v.detach().requires_grad_() for n, v in self.views.items()}
+        params, c.params = c.params, [[leaves[n][r] for n in self.names] for r in range(self.R)]
+        try:
+            with self._forward_ctx():
+                out = self.stack(leaves, c.x, c.keep, [m.gen for m in self.models],
+                                 update_stats=not second)                       # (R, B, 10)
             grads = torch.autograd.grad(self._loss(c, out).sum(), list(leaves.values()))
         finally:
             c.params = params
@@ -438,7 +472,13 @@ class Population:
             return
         x = self._eval_input(x_raw.to(self.device))
         with self._swapped(avg, None):
-            for r, m in enumerate(self.models):
+            if self.stack is not None:  # every replica at once: its k-th chunk at momentum 1 / (k + 1)
+                for n, b in self.stack.bufs.items():
+                    b.zero_() if n.endswith("_rm") else b.fill_(1.0)
+                with self._forward_ctx():
+                    for k, a in enumerate(range(0, len(x), EVAL_CHUNK)):
+                        self.stack(self.views, x[a:a + EVAL_CHUNK], momentum=1.0 / (k + 1))
+            for r, m in enumerate(self.models if self.stack is None else []):
                 for n, b in self._bn_buffers(r).items():
                     b.zero_() if n.endswith("_rm") else b.fill_(1.0)
                 gen, m.gen = m.gen, None
@@ -475,6 +515,9 @@ class Population:
             return torch.cat([fz.logits(self.W, fz.prep(x[a:a + EVAL_CHUNK]))
                               for a in range(0, len(x), EVAL_CHUNK)], 1)
         with self._forward_ctx():
+            if self.stack is not None:  # ModNet: the stacked forward in eval mode (running averages, no noise)
+                return torch.cat([self.stack(self.views, x[a:a + EVAL_CHUNK], training=False).float()
+                                  for a in range(0, len(x), EVAL_CHUNK)], 1)
             return torch.stack([torch.cat([m(x[a:a + EVAL_CHUNK]).float() for a in range(0, len(x), EVAL_CHUNK)])
                                 for m in self.models])
 
