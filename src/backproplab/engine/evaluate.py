@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.net1989 import H2_TABLE, activation
+from ..models.net1989 import H2_TABLE, PARAM_NAMES, activation
 
 
 def _stack(params, name):
@@ -11,11 +11,22 @@ def _stack(params, name):
 
 
 @torch.no_grad()
-def population_outputs(params, x: torch.Tensor, act="tanh", out_act="tanh", chunk=512) -> torch.Tensor:
+def population_outputs(params, x: torch.Tensor, act="tanh", out_act="tanh", chunk=512, kernel=None) -> torch.Tensor:
     """params: R dicts; x (B, 1, 16, 16) -> outputs (R, B, 10).
 
-    One replica at a time with dense convolutions, in chunks that stay in cache: on one CPU
+    kernel None: the numba evaluation kernel (engine/_kernels_eval.py, all replicas in one call)
+    where this CPU and the activations allow it, else torch; True: the kernel or an error; False: torch.
+    Torch: one replica at a time with dense convolutions, in chunks that stay in cache: on one CPU
     thread this took a third of the CPU time of one grouped convolution over 4 or 8 replicas."""
+    if kernel is not False and len(params):
+        from .kernelgrad import net_outputs, outputs_reason
+        why = outputs_reason(act, out_act)
+        if why is None:
+            W = np.stack([np.concatenate([np.asarray(p[n], np.float32).reshape(-1) for n in PARAM_NAMES])
+                          for p in params])
+            return net_outputs(W, x, act, out_act)
+        if kernel:
+            raise RuntimeError(why)
     f = activation(act)
     rows = torch.arange(12).unsqueeze(1)
     outs = []
