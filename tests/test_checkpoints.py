@@ -33,7 +33,7 @@ def _cfg(overrides):
 
 
 def _metrics(history):
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "seconds_total")} for h in history]  # wall clock
 
 
 def _no_training(pass_idx, done, total):
@@ -203,8 +203,8 @@ def _poison_train_loss(monkeypatch, bad_pass, value):
     a loss that is NaN or Inf while every weight stays finite (an overflow in the loss alone)."""
     real = trainmod._evaluate_pass
 
-    def evaluate_pass(engine, data, cfg, p, dt):
-        rec = real(engine, data, cfg, p, dt)
+    def evaluate_pass(engine, data, cfg, p, dt, **kw):
+        rec = real(engine, data, cfg, p, dt, **kw)
         if p + 1 == bad_pass:
             rec["train"][1]["loss"] = value
         return rec

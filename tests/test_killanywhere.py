@@ -82,7 +82,7 @@ def _cfg(overrides):
 
 
 def _metrics(history):
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    return [{k: v for k, v in h.items() if k not in ("seconds", "seconds_total")} for h in history]  # wall clock
 
 
 def _no_training(pass_idx, done, total):
