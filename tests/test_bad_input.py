@@ -182,6 +182,12 @@ CASES = [  # (id, argv, words in the error line, setup, how: "in" (main()) or "s
     ("ladder-seeds-zero", ["ladder", "--seeds", "0", "--out", "{out}"], ["--seeds"], None, "in"),
     ("ladder-jobs-zero", ["ladder", "--jobs", "0", "--out", "{out}"], ["--jobs"], None, "in"),
     ("ladder-engine", ["ladder", "--engine", "turbo", "--out", "{out}"], ["--engine", "turbo"], None, "in"),
+    # the one engine: a method the model cannot take names both, a sweep with no values, a refusing preset
+    ("method-on-vit", ["train", "rung6", "+method=batchnorm", "--out", "{out}"], ["batchnorm", "vit"], None, "in"),
+    ("scale-lrs-empty", ["scale", "run", "--smoke", "--lrs", ",", "--out", "{out}"], ["--lrs"], None, "in"),
+    ("scale-method-refused", ["scale", "run", "--smoke", "+method=swa", "--out", "{out}"], ["swa", "scaling cell"],
+     None, "in"),
+    ("effects-eval-every", ["effects", "--smoke", "--eval-every", "0", "--out", "{out}"], ["--eval-every"], None, "in"),
     ("datascale-sizes-text", ["datascale", "--sizes", "1k", "--out", "{out}"], ["--sizes", "integers"], None, "in"),
     ("datascale-sizes-huge", ["datascale", "--sizes", "99999", "--out", "{out}"], ["99999", "7291"], None, "in"),
     ("datascale-recipe", ["datascale", "--recipes", "future", "--out", "{out}"], ["future"], None, "in"),
