@@ -30,7 +30,8 @@ BASE = ["data.n_train=64", "data.n_test=32", "train.passes=2", "train.batch=16",
         "train.shift=0", "optim.lr_end=none", "optim.name=sgd", "optim.lr=0.05"]
 
 
-LR = {"sdlm": 5e-4}  # the 1989 optimizer divides by mu + h: its lr is per unit curvature
+LR = {"sdlm": 5e-4,  # the 1989 optimizer divides by mu + h: its lr is per unit curvature
+      "lion": 3e-4, "muon": 0.02, "schedule_free": 0.003}  # the rate scales their papers recommend
 
 
 def with_requirements(names):
@@ -761,6 +762,116 @@ def sig_tta(tiny):
     assert r.final[0]["test_loss"] != pytest.approx(float(F.cross_entropy(plain, y)), rel=1e-3)
 
 
+# -- 2023-2024 optimizers written out from their papers, in plain torch on {name: tensor} ---------
+# (shared with test_methods_oracle.py; nothing here calls the project's optimizer code)
+def lion_by_hand(p, g, st, lr, b1=0.9, b2=0.99, wd=0.0):
+    """Chen et al. 2023: c = b1 m + (1-b1) g; w <- w - lr (sign(c) + wd w); m <- b2 m + (1-b2) g."""
+    out = {}
+    for n in p:
+        w, m = p[n].detach(), st.get(n, torch.zeros_like(p[n]))
+        c = b1 * m + (1 - b1) * g[n]
+        out[n] = w - lr * (torch.sign(c) + wd * w)
+        st[n] = b2 * m + (1 - b2) * g[n]
+    return out
+
+
+NS_ABC = (3.4445, -4.7750, 2.0315)
+MUON_MATRICES = ("h1_w", "h2_w", "h3_w")  # Net1989's hidden matrices; biases and out_* go to AdamW
+
+
+def orthogonalize_by_hand(G, steps=5, abc=NS_ABC):
+    """Jordan et al. 2024's quintic Newton-Schulz on one matrix, on X / ||X||_F, wide side up."""
+    a, b, c = abc
+    tall = G.shape[0] > G.shape[1]
+    X = G.t() if tall else G
+    X = X / (torch.sqrt((X * X).sum()) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.t()
+        X = a * X + b * (A @ X) + c * (A @ (A @ X))
+    return X.t() if tall else X
+
+
+def muon_by_hand(p, g, st, lr, mu=0.95, wd=0.0):
+    """The matrices' Muon step: buf <- mu buf + (1-mu) g, Nesterov u = (1-mu) g + mu buf, as (rows,
+    cols) with cols = I k k, orthogonalized, scaled by max(1, rows/cols)^0.5."""
+    out = {}
+    for n in MUON_MATRICES:
+        buf = mu * st.get(n, torch.zeros_like(g[n])) + (1 - mu) * g[n]
+        st[n] = buf
+        G = ((1 - mu) * g[n] + mu * buf).reshape(len(g[n]), -1)
+        O = orthogonalize_by_hand(G) * max(1.0, G.shape[0] / G.shape[1]) ** 0.5
+        w = p[n].detach()
+        out[n] = w * (1 - lr * wd) - lr * O.reshape(w.shape)
+    return out
+
+
+def muon_adamw(leaves, lr, wd=0.0):
+    """Muon's AdamW for the rest (authors' auxiliary Adam: betas 0.9, 0.95, eps 1e-10) at lr * 0.1."""
+    return torch.optim.AdamW([v for n, v in leaves.items() if n not in MUON_MATRICES], lr * 0.1,
+                             betas=(0.9, 0.95), eps=1e-10, weight_decay=wd)
+
+
+def schedule_free_by_hand(p0, grad_at, lrs, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Defazio et al. 2024, Algorithm 1 (Schedule-Free AdamW), lrs the warmed-up rates: -> (y, x)
+    after len(lrs) steps, y where the next gradient would be taken, x the average."""
+    z = {n: v.detach().clone() for n, v in p0.items()}
+    x = {n: v.detach().clone() for n, v in p0.items()}
+    v = {n: torch.zeros_like(t) for n, t in z.items()}
+    total = 0.0
+    for t, lr in enumerate(lrs, 1):
+        y = {n: (1 - b1) * z[n] + b1 * x[n] for n in z}
+        g = grad_at(t - 1, y)
+        gamma = lr * math.sqrt(1 - b2 ** t)
+        total += gamma ** 2
+        c = gamma ** 2 / total
+        for n in z:
+            v[n] = b2 * v[n] + (1 - b2) * g[n] ** 2
+            z[n] = z[n] - gamma * g[n] / (torch.sqrt(v[n]) + eps) - gamma * wd * y[n]
+            x[n] = (1 - c) * x[n] + c * z[n]
+    return {n: (1 - b1) * z[n] + b1 * x[n] for n in z}, x
+
+
+def sig_lion(tiny):
+    x, y = xy(tiny, 48)
+    p, st, lr = init(), {}, F32(3e-4)
+    for t in range(3):
+        p = {n: v.requires_grad_() for n, v in lion_by_hand(p, grads(p, x[16 * t:16 * t + 16],
+                                                                   y[16 * t:16 * t + 16]), st, lr).items()}
+    assert_weights(public_run(tiny, "lion", n=48).params[0], p)
+    assert_telling(p, sgd_steps(init(), x, y, [lr] * 3, 16)[-1])
+
+
+def sig_muon(tiny):
+    x, y = xy(tiny, 48)
+    p, st, lr = init(), {}, F32(0.02)
+    adamw = muon_adamw(p, lr)
+    for t in range(3):
+        F.cross_entropy(forward(p, x[16 * t:16 * t + 16]), y[16 * t:16 * t + 16]).backward()
+        new = muon_by_hand(p, {n: v.grad for n, v in p.items()}, st, lr)
+        adamw.step()
+        adamw.zero_grad()
+        with torch.no_grad():
+            for n, v in new.items():
+                p[n].copy_(v)
+                p[n].grad = None
+    assert_weights(public_run(tiny, "muon", n=48).params[0], p)
+    assert_telling(p, sgd_steps(init(), x, y, [lr] * 3, 16)[-1])
+
+
+def sig_schedule_free(tiny):
+    # 4 steps, warm-up over 2 (rates lr/2, lr, lr, lr): params() and the evaluation are at x, not y
+    x, y = xy(tiny, 64)
+    lr = F32(0.003)
+    lrs = [lr * min(1.0, (t + 1) / 2) for t in range(4)]
+    at = lambda t, p: grads({n: v.requires_grad_() for n, v in p.items()},  # noqa: E731
+                            x[16 * t:16 * t + 16], y[16 * t:16 * t + 16])
+    want_y, want_x = schedule_free_by_hand(init(), at, lrs)
+    r = public_run(tiny, "schedule_free", "warmup:frac=0.5", n=64)
+    assert_weights(r.params[0], want_x)
+    assert_telling(want_x, want_y)
+    assert r.final[0]["test_loss"] == pytest.approx(_eval_loss(want_x, tiny), rel=1e-5)
+
+
 SIGNATURES = {
     "sgd": sig_sgd, **{n: sig_torch_optim(n) for n in TORCH_OPTIM}, "adam_sgd": sig_adam_sgd, "sdlm": sig_sdlm,
     "sam": sig_sam, "agc": check_agc_through_the_engine,
@@ -774,6 +885,7 @@ SIGNATURES = {
     "shift": sig_shift, "rotate_scale": sig_rotate_scale, "standardize": sig_standardize,
     **{n: sig_norm(n) for n in NORMS}, "resblocks": sig_resblocks, "rezero": sig_rezero, "nf": sig_nf,
     "bf16": sig_bf16, "tta": lambda tiny: sig_tta(tiny),
+    "lion": sig_lion, "muon": sig_muon, "schedule_free": sig_schedule_free,
 }
 # Methods that state the default: the run with them is the run without them (the smoke test checks
 # that, bit for bit on the same gradient path), and there is nothing else they could show.

@@ -18,8 +18,8 @@ from backproplab.methods.regularizers import smooth_cross_entropy
 from backproplab.models.modnet import ModNet
 from backproplab.models.net1989 import PARAM_NAMES, init_params
 
-from test_methods import (D96, TORCH_OPTIM, X, Y, check_agc_through_the_engine, close, flat, net, run_engine,
-                          tiny_cfg, torch_run)
+from test_methods import (D96, F32, TORCH_OPTIM, X, Y, check_agc_through_the_engine, close, flat, lion_by_hand,
+                          muon_adamw, muon_by_hand, net, run_engine, schedule_free_by_hand, tiny_cfg, torch_run)
 from test_methods_oracle_model import ORACLES_MODEL
 
 # -- optimizers: the same trajectory as torch.optim over 6 steps -------------------------------
@@ -87,6 +87,74 @@ def oracle_agc(name):
         close(got[k], exp, rtol=1e-5, atol=1e-8)
     assert any(not torch.equal(got[k], g[k]) for k in w) and torch.equal(got["out_w"], g["out_w"])
     check_agc_through_the_engine(D96)  # and as the engine applies it: one step of train() on 16 digits
+
+
+# -- 2023-2024 optimizers: the papers' rules by hand (test_methods.py), 6 steps of 16 digits -----------
+def rate_column(cfg, lrs):
+    """One pass of 6 steps, replicas of seed 0 at the given rates (the engine's (R, 1) rate column)."""
+    eng = Population(cfg, [0] * len(lrs), lrs=lrs)
+    eng.train_pass(X[:96].reshape(-1, 16, 16).numpy(), Y[:96].numpy(), None)
+    eng.end_pass()
+    return eng
+
+
+def hand_run(update, lr, n=96, batch=16):
+    """Net1989 from seed 0; update(params, grads, lr) -> new weights of some parameters, in place."""
+    m = net()
+    p = dict(m.named_parameters())
+    for a in range(0, n, batch):
+        g = dict(zip(p, torch.autograd.grad(F.cross_entropy(m(X[a:a + batch]), Y[a:a + batch]), list(p.values()))))
+        with torch.no_grad():
+            for k, v in update(p, g, lr).items():
+                p[k].copy_(v)
+    return flat(m)
+
+
+def oracle_lion(name):
+    spec, lr = "lion:weight_decay=0.5", F32(3e-4)
+    eng = rate_column(tiny_cfg(spec, over=[f"optim.lr={lr}"]), [lr, lr / 2])
+    for r, rate in enumerate((lr, F32(lr / 2))):
+        st = {}
+        close(eng.W[r], hand_run(lambda p, g, lr: lion_by_hand(p, g, st, lr, wd=0.5), rate))
+
+
+def oracle_muon(name):
+    lr = F32(0.02)
+    eng = rate_column(tiny_cfg("muon:weight_decay=0.1", over=[f"optim.lr={lr}"]), [lr, lr / 2])
+    for r, rate in enumerate((lr, F32(lr / 2))):
+        st, opt = {}, []
+
+        def update(p, g, lr):
+            if not opt:
+                opt.append(muon_adamw(p, lr, wd=0.1))
+            for k, v in p.items():
+                v.grad = None if k.endswith("_w") and k != "out_w" else g[k]
+            new = muon_by_hand(p, g, st, lr, wd=0.1)
+            opt[0].step()
+            return new
+        close(eng.W[r], hand_run(update, rate))
+
+
+def oracle_schedule_free(name):
+    # warm-up over 3 of the 6 steps, a weight decay: the trained weights are y, the evaluated x
+    lr = F32(0.003)
+    eng = rate_column(tiny_cfg("schedule_free:weight_decay=0.1", "warmup:frac=0.5",
+                               over=[f"optim.lr={lr}", "train.passes=1"]),
+                      [lr, lr / 2])
+    m = net()
+    p0 = {k: v.detach().clone() for k, v in m.named_parameters()}
+
+    def at(t, y):
+        with torch.no_grad():
+            for k, v in m.named_parameters():
+                v.copy_(y[k])
+        return dict(zip(p0, torch.autograd.grad(F.cross_entropy(m(X[16 * t:16 * t + 16]), Y[16 * t:16 * t + 16]),
+                                                list(m.parameters()))))
+    for r, rate in enumerate((lr, F32(lr / 2))):
+        y, x = schedule_free_by_hand(p0, at, [rate * min(1.0, (t + 1) / 3) for t in range(6)], wd=0.1)
+        close(eng.W[r], torch.cat([v.reshape(-1) for v in y.values()]))
+        close(torch.cat([torch.as_tensor(v).reshape(-1) for v in eng.params()[r].values()]),
+              torch.cat([v.reshape(-1) for v in x.values()]))
 
 
 # -- schedules: torch's schedulers, and the lr the engine steps with ---------------------------
@@ -197,7 +265,8 @@ ORACLES = {**{n: oracle_torch_optim for n in TORCH_OPT}, "adam_sgd": oracle_adam
            **{n: oracle_schedule for n in ("constant", "step", "exponential", "cosine", "cyclical", "sgdr",
                                            "onecycle", "warmup")},
            "swa": oracle_swa, "ema": oracle_ema, "l1": oracle_l1, "l2": oracle_l2, "wd": oracle_wd,
-           "label_smoothing": oracle_label_smoothing}
+           "label_smoothing": oracle_label_smoothing,
+           "lion": oracle_lion, "muon": oracle_muon, "schedule_free": oracle_schedule_free}
 
 
 def test_every_method_has_an_oracle():

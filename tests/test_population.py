@@ -25,7 +25,7 @@ BASE = ["data.n_train=96", "data.n_test=32", "train.passes=2", "train.batch=16"]
 METHOD_BASE = BASE + ["optim.name=sgd", "optim.lr=0.05", "optim.lr_end=none"]
 # adaptive optimizers at rates where 6 steps stay smooth (as their torch.optim oracles run them): at
 # SGD's 0.05 Adam's steps are chaotic and float rounding grows to the size of a step
-RATE = {**LR, **{n: lr for n, (lr, _) in TORCH_OPTIM.items()}, "adam_sgd": 0.003}
+RATE = {**LR, **{n: lr for n, (lr, _) in TORCH_OPTIM.items()}, "adam_sgd": 0.003}  # LR has lion, muon, schedule_free
 
 
 def cfg_with(*methods, over=()):
@@ -116,7 +116,7 @@ def test_fast_path_equals_autograd_for_every_fast_method(name, path):
     torch.testing.assert_close(w_fast[live], w_ref[live], rtol=1e-4, atol=atol)
 
 
-ADAPTIVE = ("adagrad", "rmsprop", "adam", "adamw", "adam_sgd", "adadelta")
+ADAPTIVE = ("adagrad", "rmsprop", "adam", "adamw", "adam_sgd", "adadelta", "lion", "muon", "schedule_free")
 
 
 @pytest.mark.parametrize("path", FAST_PATHS + ["autograd"])

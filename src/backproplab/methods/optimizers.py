@@ -256,3 +256,206 @@ def _sdlm_check(cfg):
     if bad:
         return f"needs the plain net1989; {', '.join(bad)} change the model"
     return None
+
+
+# -- 2023-2024: Lion, Muon, Schedule-Free AdamW --------------------------------------------------
+def _col(lr, like):
+    """lr as a float, or an (R, 1) column reshaped to broadcast over a (R, ...) tensor `like`."""
+    return lr.to(like.dtype).view(-1, *([1] * (like.ndim - 1))) if torch.is_tensor(lr) else lr
+
+
+def lion_update(w, g, st, lr, beta1=0.9, beta2=0.99, weight_decay=0.0):
+    """Lion: the step is the sign of an interpolation of momentum and gradient; the momentum
+    then moves toward g with its own (slower) decay beta2."""
+    m = st.setdefault("exp_avg", torch.zeros_like(w))
+    d = torch.sign(m * beta1 + g * (1 - beta1))
+    if weight_decay:
+        d.add_(w, alpha=weight_decay)
+    _descend(w, d, lr)
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+class Lion(_Optimizer):
+    fn = staticmethod(lion_update)
+
+
+NS5 = (3.4445, -4.7750, 2.0315)  # the quintic Newton-Schulz iteration's coefficients
+
+
+def newton_schulz5(G, steps=5, eps=1e-7):
+    """(..., rows, cols) -> the same shape, approximately U V^T of G = U S V^T: X = G / ||G||_F
+    (one norm per matrix), then X <- a X + (b A + c A^2) X with A = X X^T, on the wide
+    orientation (transposed when rows > cols)."""
+    a, b, c = NS5
+    tall = G.shape[-2] > G.shape[-1]
+    X = G.mT if tall else G
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon:
+    """Muon on every weight matrix of the model but the final layer (a conv weight (O, I, k, k) as the
+    (O, I k k) matrix), batched over the replicas: (R, rows, cols) Newton-Schulz products.
+    Biases, gains and the final layer step with AdamW at lr * adam_ratio."""
+
+    def __init__(self, opts, **ctx):
+        self.opts, self.buf, self.adam = opts, {}, {}
+
+    @staticmethod
+    def matrices(ctx):
+        # weights of two or more axes; biases (Net1989's h1_b, h2_b hold one value per unit of a
+        # (12, 8, 8) map) and the final layer are not matrices here
+        return [n for n in ctx.param_names
+                if ctx.views[n].ndim >= 3 and not n.endswith("_b") and n not in ctx.final_names]
+
+    def step(self, ctx):
+        o = self.opts
+        mats = self.matrices(ctx)
+        R = ctx.w.shape[0]
+        for n in mats:
+            w, g = ctx.views[n], ctx.gviews[n]
+            buf = self.buf.setdefault(n, torch.zeros_like(g))
+            buf.lerp_(g, 1 - o["momentum"])
+            u = g.lerp(buf, o["momentum"]) if o["nesterov"] else buf
+            u = u.reshape(R, w.shape[1], -1)                        # (R, rows, cols)
+            rows, cols = u.shape[-2:]
+            d = newton_schulz5(u, o["ns_steps"]).mul_(max(1.0, rows / cols) ** 0.5).view_as(w)
+            lr = _col(ctx.lr, w)
+            if o["weight_decay"]:
+                w.mul_(1 - lr * o["weight_decay"])
+            w.sub_(d * lr)
+        lr = ctx.lr * o["adam_ratio"]
+        for n in ctx.param_names:
+            if n not in mats:
+                st = self.adam.setdefault(n, {})
+                st["step"] = self._t   # adam_update counts it up to this step's number
+                adam_update(ctx.views[n].reshape(R, -1), ctx.gviews[n].reshape(R, -1), st, lr, o["beta1"],
+                            o["beta2"], o["eps"], o["weight_decay"])
+        self._t += 1
+
+    _t = 0  # steps taken (the AdamW part's bias correction)
+
+    def state(self):
+        st = {"step": self._t, **{f"buf.{n}": b for n, b in self.buf.items()}}
+        for n, d in self.adam.items():
+            st.update({f"adam.{n}.{k}": v for k, v in d.items() if k != "step"})
+        return st
+
+    def load_state(self, d):
+        self._t = int(d.get("step", 0))
+        self.buf = {k[4:]: torch.as_tensor(v).clone() for k, v in d.items() if k.startswith("buf.")}
+        self.adam = {}
+        for k, v in d.items():
+            if k.startswith("adam."):
+                n, key = k[5:].rsplit(".", 1)
+                self.adam.setdefault(n, {})[key] = torch.as_tensor(v).clone()
+
+
+class ScheduleFree:
+    """Schedule-Free AdamW. The engine's weights W are y, the point where the gradient is taken;
+    the state holds z (the AdamW iterate), x (the weighted average, what is evaluated) and the
+    running sum of the squared rates that weights the average, one per replica."""
+
+    def __init__(self, opts, **ctx):
+        self.opts, self.st = opts, {}
+
+    def step(self, ctx):
+        o, st, w, g = self.opts, self.st, ctx.w, ctx.g
+        if not st:
+            st.update(z=w.detach().clone(), x=w.detach().clone(), v=torch.zeros_like(w), step=0,
+                      lr2sum=torch.zeros(w.shape[0], 1, dtype=torch.float64))
+        st["step"] += 1
+        t, z, x, v = st["step"], st["z"], st["x"], st["v"]
+        v.mul_(o["beta2"]).addcmul_(g, g, value=1 - o["beta2"])
+        lr = torch.as_tensor(ctx.lr, dtype=torch.float64).expand(w.shape[0], 1)   # (R, 1)
+        lr_t = lr * (1 - o["beta2"] ** t) ** 0.5                  # gamma_t: rate times the bias correction
+        d = g / v.sqrt().add_(o["eps"])
+        if o["weight_decay"]:
+            d.add_(w, alpha=o["weight_decay"])                    # decay at y, as the paper has it
+        z.sub_(d * lr_t.to(w.dtype))
+        st["lr2sum"] += lr_t ** 2
+        c = (lr_t ** 2 / st["lr2sum"]).to(w.dtype)               # c_{t+1} = gamma_t^2 / sum gamma_i^2
+        x.lerp_(z, c)
+        w.copy_(torch.lerp(z, x, o["beta1"]))                     # y = (1 - beta1) z + beta1 x
+
+    def eval_weights(self, ctx):
+        return self.st.get("x")
+
+    def state(self):
+        return dict(self.st)
+
+    def load_state(self, d):
+        self.st = {k: (int(v) if k == "step" else torch.as_tensor(v).clone()) for k, v in d.items()}
+
+
+DECAYING = ("step", "exponential", "cosine", "cyclical", "sgdr", "onecycle")
+
+
+def _sf_check(cfg, opts):
+    if cfg.optim.lr_end is not None:
+        return (f"has no schedule: the linear decay optim.lr -> optim.lr_end={cfg.optim.lr_end} contradicts "
+                f"it; set optim.lr_end=none (warmup is allowed)")
+    return None
+
+
+register(Method(
+    "lion", summary="Lion: w <- w - lr (sign(b1 m + (1-b1) g) + wd w); m <- b2 m + (1-b2) g",
+    impl="optimizers:Lion", **_ONE,
+    options={"beta1": Option(0.9, "", "interpolation of m and g inside the sign", 0.0, 0.9999),
+             "beta2": Option(0.99, "", "momentum decay", 0.0, 0.9999),
+             "weight_decay": Option(0.0, "per unit lr", "decoupled decay lambda", 0.0, 10.0)},
+    what="Every weight moves by exactly lr per step (the sign of c = b1 m + (1-b1) g), plus the decoupled decay "
+         "lr wd w; the momentum m (zero at the start) is updated after the step with the slower b2. Applied "
+         "to every parameter. The sign update has a larger norm than Adam's: the paper uses a rate 3-10x "
+         "smaller than AdamW's (and wd 3-10x larger, to keep lr * wd), e.g. optim.lr=3e-4 where AdamW runs "
+         "at 2e-3. Sign steps make the trajectory sensitive to gradient rounding near c = 0.",
+    paper="Chen et al. 2023, 'Symbolic Discovery of Optimization Algorithms'",
+    oracle="the paper's update written out with torch.sign on autograd gradients: same weights after 6 steps"))
+register(Method(
+    "muon", summary="Muon: momentum orthogonalized by Newton-Schulz on the hidden matrices, AdamW elsewhere",
+    impl="optimizers:Muon", **_ONE,
+    options={"momentum": Option(0.95, "", "buf <- mu buf + (1-mu) g", 0.0, 0.9999),
+             "nesterov": Option(True, "", "step along (1-mu) g + mu buf instead of buf"),
+             "ns_steps": Option(5, "", "Newton-Schulz iterations", 1, 20),
+             "adam_ratio": Option(0.1, "of lr", "AdamW's rate for the rest is lr * adam_ratio", 0.0, 100.0),
+             "beta1": Option(0.9, "", "AdamW part", 0.0, 0.9999),
+             "beta2": Option(0.95, "", "AdamW part", 0.0, 0.999999),
+             "eps": Option(1e-10, "", "AdamW part", 0.0, 1.0),
+             "weight_decay": Option(0.0, "per unit lr", "decoupled, on both parts", 0.0, 10.0)},
+    what="Each matrix of the model but the final layer (Net1989: h1_w, h2_w, h3_w; a conv weight (O, I, k, k) "
+         "as (O, I*k*k)) keeps a momentum buffer; the (Nesterov) update U is replaced by the quintic "
+         "Newton-Schulz iteration's approximation of its orthogonal factor (X = U / ||U||_F, transposed "
+         "when rows > cols, a, b, c = 3.4445, -4.7750, 2.0315), scaled by max(1, rows/cols)^0.5: "
+         "w <- w - lr O. Biases, gains and the final layer (out_w, out_b) use AdamW at lr * adam_ratio, "
+         "betas (0.9, 0.95), eps 1e-10 as the authors' auxiliary Adam. Float32 throughout (the reference "
+         "runs Newton-Schulz in bfloat16); the products are batched over the replicas. Rates: Muon "
+         "about 0.02 (optim.lr), which puts the AdamW part at this project's AdamW scale 2e-3.",
+    paper="Jordan et al. 2024, 'Muon: An optimizer for hidden layers in neural networks' (blog post and code)",
+    oracle="momentum, Newton-Schulz and scaling written out per matrix in plain torch, torch.optim.AdamW on "
+           "the rest: same weights after 6 steps"))
+register(Method(
+    "schedule_free", summary="Schedule-Free AdamW: gradient at y, AdamW step on z, evaluate the average x",
+    impl="optimizers:ScheduleFree", kind="optimizer", touches=("optimizer", "weights-after-step"),
+    hooks=("step", "eval"), slot="optimizer",
+    options={"beta1": Option(0.9, "", "y = (1-beta1) z + beta1 x", 0.0, 0.9999),
+             "beta2": Option(0.999, "", "second-moment decay", 0.0, 0.999999),
+             "eps": Option(1e-8, "", "added to the root of the second moment", 0.0, 1.0),
+             "weight_decay": Option(0.0, "per unit lr", "decoupled, at y", 0.0, 10.0)},
+    incompatible_with={**{s: "schedule_free replaces the decaying schedule; only constant or warmup rates"
+                          for s in DECAYING},
+                       "swa": "schedule_free evaluates its own average x", "ema": "schedule_free evaluates "
+                       "its own average x",
+                       "wd": "schedule_free recomputes the weights from z and x; use its weight_decay option"},
+    check=_sf_check,
+    what="No schedule: the weights trained on are y_t = (1-b1) z_t + b1 x_t; with g_t the gradient at y_t, "
+         "v_t = b2 v + (1-b2) g^2, gamma_t = lr sqrt(1 - b2^t) (lr after the lr hook, so warmup enters "
+         "here), z <- z - gamma_t (g / (sqrt(v) + eps) + wd y), x <- (1-c) x + c z with "
+         "c = gamma_t^2 / sum_i gamma_i^2 (Algorithm 1, z_1 = x_1 = the initial weights). x is what is "
+         "evaluated and returned (params, hashes; BatchNorm statistics recomputed for it), y what trains. "
+         "The authors pair it with a warm-up and often a larger rate than a scheduled AdamW.",
+    interactions="warmup allowed (it multiplies gamma_t); a decaying schedule or optim.lr_end is refused.",
+    paper="Defazio et al. 2024, 'The Road Less Scheduled' (Schedule-Free AdamW, Algorithm 1)",
+    oracle="Algorithm 1 written out in plain torch with warmup: same y (trained) and x (evaluated) after 6 steps"))

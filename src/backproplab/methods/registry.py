@@ -251,7 +251,7 @@ def check_config(cfg) -> None:
 def with_method(cfg, spec):
     """A copy of cfg plus one method that takes over what it replaces: a method of the same slot
     (optimizer, schedule, norm, precision, average), and the config fields doing the same job
-    (a schedule clears optim.lr_end, dropout clears model.dropout, shift clears train.shift).
+    (a schedule or schedule_free clears optim.lr_end, dropout clears model.dropout, shift clears train.shift).
     Not validated: call config.validate on the result."""
     import copy
     spec = parse_method(spec) if isinstance(spec, str) else resolve(spec)
@@ -260,7 +260,7 @@ def with_method(cfg, spec):
     out.methods = [s for s in out.methods if not (m.slot and get_method(s.name).slot == m.slot)
                    and s.name != spec.name] + [spec]
     out.train.engine = "population"
-    if m.slot == "schedule":
+    if m.slot == "schedule" or m.name == "schedule_free":
         out.optim.lr_end = None
     if m.name == "dropout":
         out.model.dropout = 0.0
