@@ -867,7 +867,9 @@ def sig_schedule_free(tiny):
                             x[16 * t:16 * t + 16], y[16 * t:16 * t + 16])
     want_y, want_x = schedule_free_by_hand(init(), at, lrs)
     r = public_run(tiny, "schedule_free", "warmup:frac=0.5", n=64)
-    assert_weights(r.params[0], want_x)
+    # where a unit of H3 barely fires, out_w's gradient is tiny and g / sqrt(v) magnifies the kernels'
+    # rounding (seen: 3e-6 on 2 of out_w's 300 weights); the tolerance is 10x TOL, the telling gap 1e-4
+    assert_weights(r.params[0], want_x, rtol=1e-4, atol=1e-5)
     assert_telling(want_x, want_y)
     assert r.final[0]["test_loss"] == pytest.approx(_eval_loss(want_x, tiny), rel=1e-5)
 
@@ -953,6 +955,9 @@ def _expected_refusal(a, b):
 
 
 PAIRS = list(itertools.combinations(NAMES, 2))
+# pairs where the second method leaves the first one's shared weights bit for bit as they were, and why
+SIGN_KEEPS = {("lion", "rezero"): "ReZero's gates start at 0 and move by lr = 3e-4 in step 1: the shared "
+              "weights' gradients of step 2 change too little to flip a sign, and lion steps by the sign"}
 # src bugs these tests found, left to whoever owns the code: strict, so a fix turns them red here
 KNOWN_BUGS = {}  # (l1|l2, label_smoothing), found here, is fixed: label smoothing is now the criterion
 PAIR_PARAMS = [pytest.param(a, b, id=f"{a}+{b}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[a, b])]
@@ -996,6 +1001,10 @@ def test_pair(a, b, tiny):
     assert math.isfinite(eng.evaluate(tiny.test_x, tiny.test_labels, "ce")[0]["loss"])
     # both methods act in the pair: it is neither one alone whenever the other changes a run by itself
     # (compared on the pair's gradient path, so that equal means bit for bit)
+    if (a, b) in SIGN_KEEPS:  # the pair's own parameters are there and trained; the shared ones are not telling
+        extra = set(got) - set(alone(a, eng.path, tiny))
+        assert extra and all(np.any(got[k] != v) for k, v in alone(b, eng.path, tiny).items() if k in extra)
+        return
     for one, other in ((a, b), (b, a)):
         if tiny_cfg(one).digest() == cfg.digest():
             continue  # `other` is a method `one` requires: the pair is `one` alone
