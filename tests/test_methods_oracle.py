@@ -19,7 +19,8 @@ from backproplab.models.modnet import ModNet
 from backproplab.models.net1989 import PARAM_NAMES, init_params
 
 from test_methods import (D96, F32, TORCH_OPTIM, X, Y, check_agc_through_the_engine, close, flat, lion_by_hand,
-                          muon_adamw, muon_by_hand, net, run_engine, schedule_free_by_hand, tiny_cfg, torch_run)
+                          muon_adamw, muon_by_hand, net, orthogonalize_by_hand, run_engine, schedule_free_by_hand,
+                          tiny_cfg, torch_run)
 from test_methods_oracle_model import ORACLES_MODEL
 
 # -- optimizers: the same trajectory as torch.optim over 6 steps -------------------------------
@@ -119,6 +120,11 @@ def oracle_lion(name):
 
 
 def oracle_muon(name):
+    # Net1989's matrices are all wide (rows < cols): the tall branch, batched, on random matrices
+    from backproplab.methods.optimizers import newton_schulz5
+    for shape in ((3, 30, 12), (3, 12, 30)):
+        G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        close(newton_schulz5(G), torch.stack([orthogonalize_by_hand(m) for m in G]))
     lr = F32(0.02)
     eng = rate_column(tiny_cfg("muon:weight_decay=0.1", over=[f"optim.lr={lr}"]), [lr, lr / 2])
     for r, rate in enumerate((lr, F32(lr / 2))):
