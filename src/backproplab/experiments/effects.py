@@ -203,30 +203,43 @@ def format_composition(comp: list[dict]) -> str:
     return "\n".join(lines)
 
 
+PLOT_TOP = 2.5   # the error axis ends at this many times the base's error; worse runs sit on the edge
+
+
 def pareto_plot(rows, path, title):
+    """Test error against training seconds a seed (log axis), error bars over seeds, the Pareto
+    front; runs beyond PLOT_TOP x the base's error are drawn as triangles on the top edge with
+    their error in the label, so one diverged method does not flatten the rest."""
     from ..report.plots import _plt
     plt = _plt()
     if plt is None:
         return None
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    top = PLOT_TOP * rows[0]["test_error"]
     pts = sorted((r["seconds_per_seed"], r["test_error"], r["method"]) for r in rows)
     front, best = [], float("inf")
-    for s, e, m in pts:
+    for s_, e, m in pts:
         if e < best:
-            front.append((s, e))
+            front.append((s_, min(e, top)))
             best = e
     for i, r in enumerate(rows):  # the base (black square), single methods (blue), pairs (purple)
         color = "black" if i == 0 else ("tab:purple" if "+" in r["method"] else "tab:blue")
-        ax.errorbar(r["seconds_per_seed"], r["test_error"], yerr=r["test_error_std"], fmt="s" if i == 0 else "o",
-                    color=color, capsize=3, alpha=0.8)
-        ax.annotate(r["method"], (r["seconds_per_seed"], r["test_error"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        x, e = r["seconds_per_seed"], r["test_error"]
+        if e > top:
+            ax.plot(x, top, "^", color="tab:red", alpha=0.8)
+            ax.annotate(f"{r['method']} ({e:.1f}%)", (x, top), fontsize=7, xytext=(3, -10),
+                        textcoords="offset points", color="tab:red")
+            continue
+        ax.errorbar(x, e, yerr=r["test_error_std"], fmt="s" if i == 0 else "o", color=color, capsize=3, alpha=0.8)
+        ax.annotate(r["method"], (x, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.plot(*zip(*front), "--", color="tab:red", alpha=0.6, drawstyle="steps-post", label="Pareto front")
     ax.axhline(rows[0]["test_error"], color="grey", lw=0.8, alpha=0.6, label="base error")
-    ax.set_xlabel("training seconds a seed (measured; the machine may be shared)")
-    ax.set_ylabel("test error % (mean +- std over seeds)")
+    ax.set_xscale("log")
+    ax.set_ylim(0, top * 1.02)
+    ax.set_xlabel("training seconds a seed (log scale; measured, the machine may be shared)")
+    ax.set_ylabel(f"test error % (mean +- std over seeds; above {top:.1f}% on the edge)")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
