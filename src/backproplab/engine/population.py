@@ -171,7 +171,7 @@ class Population:
         # ModNet on the autograd path: one stacked forward for the population (models/stacked.py);
         # each module's BatchNorm buffers become rows of its (R, C) buffers
         self.stack = None
-        if cfg.model.name == "net1989" and not _loop:
+        if cfg.model.name == "net1989" and path == "autograd" and not _loop:
             self.stack = StackedModNet(self.models[0], self.R).to(self.device)
             for r, mod in enumerate(self.models):
                 for n in self.stack.bufs:
