@@ -70,12 +70,15 @@ def build_parser():
 
 # Larger command groups live in backproplab/commands/<name>.py, each with
 # register(sub, add_common) adding its parsers and COMMANDS = {name: handler(args) -> exit code}.
-COMMAND_MODULES = ("methods", "scale", "speedrun", "effects", "data")
-
-
+# Every module of that package is a command group (found, not listed), in name order;
+# a module whose name starts with "_" is a helper, not a group.
 def _command_modules():
     import importlib
-    return [importlib.import_module(f"backproplab.commands.{m}") for m in COMMAND_MODULES]
+    import pkgutil
+
+    from . import commands
+    names = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+    return [importlib.import_module(f"backproplab.commands.{n}") for n in names]
 
 
 

@@ -1,1 +1,1 @@
-"""Command groups registered by cli.py (see COMMAND_MODULES there)."""
+"""Command groups: every module here is found by cli.py and adds its parsers (register) and handlers (COMMANDS)."""
