@@ -10,6 +10,11 @@ A file that is not a backproplab store (another program's SQLite database, anyth
 else) is never modified: a read-only connection checks every existing file before any
 other connection opens it. A store a killed writer left (a WAL file to recover, or an
 empty database) reads as the records it holds.
+
+A PostgreSQL URL (postgresql+psycopg://user@host:port/db) in place of the folder selects one
+shared store on a server, with the same runs table (SQLAlchemy Core, imported only then): every
+function here takes either. Other tables in that database (an Optuna study's, say) are left
+alone; a runs table lacking our columns is refused as a foreign one is in a file.
 """
 import json
 import random
@@ -151,7 +156,10 @@ def store_path(folder) -> Path:
 
 
 def check_store(folder) -> None:
-    """Before a long job: refuse an output folder whose runs.db is not a usable store."""
+    """Before a long job: refuse an output folder whose runs.db is not a usable store
+    (or a store URL that cannot be reached or holds a foreign runs table)."""
+    if is_url(folder):
+        return _pg().check(str(folder))
     path = store_path(folder)
     if path.exists():
         _check_file(path)
@@ -159,6 +167,8 @@ def check_store(folder) -> None:
 
 def add_run(folder, kind: str, name: str, status: str, config: dict, summary: dict, history: list,
             env: dict) -> int:
+    if is_url(folder):
+        return _pg().add_run(str(folder), kind, name, status, config, summary, history, env)
     path = store_path(folder)
     row = (time.time(), kind, name, status, json.dumps(config), json.dumps(summary), json.dumps(history),
            json.dumps(env))
@@ -178,7 +188,9 @@ def add_run(folder, kind: str, name: str, status: str, config: dict, summary: di
 
 
 def list_runs(folder) -> list[dict]:
-    """folder: an output folder holding runs.db, or the path of a store file itself."""
+    """folder: an output folder holding runs.db, the path of a store file itself, or a store URL."""
+    if is_url(folder):
+        return _pg().list_runs(str(folder))
     path = Path(folder)
     if not path.is_file():
         path = store_path(folder)
@@ -209,9 +221,21 @@ def recorded_run(folder, kind: str, digest: str, status: str) -> int | None:
     """Id of a run of this kind, config digest and status already in the store of folder
     (None if there is none or no store yet): a resumed run that was already final is not
     recorded twice."""
+    if is_url(folder):
+        return _pg().recorded_run(str(folder), kind, digest, status)
     if not store_path(folder).is_file():
         return None
     for r in list_runs(folder):
         if r["kind"] == kind and r["summary"].get("config_digest") == digest and r["status"] == status:
             return int(r["id"])
     return None
+
+
+def is_url(target) -> bool:
+    """A store given as a URL (postgresql+psycopg://...) rather than a folder."""
+    return isinstance(target, str) and "://" in target
+
+
+def _pg():
+    from . import store_pg
+    return store_pg
