@@ -154,7 +154,8 @@ def _final(seeds, params, hist_last, splits=SPLITS):
              "weights_sha256": weights_sha256(params[r])} for r, s in enumerate(seeds)]
 
 
-def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, data=None) -> Result:
+def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, data=None,
+          on_pass=None) -> Result:
     """log(str) gets one line per pass; progress(pass_idx, done, total) as the pass advances."""
     validate(cfg)
     torch.set_num_threads(cfg.train.threads)
@@ -214,6 +215,8 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
             history.append(rec)
             if log:
                 log(format_pass(rec, t.passes))
+            if on_pass:  # e.g. a search trial reporting to its pruner; raising stops the run here
+                on_pass(rec)
             watched = rec[next(sp for sp in ("train", "val", "test") if sp in rec)]  # train.eval_train=false
             bad_l = [seeds[r] for r, v in enumerate(watched) if not math.isfinite(v["loss"])]
             if bad_w or bad_l:
