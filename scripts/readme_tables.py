@@ -37,12 +37,18 @@ def render(rec: dict) -> str:
     s = rec["summary"]
     rows, base = s["rows"], s["rows"][0]
     every = s.get("eval_every", 1)
-    out = [f"`backproplab effects --base {s['base']} --seeds {s['seeds']}` ({s['passes']} passes, test split "
-           f"every {every} pass{'es' if every > 1 else ''}; run {rec['id']} of the store, status {rec['status']}). "
-           f"Base: {base['test_error']:.2f} +- {base['test_error_std']:.2f}% (n = {base['seeds']}). Differences are "
-           f"method - base in points with Welch's 95% interval; time to base = training seconds a seed until the "
-           f"seed-mean test error first reaches the base's final {base['base_error']:.2f}% (seconds measured on a "
-           f"shared 2-core machine: passes to base do not depend on the load).", "",
+    every_s = f"every {every} pass{'es' if every > 1 else ''}"
+    if s.get("timing_split") == "val":
+        how = (f"validation split of {s['val']} training digits {every_s}, test split once at the end", "validation")
+    else:  # a record from before effects held out a validation split
+        how = (f"test split {every_s}; a record from before effects held out a validation split, so its "
+               f"times and its choice of pairs come from the test curve", "test")
+    out = [f"`backproplab effects --base {s['base']} --seeds {s['seeds']}` ({s['passes']} passes, {how[0]}; "
+           f"run {rec['id']} of the store, status {rec['status']}). "
+           f"Base: {base['test_error']:.2f} +- {base['test_error_std']:.2f}% test error (n = {base['seeds']}). "
+           f"Differences are method - base in points with Welch's 95% interval; time to base = training seconds "
+           f"a seed until the seed-mean {how[1]} error first reaches the base's final {base['base_error']:.2f}% "
+           f"(seconds measured on a shared 2-core machine: passes to base do not depend on the load).", "",
            "| method | path | test error % | diff vs base [95% CI] | p | s/seed | to base: s (passes) | speed-up |",
            "|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows):

@@ -7,15 +7,27 @@ import pytest
 from scipy import stats
 
 from backproplab.engine.train import Result
+from backproplab.errors import UserError
 from backproplab.experiments import effects as fx
 from conftest import run_cli
 
 
-def fake(errors_by_pass, seconds_by_pass):
-    """A Result whose replicas have these test errors after each pass (rows: passes, cols: seeds)."""
-    hist = [{"pass": p + 1, "seconds": s, "train": [], "test": [{"error": e, "loss": 0.0, "misses": 0} for e in row]}
+def _split(row):
+    return [{"error": e, "loss": 0.0, "misses": 0} for e in row]
+
+
+def fake(errors_by_pass, seconds_by_pass, test_at_end=None):
+    """A Result whose replicas have these errors after each pass (rows: passes, cols: seeds): on the
+    test split, or, given test_at_end (the final test errors), on the validation split with the test
+    split evaluated after the last pass only (the default effects protocol)."""
+    split = "test" if test_at_end is None else "val"
+    hist = [{"pass": p + 1, "seconds": s, "train": [], split: _split(row)}
             for p, (row, s) in enumerate(zip(errors_by_pass, seconds_by_pass))]
-    final = [{"seed": k, "test_error": e} for k, e in enumerate(errors_by_pass[-1])]
+    final = [{"seed": k, f"{split}_error": e} for k, e in enumerate(errors_by_pass[-1])]
+    if test_at_end is not None:
+        hist[-1]["test"] = _split(test_at_end)
+        for f, e in zip(final, test_at_end):
+            f["test_error"] = e
     return Result({}, list(range(len(final))), hist, final, float(sum(seconds_by_pass)), 0.0)
 
 
@@ -51,8 +63,46 @@ def test_time_to_base_speedup_and_composition_on_known_curves():
     assert comp[0]["speedup"] == pytest.approx(3.0) and comp[0]["product"] == pytest.approx(2.25)
     assert comp[0]["ratio"] == pytest.approx(3.0 / 2.25)
     assert rows["d"]["speedup"] == pytest.approx(0.75)
+    with pytest.raises(UserError, match="validation split"):  # the test curve never chooses what runs next
+        fx.top_pairs(list(rows.values()), 2)
+    assert fx.top_pairs(list(rows.values()), 0) == []
+
+
+def test_validation_curve_times_the_runs_and_chooses_the_pairs():
+    """With a validation split the times, speed-ups and the pairs come from the validation curve and
+    the base's final validation error; the test errors (seen once, at the end) only fill the error
+    columns. Here the test split ranks the methods the other way round: it must not matter."""
+    results = {
+        "base": fake([[5, 5], [3, 3], [2, 2], [2, 2]], [2, 2, 2, 2], test_at_end=[2.5, 2.5]),
+        "a": fake([[4, 4], [2, 2], [1.5, 1.5], [1.4, 1.6]], [2, 2, 2, 2], test_at_end=[1.0, 1.0]),  # val 2.0 at pass 2
+        "b": fake([[2, 2], [1, 1], [1, 1], [1, 1]], [4, 4, 4, 4], test_at_end=[3.0, 3.0]),          # val 2.0 at pass 1
+        "d": fake([[3, 3], [2, 2], [2, 2], [2, 2]], [4, 4, 4, 4], test_at_end=[0.5, 0.5]),          # val 2.0 at pass 2
+        "c": fake([[9, 9], [8, 8], [7, 7], [6, 6]], [1, 1, 1, 1], test_at_end=[0.1, 0.1]),          # val: never
+    }
+    rows = {r["method"]: r for r in fx.analyse(results, "base")}
+    assert all(r["timing_split"] == "val" and r["base_error"] == 2.0 for r in rows.values())
+    assert rows["base"]["time_to_base"] == 3.0 and rows["a"]["time_to_base"] == 2.0
+    assert rows["b"]["speedup"] == pytest.approx(1.5) and rows["d"]["speedup"] == pytest.approx(0.75)
+    assert rows["c"]["time_to_base"] is None and rows["c"]["speedup"] is None  # the best test error: no matter
+    assert rows["a"]["test_error"] == 1.0 and rows["a"]["diff"] == pytest.approx(-1.5)  # errors: the test split
+    assert rows["a"]["val_error"] == pytest.approx(1.5)
     assert fx.top_pairs(list(rows.values()), 2) == [("a", "b")]
     assert fx.top_pairs(list(rows.values()), 3) == [("a", "b"), ("a", "d"), ("b", "d")]  # reached, slower: still in
+    mixed = dict(results, e=fake([[1, 1], [1, 1], [1, 1], [1, 1]], [1, 1, 1, 1]))  # timed on test: not comparable
+    assert {r["method"]: r for r in fx.analyse(mixed, "base")}["e"]["time_to_base"] is None
+
+
+def test_effects_runs_hold_out_validation_and_see_the_test_split_once():
+    cfg = fx.base_config("modern", 1, smoke=True)
+    assert cfg.data.val == fx.SMOKE_VAL and not cfg.train.eval_test and not cfg.train.eval_train
+    assert fx.base_config("modern", 1, smoke=False).data.val == fx.VAL == 1000
+    whole = fx.base_config("modern", 1, smoke=True, val=0)
+    assert whole.data.val == 0 and whole.train.eval_test
+    with pytest.raises(UserError, match="smaller than"):
+        fx.base_config("modern", 1, smoke=True, val=500)
+    from backproplab.config import apply_overrides, preset
+    with pytest.raises(UserError, match="eval_test=false needs"):
+        apply_overrides(preset("modern"), ["train.eval_test=false", "train.eval_train=false"])
 
 
 def test_time_to_base_on_a_curve_evaluated_every_other_pass():
@@ -90,10 +140,14 @@ def test_cli_smoke_table_plot_composition_and_records(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert [x["method"] for x in res["rows"]] == ["base", "label_smoothing", "ema", "label_smoothing+ema"]
     assert all(x["seeds"] == 2 for x in res["rows"]) and len(res["composition"]) == 1
+    assert res["timing_split"] == "val" and res["val"] == 100
     assert (tmp_path / "effects" / "pareto-modern_smoke.png").stat().st_size > 1000
     from backproplab.store import list_runs
-    kinds = [x["kind"] for x in list_runs(tmp_path)]
+    runs = list_runs(tmp_path)
+    kinds = [x["kind"] for x in runs]
     assert kinds.count("effects-run") == 4 and kinds[-1] == "effects"
+    for run in runs[:4]:  # validation after every pass; the test split once, after the last
+        assert [("val" in h, "test" in h) for h in run["history"]] == [(True, False), (True, True)]
     again = run_cli("effects", "--smoke", "--methods", "label_smoothing,ema", "--pairs", "label_smoothing+ema",
                     "--out", tmp_path, "--resume", "--json")
     assert again.returncode == 0, again.stderr
@@ -102,7 +156,8 @@ def test_cli_smoke_table_plot_composition_and_records(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--methods", "nosuch"], ["--pairs", "ema"], ["--pairs", "ema+nosuch"],
-                                  ["--seeds", "0"], ["--base", "nosuch"], ["--passes", "0"], ["--eval-every", "0"]])
+                                  ["--seeds", "0"], ["--base", "nosuch"], ["--passes", "0"], ["--eval-every", "0"],
+                                  ["--val", "-1"], ["--val", "0"], ["--val", "500"]])
 def test_bad_arguments_exit_2(tmp_path, capsys, args):
     from backproplab.cli import main
     assert main(["effects", "--smoke", "--out", str(tmp_path), *args]) == 2

@@ -31,6 +31,9 @@ class ModelCfg:
     depth: int = 2                 # vit: transformer blocks; convnet: the family's size knob (1-64)
     heads: int = 2                 # vit: attention heads
     patch: int = 8                 # vit: patch side in pixels (16x16 input, padded with -1 to a multiple)
+    block: str = "plain"           # convnet: plain | separable | inverted_residual (models/convnet.py)
+    width: int = 0                 # convnet: width 4 * width channels (0: 4 * depth, the family's default)
+    seq: str = "inorder"           # ssm: pixels read in order or in one fixed permutation (models/ssm.py)
 
 
 @dataclass
@@ -59,6 +62,8 @@ class TrainCfg:
     threads: int = 1
     eval_every: int = 1            # evaluate every k passes (and always after the last)
     eval_train: bool = True        # evaluate the training split each time (False: after the last pass only)
+    eval_test: bool = True         # evaluate the test split each time (False: after the last pass only, so
+                                   # nothing during training can look at it; needs data.val or eval_train)
 
 
 @dataclass
@@ -82,8 +87,13 @@ class Config:
             del d["methods"]
         if not d["data"]["val"]:  # likewise a config without a validation split
             del d["data"]["val"]
+        for key, default in (("block", "plain"), ("width", 0), ("seq", "inorder")):  # ... or without these keys
+            if d["model"][key] == default:
+                del d["model"][key]
         if d["train"]["eval_train"]:  # ... and one that evaluates the training split every time
             del d["train"]["eval_train"]
+        if d["train"]["eval_test"]:  # ... and the test split every time
+            del d["train"]["eval_test"]
         return d
 
     def to_json(self) -> str:
@@ -94,7 +104,9 @@ class Config:
 
 
 CHOICES = {
-    "model.name": ("net1989", "vit", "convnet"),
+    "model.name": ("net1989", "vit", "convnet", "ssm"),
+    "model.block": ("plain", "separable", "inverted_residual"),
+    "model.seq": ("inorder", "permuted"),
     "model.act": ("tanh", "relu", "scaled_tanh"),
     "model.out_act": ("tanh", "scaled_tanh", "none"),
     "optim.name": ("sgd", "adamw", "sdlm"),
@@ -114,6 +126,7 @@ RANGES = {
     "train.seeds": (1, 4096, True), "train.batch": (1, 65536, True),
     "model.dim": (1, 4096, True), "model.depth": (1, 256, True), "model.heads": (1, 64, True),
     "model.patch": (1, 16, True), "train.seed": (0, 2**31 - 1, True), "train.threads": (1, 1024, True),
+    "model.width": (0, 64, True),
     "train.eval_every": (1, 100_000, True),
 }
 
@@ -344,6 +357,9 @@ def validate(cfg: Config) -> Config:
                     raise UserError(f"{key}={v}: must be {'>=' if incl else '>'} {lo} and <= {hi}")
     if cfg.model.dropout >= 1.0:  # the kept units would be scaled by 1/(1-p) = inf
         raise UserError(f"model.dropout={cfg.model.dropout}: must be < 1 (1 drops every unit)")
+    if not cfg.train.eval_test and not (cfg.train.eval_train or cfg.data.val):
+        raise UserError("train.eval_test=false needs a split to watch during training: data.val=N or "
+                        "train.eval_train=true")
     if cfg.train.engine in ("minibatch", "hooked"):  # the two minibatch engines became one
         cfg.train.engine = "population"
     per_example = cfg.train.engine in ("fast", "eager")
@@ -353,6 +369,12 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.name={cfg.model.name} needs train.engine=population")
     if cfg.model.name == "convnet" and (cfg.model.act != "relu" or cfg.model.out_act != "none"):
         raise UserError("model.name=convnet needs model.act=relu and model.out_act=none (ReLU convs, logits out)")
+    if (cfg.model.block != "plain" or cfg.model.width) and cfg.model.name != "convnet":
+        raise UserError(f"model.block and model.width are the convnet's; model.name={cfg.model.name}")
+    if cfg.model.seq != "inorder" and cfg.model.name != "ssm":
+        raise UserError(f"model.seq={cfg.model.seq} is the ssm's; model.name={cfg.model.name}")
+    if cfg.model.name == "ssm" and cfg.model.out_act != "none":
+        raise UserError("model.name=ssm needs model.out_act=none (logits out)")
     if cfg.train.loss == "ce" and cfg.model.out_act != "none":
         raise UserError("train.loss=ce needs model.out_act=none (cross-entropy takes logits)")
     if cfg.methods or cfg.train.engine == "population":

@@ -16,8 +16,12 @@ def register(sub, add_common):
                    help="how many of the singles that reached the base's error, fastest first, are paired (default 3)")
     e.add_argument("--passes", type=int, help="passes for the base and every method (default: the base's)")
     e.add_argument("--eval-every", type=int,
-                   help="evaluate the test split every k passes (default: passes // 20, at least 1); "
+                   help="evaluate the validation split every k passes (default: passes // 20, at least 1); "
                         "time to the base's error is resolved to k passes")
+    e.add_argument("--val", type=int,
+                   help="validation digits held out of the training set (default 1000; smoke 100): their curve "
+                        "times the runs and chooses the pairs, the test split is evaluated once, at the end; "
+                        "0 trains on every digit and times on the test curve (then name the pairs with --pairs)")
     e.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (default 1)")
     e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
     e.add_argument("--smoke", action="store_true",
@@ -31,8 +35,8 @@ def _parse(args):
     from ..errors import UserError
     from ..methods.registry import get_method
     if args.seeds < 1 or args.jobs < 1 or args.top_pairs < 0 or (args.passes is not None and args.passes < 1) \
-            or (args.eval_every is not None and args.eval_every < 1):
-        raise UserError("--seeds, --jobs, --passes and --eval-every must be >= 1, --top-pairs >= 0")
+            or (args.eval_every is not None and args.eval_every < 1) or (args.val is not None and args.val < 0):
+        raise UserError("--seeds, --jobs, --passes and --eval-every must be >= 1, --top-pairs and --val >= 0")
     preset(args.base)  # an unknown base is named before anything trains
     methods = None
     if args.methods is not None:
@@ -53,6 +57,9 @@ def _parse(args):
             pairs.append((parts[0], parts[1]))
     if args.pairs is None and args.top_pairs == 0:
         pairs = []
+    if args.val == 0 and pairs is None:  # the test curve may time runs, never choose them
+        raise UserError("--val 0 leaves no validation split to choose pairs on: name them with --pairs a+b, "
+                        "or --top-pairs 0")
     return methods, pairs
 
 
@@ -76,17 +83,18 @@ def cmd_effects(args):
     rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
                                                         args.smoke, args.passes, pairs, args.top_pairs,
                                                         log=lambda s: print(s, flush=True),
-                                                        eval_every=args.eval_every)
+                                                        eval_every=args.eval_every, val=args.val)
     env = environment()
     for key, res in results.items():
         s = res.summary()
         s["method"] = key
         if not _recorded(out, s["config_digest"], res.status):
             add_run(out, "effects-run", cfgs[key].name, res.status, res.config, s, res.history, env)
-    print(f"\nbase {cfgs[fx.BASE_KEY].name}: {rows[0]['test_error']:.2f} +- {rows[0]['test_error_std']:.2f} % "
-          f"(n={rows[0]['seeds']}); time to base = training seconds a seed until the seed-mean test error first "
-          f"reaches {rows[0]['base_error']:.2f} % (test split evaluated every {cfgs[fx.BASE_KEY].train.eval_every} "
-          f"passes)")
+    bc = cfgs[fx.BASE_KEY]
+    split = f"validation ({bc.data.val} digits held out)" if rows[0]["timing_split"] == "val" else "test"
+    print(f"\nbase {bc.name}: {rows[0]['test_error']:.2f} +- {rows[0]['test_error_std']:.2f} % "
+          f"(n={rows[0]['seeds']}); time to base = training seconds a seed until the seed-mean {split} error "
+          f"first reaches the base's {rows[0]['base_error']:.2f} % (evaluated every {bc.train.eval_every} passes)")
     print(fx.format_table(rows))
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")
@@ -100,7 +108,8 @@ def cmd_effects(args):
     if png:
         print(f"wrote {png}")
     summary = {"base": name, "seeds": seeds, "passes": cfgs[fx.BASE_KEY].train.passes,
-               "eval_every": cfgs[fx.BASE_KEY].train.eval_every, "rows": rows,
+               "eval_every": cfgs[fx.BASE_KEY].train.eval_every, "val": cfgs[fx.BASE_KEY].data.val,
+               "timing_split": rows[0]["timing_split"], "rows": rows,
                "composition": comp, "skipped": skipped, "plot": str(png) if png else None, "smoke": args.smoke}
     status = "finished" if all(r["status"] == "finished" for r in rows) else "partial"
     summary["run_id"] = add_run(out, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),

@@ -91,11 +91,15 @@ def environment() -> dict:
     return env
 
 
-def make_engine(cfg: Config, seeds: list):
+def make_engine(cfg: Config, seeds: list, dctx=None):
     """An engine: train_pass(x, labels, lr, shifts, keep), params(), state(), load_state(state);
     optionally evaluate(x, labels, loss) -> per-replica metrics and dropout_units (keep-mask width).
+    dctx: the torchrun setting (engine/ddp.py): the population engine with DDP.
     """
     m, o, t = cfg.model, cfg.optim, cfg.train
+    if dctx is not None:
+        from .ddp import DDPPopulation
+        return DDPPopulation(cfg, seeds, dctx)
     if t.engine == "population":  # every minibatch run: the one population engine
         from .population import Population
         return Population(cfg, seeds)
@@ -154,10 +158,22 @@ def _final(seeds, params, hist_last, splits=SPLITS):
              "weights_sha256": weights_sha256(params[r])} for r, s in enumerate(seeds)]
 
 
+def distributed(cfg: Config):
+    """The torchrun setting of this process (engine/ddp.py), or None when not under torchrun."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from .ddp import from_env
+    return from_env(cfg)
+
+
 def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, data=None,
           on_pass=None) -> Result:
-    """log(str) gets one line per pass; progress(pass_idx, done, total) as the pass advances."""
+    """log(str) gets one line per pass; progress(pass_idx, done, total) as the pass advances.
+    Under torchrun: data-parallel (engine/ddp.py); rank 0 logs and writes checkpoints."""
     validate(cfg)
+    dctx = distributed(cfg)
+    if dctx is not None and not dctx.writer:
+        log = progress = None
     torch.set_num_threads(cfg.train.threads)
     out = prepare_out(out)
     data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
@@ -165,7 +181,7 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         data = data.with_validation(cfg.data.val)
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
     try:
-        engine = make_engine(cfg, seeds)
+        engine = make_engine(cfg, seeds, dctx)
     except (ValueError, RuntimeError) as e:  # an engine refusing a setting or this machine
         raise UserError(f"cannot build the {cfg.train.engine} engine: {e}") from None
     units = getattr(engine, "dropout_units", 192)
@@ -223,12 +239,14 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
                 what = ([f"NaN/Inf weights (seeds {bad_w})"] if bad_w else []) + \
                        ([f"NaN/Inf loss (seeds {bad_l})"] if bad_l else [])
                 status, message = "diverged", f"diverged in pass {p + 1}: " + "; ".join(what)
-        if ckpt is not None:
+        if ckpt is not None and (dctx is None or dctx.writer):
             save_checkpoint(ckpt, {"config": cfg.to_json(), "passes_done": p + 1, "history": history,
                                    "seconds": seconds, "eval_seconds": eval_seconds, "engine": engine.state(),
                                    "status": status, "message": message})
         if status != "finished":
             break
+    if dctx is not None:
+        dctx.finish()
     params = engine.params()
     return Result(cfg.to_dict(), seeds, history, _final(seeds, params, history[-1], data.splits()), seconds,
                   eval_seconds, n, status, message, params, getattr(engine, "path", "per-example"))
@@ -239,12 +257,13 @@ def _finite(params: dict) -> bool:
 
 
 def _evaluate_pass(engine, data, cfg, p, dt, last=True) -> dict:
-    """Every split; with train.eval_train=false the training split only after the last pass."""
+    """Every split; with train.eval_train=false the training split only after the last pass, with
+    train.eval_test=false the test split likewise."""
     m, t = cfg.model, cfg.train
     cur = None if hasattr(engine, "evaluate") else engine.params()
     rec = {"pass": p + 1, "seconds": dt}
     for sp in data.splits():
-        if sp == "train" and not (t.eval_train or last):
+        if (sp == "train" and not (t.eval_train or last)) or (sp == "test" and not (t.eval_test or last)):
             continue
         xs, ls = getattr(data, f"{sp}_x"), getattr(data, f"{sp}_labels")
         rec[sp] = engine.evaluate(xs, ls, t.loss) if cur is None else evaluate(cur, xs, ls, m.act, m.out_act, t.loss)

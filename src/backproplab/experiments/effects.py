@@ -1,18 +1,23 @@
 """Measured effects: each method alone on top of a base recipe, then pairs of methods.
 
 Every run is the base config plus methods (methods.registry.with_method: a method replaces
-the base's method or config field doing the same job), trained on n seeds by train(), the
-test split evaluated every `eval_every` passes (default: CURVE_POINTS points on the curve,
-every 4th pass of the modern base's 80) and the training split after the last pass only
-(train.eval_train=false): evaluation is not what is measured, and at every pass it cost
-as much as training. Per run and against the base:
+the base's method or config field doing the same job), trained on n seeds by train().
+By default the last VAL training digits are held out (data.val) and the curve that times
+a run is the validation curve: the validation split is evaluated every `eval_every` passes
+(default: CURVE_POINTS points on the curve, every 4th pass of the modern base's 80), the
+test and training splits after the last pass only (train.eval_test=false,
+train.eval_train=false), so nothing the table chooses (which pairs are run) or times has
+looked at the test split; the test error is reported once, at the end. With val=0 (the
+whole training set) the test curve times the runs instead, and pairs must be named.
+Per run and against the base:
   test error        mean and sample std over seeds after the last pass
   difference        method - base, 95% confidence interval (Welch-Satterthwaite t) and
                     Welch's t-test p-value (scipy.stats.ttest_ind, equal_var=False)
-  time to base      training seconds a seed until the seed-mean test error first reaches
-                    the base's final mean (None: never), at the first evaluated pass that
-                    does (so to within eval_every passes); also in passes, which do not
-                    depend on the machine's load
+  time to base      training seconds a seed until the seed-mean error on the timing curve
+                    (validation; test with val=0) first reaches the base's final mean on
+                    that split (None: never), at the first evaluated pass that does (so to
+                    within eval_every passes); also in passes, which do not depend on the
+                    machine's load
   speed-up          base's time to its own final error / the method's time
 Composition: for pairs of compatible methods, the measured speed-up against the product
 of the two single speed-ups (1.0 = they compose multiplicatively).
@@ -27,13 +32,15 @@ from ..errors import UserError
 
 SMOKE_METHODS = ("label_smoothing", "ema")
 CURVE_POINTS = 20   # default evaluations a run: every max(1, passes // CURVE_POINTS) passes
+VAL = 1000          # default validation digits held out of the training set (the presets were tuned so)
+SMOKE_VAL = 100
 
 
 def default_eval_every(passes: int) -> int:
     return max(1, passes // CURVE_POINTS)
 
 
-def base_config(base: str, seeds: int, smoke: bool, passes=None, eval_every=None):
+def base_config(base: str, seeds: int, smoke: bool, passes=None, eval_every=None, val=None):
     from ..config import PRESETS
     if smoke and f"{base}_smoke" in PRESETS:
         cfg = preset(f"{base}_smoke")
@@ -47,6 +54,10 @@ def base_config(base: str, seeds: int, smoke: bool, passes=None, eval_every=None
     cfg.train.engine = "population"  # methods run on the population engine; the base runs there too
     cfg.train.seeds, cfg.train.eval_train = seeds, False
     cfg.train.eval_every = default_eval_every(cfg.train.passes) if eval_every is None else int(eval_every)
+    cfg.data.val = (SMOKE_VAL if smoke else VAL) if val is None else int(val)
+    if cfg.data.n_train is not None and cfg.data.val >= cfg.data.n_train:
+        raise UserError(f"--val {cfg.data.val}: must be smaller than the {cfg.data.n_train} training digits")
+    cfg.train.eval_test = not cfg.data.val  # with a validation split the test split waits for the end
     return validate(cfg)
 
 
@@ -88,21 +99,29 @@ def pair_configs(base_cfg, pairs):
     return cfgs, skipped
 
 
-def curve(res):
-    """-> passes (P,), seed-mean test error (P,), cumulative training seconds a seed (P,)."""
+def timing_split(res) -> str:
+    """The split whose curve times a run: validation when the run held one out, else test."""
+    return "val" if res.history and "val" in res.history[0] else "test"
+
+
+def curve(res, split=None):
+    """-> passes (P,), seed-mean error on split (default timing_split) (P,), cumulative training
+    seconds a seed (P,); records without that split (the test split before the last pass) are left out."""
+    split = split or timing_split(res)
     R = len(res.final)
-    passes = np.array([h["pass"] for h in res.history])
-    err = np.array([np.mean([t["error"] for t in h["test"]]) for h in res.history])
-    if all("seconds_total" in h for h in res.history):
-        secs = np.array([h["seconds_total"] for h in res.history]) / R
+    hist = [h for h in res.history if split in h]
+    passes = np.array([h["pass"] for h in hist])
+    err = np.array([np.mean([t["error"] for t in h[split]]) for h in hist])
+    if all("seconds_total" in h for h in hist):
+        secs = np.array([h["seconds_total"] for h in hist]) / R
     else:  # records from before seconds_total, evaluated after every pass
         secs = np.cumsum([h["seconds"] for h in res.history]) / R
     return passes, err, secs
 
 
-def time_to(res, target: float):
-    """(seconds a seed, passes) until the seed-mean test error is <= target, or (None, None)."""
-    passes, err, secs = curve(res)
+def time_to(res, target: float, split=None):
+    """(seconds a seed, passes) until the seed-mean error on split is <= target, or (None, None)."""
+    passes, err, secs = curve(res, split)
     hit = np.nonzero(err <= target + 1e-9)[0]
     if len(hit) == 0:
         return None, None
@@ -132,20 +151,23 @@ def analyse(results: dict, base_key: str) -> list[dict]:
     """results: key -> Result (the base under base_key). -> one row per key, the base first."""
     base = results[base_key]
     b_err = [f["test_error"] for f in base.final]
-    target = float(np.mean(b_err))
-    b_time, b_passes = time_to(base, target)
+    split = timing_split(base)
+    target = float(np.mean([f[f"{split}_error"] for f in base.final]))
+    b_time, b_passes = time_to(base, target, split)
     rows = []
     for key in [base_key] + [k for k in results if k != base_key]:
         res = results[key]
         err = [f["test_error"] for f in res.final]
         d, lo, hi, p = welch(err, b_err)
-        t, ps = time_to(res, target)
+        t, ps = time_to(res, target, split) if timing_split(res) == split else (None, None)
         total = res.seconds / max(len(res.final), 1)
         rows.append({"method": key, "status": res.status, "path": res.path, "seeds": len(err),
                      "test_error": float(np.mean(err)),
                      "test_error_std": float(np.std(err, ddof=1)) if len(err) > 1 else 0.0,
                      "diff": d, "ci_low": lo, "ci_high": hi, "p_value": p, "seconds_per_seed": total,
-                     "time_to_base": t, "passes_to_base": ps, "base_error": target,
+                     "time_to_base": t, "passes_to_base": ps, "base_error": target, "timing_split": split,
+                     **({"val_error": float(np.mean([f["val_error"] for f in res.final]))}
+                        if timing_split(res) == "val" else {}),
                      "speedup": (b_time / t) if (t and b_time) else None,
                      "speedup_passes": (b_passes / ps) if (ps and b_passes) else None})
     return rows
@@ -168,9 +190,12 @@ def compose(rows: list[dict]) -> list[dict]:
 
 
 def top_pairs(rows: list[dict], k: int) -> list[tuple]:
-    """All pairs among the k single methods that reached the base's error, fastest first. Reaching it
-    is the criterion, not a speed-up above 1: on a shared machine the seconds of two runs with the
-    same work can differ by a third."""
+    """All pairs among the k single methods that reached the base's validation error, fastest first.
+    Reaching it is the criterion, not a speed-up above 1: on a shared machine the seconds of two runs
+    with the same work can differ by a third. Only a validation curve may choose: rows timed on the
+    test curve (val=0) are refused."""
+    if k and rows and rows[0].get("timing_split", "test") != "val":
+        raise UserError("choosing pairs needs a validation split (--val N > 0): name them with --pairs a+b")
     fast = sorted([r for r in rows[1:] if r["speedup"] and "+" not in r["method"]], key=lambda r: -r["speedup"])[:k]
     names = [r["method"] for r in fast]
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -251,18 +276,19 @@ BASE_KEY = "base"
 
 
 def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke=False, passes=None,
-                pairs=None, top_k=3, log=print, eval_every=None):
+                pairs=None, top_k=3, log=print, eval_every=None, val=None):
     """methods: names (None: every registered method that runs on the base; smoke: SMOKE_METHODS).
     pairs: [(a, b)] or None for all pairs among the top_k single speed-ups.
     -> (rows, composition, skipped {key: why}, results {key: Result}, configs {key: Config})."""
     from ..methods.registry import list_methods
     from .pool import run_configs
-    base_cfg = base_config(base, seeds, smoke, passes, eval_every)
+    base_cfg = base_config(base, seeds, smoke, passes, eval_every, val)
     if methods is None:
         methods = list(SMOKE_METHODS) if smoke else [m.name for m in list_methods()]
     singles, skipped = single_configs(base_cfg, methods)
     cfgs = {BASE_KEY: base_cfg, **singles}
-    log(f"effects: base {base_cfg.name} ({base_cfg.train.passes} passes, {seeds} seeds, test split every "
+    split = f"validation split ({base_cfg.data.val} digits)" if base_cfg.data.val else "test split"
+    log(f"effects: base {base_cfg.name} ({base_cfg.train.passes} passes, {seeds} seeds, {split} every "
         f"{base_cfg.train.eval_every} passes), "
         f"{len(singles)} methods" + (f", {len(skipped)} skipped" if skipped else ""))
     describe = lambda k, res: f"{k}: test error {np.mean([f['test_error'] for f in res.final]):.2f}% " \
