@@ -45,6 +45,7 @@ from backproplab.experiments import ladder_report
 from backproplab.methods.registry import get_method, list_methods
 from backproplab.store import list_runs
 from conftest import ROOT
+from _teacher import teacher_dir
 
 SEED = int(os.environ.get("BACKPROPLAB_KILL_SEED", "1989"))
 IO_SHARE = 0.35          # share of kills placed at a checkpoint file operation rather than at a time
@@ -320,6 +321,7 @@ def test_killed_anywhere_resumes_bit_identical(name, memdir):
 METHOD_BASE = ["data.n_train=48", "data.n_test=32", "train.passes=3", "train.batch=16", "model.dropout=0",
                "train.shift=0", "optim.lr_end=none", "optim.name=sgd", "optim.lr=0.05"]
 METHOD_SPEC = {"swa": "swa:start=0", "ema": "ema:decay=0.5", "adam_sgd": "adam_sgd:at=0.5"}  # active early
+METHOD_FILL = {"distill": lambda: f"distill:teacher={teacher_dir()}"}  # a finished run to distill from
 METHOD_LR = {"sdlm": "optim.lr=5e-4"}  # the 1989 optimizer's step is lr / (mu + curvature)
 
 
@@ -331,7 +333,8 @@ def method_data():
 @pytest.mark.parametrize("name", [m.name for m in list_methods()])
 def test_method_killed_anywhere(name, memdir, method_data):
     req = get_method(name).requires
-    items = METHOD_BASE + [METHOD_LR.get(name, "optim.lr=0.05"), f"+method={METHOD_SPEC.get(name, name)}"]
+    spec = METHOD_FILL[name]() if name in METHOD_FILL else METHOD_SPEC.get(name, name)
+    items = METHOD_BASE + [METHOD_LR.get(name, "optim.lr=0.05"), f"+method={spec}"]
     cfg = apply_overrides(preset("modern_smoke"), items + ([f"+method={req[0]}"] if req else []))
     _kill_rounds(f"method-{name}", cfg, method_data, METHOD_KILLS, memdir, warm=False)
 

@@ -25,6 +25,8 @@ from backproplab.methods.registry import (HOOKS, build_switch, get_method, incom
 
 from backproplab.cli import main
 
+from _teacher import teacher_dir
+
 NAMES = [m.name for m in list_methods()]
 BASE = ["data.n_train=64", "data.n_test=32", "train.passes=2", "train.batch=16", "model.dropout=0",
         "train.shift=0", "optim.lr_end=none", "optim.name=sgd", "optim.lr=0.05"]
@@ -43,7 +45,12 @@ def with_requirements(names):
     return out
 
 
+# methods that cannot run on their defaults alone: what a test run gives them (distill: a teacher folder)
+FILL = {"distill": lambda: f"distill:teacher={teacher_dir()}"}
+
+
 def tiny_cfg(*methods, over=()):
+    methods = [FILL[m]() if m in FILL else m for m in methods]
     lr = [f"optim.lr={LR[m.split(':')[0]]}" for m in methods if m.split(":")[0] in LR]
     items = BASE + lr + [f"+method={m}" for m in with_requirements(methods)] + list(over)
     return apply_overrides(preset("modern_smoke"), items)
@@ -888,6 +895,8 @@ SIGNATURES = {
     **{n: sig_norm(n) for n in NORMS}, "resblocks": sig_resblocks, "rezero": sig_rezero, "nf": sig_nf,
     "bf16": sig_bf16, "tta": lambda tiny: sig_tta(tiny),
     "lion": sig_lion, "muon": sig_muon, "schedule_free": sig_schedule_free,
+    "distill": lambda tiny: __import__("test_distill").sig_distill(tiny),  # late: test_distill imports this file
+    "lwf": lambda tiny: __import__("test_distill").sig_lwf(tiny),
 }
 # Methods that state the default: the run with them is the run without them (the smoke test checks
 # that, bit for bit on the same gradient path), and there is nothing else they could show.

@@ -3,7 +3,8 @@
 A Method is a descriptor (pure data: name, kind, touches, hook points, options with
 defaults and units, card text, incompatibilities, the oracle its test uses) plus the
 dotted path of its switch class, imported only when a run is built. Family modules
-(optimizers, gradients, schedules, averaging, regularizers, augment, structure) call
+(optimizers, gradients, schedules, averaging, regularizers, augment, structure,
+distill) call
 register(); the order of registration is each method's rank: inside one hook point,
 methods run in rank order. A config carries methods as MethodSpec(name, options);
 resolve() fills every option's default so '+method=sam' and '+method=sam:rho=0.05' are
@@ -35,8 +36,10 @@ HOOKS = ("build", "pass_start", "lr", "batch", "forward", "loss", "after_backwar
          "after_step", "pass_end", "eval")
 TOUCHES = ("data", "model", "loss", "gradients", "optimizer", "schedule", "weights-after-step")
 KINDS = ("optimizer", "schedule", "averaging", "regularizer", "augmentation", "normalization", "depth",
-         "precision")
-FAMILIES = ("optimizers", "gradients", "schedules", "averaging", "regularizers", "augment", "structure")
+         "precision", "pruning", "compression", "distillation")
+# new families go at the end: a method's rank keys its random streams, so earlier ranks never move
+FAMILIES = ("optimizers", "gradients", "schedules", "averaging", "regularizers", "augment", "structure",
+            "distill")
 
 
 @dataclass(frozen=True)
