@@ -1,0 +1,306 @@
+"""Studies on Optuna: storage, slots, workers. No scheduler or queue of our own: Optuna's storage
+holds the trials; each worker process loads the study and runs trials until none is left.
+
+A study of N trials is N *slots* enqueued before any worker starts (enqueue_trial with the mark
+user_attrs["slot"]; a grid's slots carry their point's parameters, a sampled search's carry none
+and the sampler fills them when a worker draws one). A worker runs WAITING trials; a trial drawn
+without a slot (two workers raced for the last one) is marked surplus, pruned at once and not
+counted. So every slot is one trial, with any number of workers on any number of machines.
+
+Storage: a journal file (Optuna's JournalFileBackend; one machine, no heartbeat: a killed
+worker's trial stays RUNNING) or an SQLAlchemy URL (postgresql+psycopg://...) as RDBStorage with
+a heartbeat: a SIGKILLed worker's trial turns stale, a live worker marks it FAIL and
+RetryHeartbeatStaleTrialCallback enqueues it again with the same parameters and slot, so another
+worker runs it. Workers on a heartbeat storage wait for RUNNING trials to finish or go stale
+before they leave, so the last stale trial is retried too.
+
+API for any search (hyperparameters, architectures):
+  study = create_study(name, storage, spec, direction)       (spec: what workers need, JSON-able)
+  enqueue_slots(study, n) / enqueue_grid(study, points)
+  run_workers(storage, name, objective, jobs, sampler=..., pruner=...)
+  run_study(name, storage, objective, n_trials | grid=points, jobs, sampler, pruner, spec)
+objective(trial) -> float is a picklable callable (worker processes are spawned).
+"""
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+SLOT = "slot"
+SURPLUS = "surplus"
+HEARTBEAT_S = 10.0
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+PRUNERS = ("none", "asha", "hyperband")
+
+
+def optuna():
+    try:
+        import optuna as o
+    except ImportError:
+        raise UserError("search needs Optuna: pip install -e '.[search]'") from None
+    o.logging.set_verbosity(o.logging.WARNING)
+    return o
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Where a study lives, as text a worker process (or another machine) can open again."""
+    url: str                       # a journal file path, or an SQLAlchemy URL
+    heartbeat: float = HEARTBEAT_S
+
+    @property
+    def is_journal(self) -> bool:
+        return "://" not in self.url
+
+    def describe(self) -> str:
+        if self.is_journal:
+            return f"journal {self.url}"
+        return _host(self.url)
+
+    def open(self):
+        o = optuna()
+        if self.is_journal:
+            from optuna.storages.journal import JournalFileBackend
+            try:
+                Path(self.url).parent.mkdir(parents=True, exist_ok=True)
+                return o.storages.JournalStorage(JournalFileBackend(self.url))
+            except OSError as e:
+                raise UserError(f"cannot open study journal {self.url}: {e.strerror or e}") from None
+        import sqlalchemy as sa
+        kw = {}
+        if self.url.startswith("postgresql"):
+            kw = {"connect_args": {"connect_timeout": 10}}
+        import warnings
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5.0
+                warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+                return o.storages.RDBStorage(
+                    self.url, engine_kwargs=kw, heartbeat_interval=max(1, int(round(self.heartbeat))),
+                    grace_period=max(2, int(round(3 * self.heartbeat))),
+                    heartbeat_stale_trial_callback=o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+        except (sa.exc.SQLAlchemyError, ImportError, ValueError) as e:
+            msg = str(getattr(e, "orig", None) or e).strip().splitlines()
+            raise UserError(f"cannot reach study storage at {_host(self.url)}: "
+                            f"{msg[0] if msg else type(e).__name__}") from None
+
+
+def storage_spec(url: str | None, out, heartbeat: float = HEARTBEAT_S) -> StorageSpec:
+    """None -> OUT/search.journal; a path -> that journal; postgresql:// names psycopg 3."""
+    if url is None:
+        return StorageSpec(str(Path(out).resolve() / "search.journal"), heartbeat)
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if "://" not in url:
+        url = str(Path(url).resolve())
+    return StorageSpec(url, heartbeat)
+
+
+def _host(url: str) -> str:
+    try:
+        import sqlalchemy as sa
+        u = sa.engine.make_url(url)
+        if u.drivername.startswith("sqlite"):
+            return f"sqlite {u.database}"
+        return f"{u.host or 'localhost'}:{u.port or 5432}"
+    except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse is named without credentials
+        return url.split("@")[-1]
+
+
+def make_sampler(name: str, seed: int | None):
+    o = optuna()
+    if name == "tpe":
+        return o.samplers.TPESampler(seed=seed)
+    if name in ("random", "grid"):  # a grid's trials are enqueued points: the sampler is never asked
+        return o.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise UserError("--sampler cmaes needs the cmaes package: pip install cmaes") from None
+        return o.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str, max_resource: int):
+    o = optuna()
+    if name == "none":
+        return o.pruners.NopPruner()
+    if name == "asha":
+        return o.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "hyperband":
+        return o.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_resource), reduction_factor=3)
+    raise UserError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+
+
+SPEC_ATTR = "backproplab"
+
+
+def create_study(name: str, storage: StorageSpec, spec: dict, direction: str = "minimize"):
+    """Create the study, or load it when it exists with the same spec['space']; another space
+    under the same name is a UserError."""
+    o = optuna()
+    st = storage.open()
+    study = o.create_study(study_name=name, storage=st, direction=direction, load_if_exists=True)
+    have = study.user_attrs.get(SPEC_ATTR)
+    if have is None:
+        study.set_user_attr(SPEC_ATTR, spec)
+    elif have.get("space") != spec.get("space") or have.get("kind") != spec.get("kind"):
+        raise UserError(f"study {name!r} in {storage.describe()} exists with another search space; "
+                        f"choose another --study name")
+    return study
+
+
+def load_study(name: str, storage: StorageSpec):
+    o = optuna()
+    st = storage.open()
+    try:
+        study = o.load_study(study_name=name, storage=st)
+    except KeyError:
+        raise UserError(f"no study {name!r} in {storage.describe()}") from None
+    spec = study.user_attrs.get(SPEC_ATTR)
+    if spec is None:
+        raise UserError(f"study {name!r} in {storage.describe()} was not made by backproplab search")
+    return study, spec
+
+
+def _slots_present(study) -> set:
+    o = optuna()
+    return {t.user_attrs[SLOT] for t in study.get_trials(deepcopy=False) if SLOT in t.user_attrs
+            and t.state != o.trial.TrialState.FAIL}
+
+
+def enqueue_slots(study, n: int) -> int:
+    """Slots 0..n-1 with no parameters (the sampler fills them), those not already there -> how many added."""
+    have = _slots_present(study)
+    todo = [k for k in range(n) if k not in have]
+    for k in todo:
+        study.enqueue_trial({}, user_attrs={SLOT: k})
+    return len(todo)
+
+
+def enqueue_grid(study, points: list) -> int:
+    """A grid of parameter dicts: one slot each (each runs exactly once, whatever the workers)."""
+    have = _slots_present(study)
+    todo = [k for k in range(len(points)) if k not in have]
+    for k in todo:
+        study.enqueue_trial(points[k], user_attrs={SLOT: k})
+    return len(todo)
+
+
+class SlotObjective:
+    """Wraps an objective: a trial without a slot (drawn after the last slot was taken) is pruned
+    and marked surplus instead of run. Records the worker's pid on the trial (tests kill by it)."""
+
+    def __init__(self, objective):
+        self.objective = objective
+
+    def __call__(self, trial):
+        o = optuna()
+        if SLOT not in trial.user_attrs:
+            trial.set_user_attr(SURPLUS, True)
+            raise o.TrialPruned("no slot left")
+        trial.set_user_attr("pid", os.getpid())
+        return self.objective(trial)
+
+
+def _counts(study):
+    o = optuna()
+    S = o.trial.TrialState
+    waiting = running = 0
+    for t in study.get_trials(deepcopy=False, states=(S.WAITING, S.RUNNING)):
+        if t.state == S.WAITING:
+            waiting += 1
+        else:
+            running += 1
+    return waiting, running
+
+
+def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = "tpe", seed: int | None = None,
+                pruner=None, catch=(UserError,)) -> int:
+    """Run the study's waiting trials until none is left (on a heartbeat storage: until no trial is
+    running either, retrying stale ones) -> trials this worker ran."""
+    o = optuna()
+    study = o.load_study(study_name=name, storage=storage.open(), sampler=make_sampler(sampler_name, seed),
+                         pruner=pruner)
+    wrapped = SlotObjective(objective)
+    ran = 0
+    while True:
+        waiting, running = _counts(study)
+        if waiting:
+            study.optimize(wrapped, n_trials=1, catch=catch, gc_after_trial=False)
+            ran += 1
+            continue
+        if storage.is_journal or not running:
+            return ran
+        o.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried as WAITING
+        time.sleep(min(1.0, storage.heartbeat / 2))
+
+
+def _worker_main(storage, name, objective, sampler_name, seed, pruner):
+    import torch
+    torch.set_num_threads(1)
+    try:
+        worker_loop(storage, name, objective, sampler_name, seed, pruner)
+    except UserError as e:
+        import sys
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+
+def run_workers(storage: StorageSpec, name: str, objective, jobs: int = 1, sampler: str = "tpe",
+                seed: int | None = 0, pruner=None) -> list:
+    """jobs worker processes (spawned, each loading the study; jobs=1 runs in this process) ->
+    their exit codes (0 each when all went well; -9 for a SIGKILLed one)."""
+    if jobs == 1:
+        worker_loop(storage, name, objective, sampler, seed, pruner)
+        return [0]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(storage, name, objective, sampler,
+                                                     None if seed is None else seed + k, pruner),
+                         name=f"search-worker-{k}") for k in range(jobs)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    return [p.exitcode for p in procs]
+
+
+def run_study(name: str, storage: StorageSpec, objective, n_trials: int | None = None, grid: list | None = None,
+              jobs: int = 1, sampler: str = "tpe", seed: int | None = 0, pruner=None, spec: dict | None = None,
+              direction: str = "minimize"):
+    """Create (or continue) a study, enqueue n_trials slots or a grid's points, run `jobs` workers
+    -> (study, worker exit codes). spec: JSON-able description stored on the study (its 'space'
+    must match a study of that name that already exists)."""
+    study = create_study(name, storage, spec or {"kind": "generic", "space": None}, direction)
+    if grid is not None:
+        enqueue_grid(study, grid)
+    else:
+        enqueue_slots(study, n_trials)
+    codes = run_workers(storage, name, objective, jobs, sampler, seed, pruner)
+    return study, codes
+
+
+def slot_trials(study) -> dict:
+    """slot -> its counted trial (COMPLETE or PRUNED; else the last attempt), surplus trials left out."""
+    o = optuna()
+    S = o.trial.TrialState
+    best = {}
+    for t in study.get_trials(deepcopy=False):
+        if SLOT not in t.user_attrs or t.user_attrs.get(SURPLUS):
+            continue
+        k = t.user_attrs[SLOT]
+        cur = best.get(k)
+        done = t.state in (S.COMPLETE, S.PRUNED)
+        if cur is None or done or cur.state not in (S.COMPLETE, S.PRUNED):
+            if cur is not None and cur.state in (S.COMPLETE, S.PRUNED) and done:
+                raise RuntimeError(f"slot {k} finished twice (trials {cur.number} and {t.number})")
+            best[k] = t
+    return dict(sorted(best.items()))

@@ -1,0 +1,122 @@
+"""`backproplab search`: the smoke search with journal storage and 2 workers end to end, the
+objective against an independent training run, pruning, and bad input refused before any trial."""
+import json
+
+import pytest
+
+from backproplab import store
+from backproplab.cli import main
+from conftest import run_cli
+
+
+def _last_json(text):
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_search_smoke_journal_two_workers(tmp_path):
+    out = tmp_path / "o"
+    r = run_cli("search", "--smoke", "--out", out, "--json", timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = _last_json(r.stdout)
+    assert res["workers"] == 2 and res["worker_exit_codes"] == [0, 0]
+    assert (out / "search.journal").is_file() and res["storage"].startswith("journal")
+    slots = sorted(t["slot"] for t in res["trials"])
+    assert slots == [0, 1, 2, 3] and res["complete"] == 4 and res["attempts"] == 4
+    runs = store.list_runs(out)
+    trials = [x for x in runs if x["kind"] == "search"]
+    assert sorted(x["summary"]["slot"] for x in trials) == slots
+    assert all(x["summary"]["study"] == res["study"] and x["config"]["data"]["val"] == 100 for x in trials)
+    # the search never records (so never looks at) a trial's test figures
+    assert not [k for x in trials for k in x["summary"] if k.startswith("test")]
+    assert not [h for x in trials for h in x["history"] if "test" in h]
+    by_trial = {x["summary"]["trial"]: x for x in trials}
+    for t in res["trials"]:  # the objective is the last pass's validation error of the stored run
+        assert t["value"] == pytest.approx(by_trial[t["trial"]]["summary"]["val_error"])
+        assert t["value"] == pytest.approx(by_trial[t["trial"]]["history"][-1]["val"][0]["error"])
+    best = min(res["trials"], key=lambda t: t["value"])
+    assert res["best"]["trial"] == best["trial"]
+    final = [x for x in runs if x["kind"] == "search-best"]
+    assert len(final) == 1 and final[0]["summary"]["seeds"] == 2
+    assert "val" not in final[0]["config"]["data"] and final[0]["config"]["optim"]["lr"] == best["params"]["optim.lr"]
+    assert res["final"]["test_error"] == pytest.approx(final[0]["summary"]["test_error"])
+
+    # oracle: the same trial config trained here, outside any study, has the same validation error
+    from backproplab.config import from_dict
+    from backproplab.engine.train import train
+    again = train(from_dict(by_trial[best["trial"]]["config"]))
+    assert sum(f["val_error"] for f in again.final) / len(again.final) == pytest.approx(best["value"])
+
+
+def test_search_asha_prunes_on_validation_error(tmp_path, capsys):
+    common = ["search", "smoke", "--smoke", "optim.lr=log:1e-5:0.3", "train.passes=3", "--trials", "6",
+              "--jobs", "1", "--no-retrain", "--json"]
+    assert main(common + ["--pruner", "asha", "--out", str(tmp_path / "a")]) == 0
+    res = _last_json(capsys.readouterr().out)
+    assert res["pruned"] >= 1 and res["complete"] + res["pruned"] == 6
+    runs = {x["summary"]["slot"]: x for x in store.list_runs(tmp_path / "a") if x["kind"] == "search"}
+    for t in res["trials"]:
+        rec = runs[t["slot"]]
+        if t["state"] == "pruned":  # stopped early: fewer passes trained, recorded as pruned
+            assert rec["status"] == "pruned" and t["passes"] < 3 and len(rec["history"]) == t["passes"]
+        else:
+            assert rec["status"] == "finished" and t["passes"] == 3
+    assert res["passes_trained"] < 6 * 3
+    # the same trials without a pruner: nothing is pruned, and the first trial (sampled before any
+    # pruning could differ) has the same value
+    assert main(common + ["--pruner", "none", "--out", str(tmp_path / "n")]) == 0
+    res_n = _last_json(capsys.readouterr().out)
+    assert res_n["pruned"] == 0 and res_n["complete"] == 6 and res_n["passes_trained"] == 18
+    assert res_n["trials"][0]["params"] == res["trials"][0]["params"]
+
+
+BAD = [
+    (["optim.lrr=1e-3:1e-2"], "unknown config key"),
+    (["optim.lr=0.1:0.01"], "empty range"),
+    (["optim.lr=log:0:0.1"], "LOW > 0"),
+    (["train.batch=int:8:8"], "empty range"),
+    (["+method=nosuch:eps=0:0.3"], "unknown method"),
+    (["methods=choice:ema,nosuch"], "unknown method"),
+    (["+method=label_smoothing:epsilon=0:0.3"], "has no option"),
+    (["+method=label_smoothing:eps=0:3"], "eps"),
+    (["model.act=choice:"], "empty choice"),
+    (["data.val=10:20"], "cannot be searched"),
+    (["model.name=choice:net1989,vit"], "needs train.engine=population"),  # smoke is per example
+    (["--sampler", "bayes", "optim.lr=0.01:0.1"], "--sampler"),
+]
+
+
+@pytest.mark.parametrize("items,msg", BAD)
+def test_search_bad_space_is_one_line_before_any_trial(tmp_path, capsys, items, msg):
+    out = tmp_path / "never"
+    assert main(["search", "smoke", "--smoke", "--out", str(out), *items]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and msg in err, err
+    assert not out.exists()  # nothing ran, nothing was created
+
+
+def test_search_unreachable_storage_names_the_host_and_touches_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    store.add_run(out, "repro", "x", "finished", {}, {}, [], {})
+    before = sorted(p.name for p in out.iterdir()), (out / "runs.db").read_bytes()
+    url = "postgresql+psycopg://someone:hunter2@127.0.0.1:9/nowhere"
+    assert main(["search", "smoke", "--smoke", "optim.lr=0.01:0.1", "--storage", url, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot reach study storage at 127.0.0.1:9") and "\n" not in err
+    assert "hunter2" not in err
+    assert (sorted(p.name for p in out.iterdir()), (out / "runs.db").read_bytes()) == before
+
+
+def test_search_study_name_with_another_space_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    first = ["search", "smoke", "--smoke", "--trials", "1", "--jobs", "1", "--no-retrain", "--study", "s1",
+             "--out", out]
+    assert main(first + ["optim.lr=log:0.01:0.1"]) == 0
+    capsys.readouterr()
+    assert main(first + ["optim.lr=log:0.02:0.1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "study 's1'" in err and "another search space" in err and "\n" not in err
+    # the same space continues the study: its one slot is done, nothing new runs
+    assert main(first + ["optim.lr=log:0.01:0.1", "--json"]) == 0
+    res = _last_json(capsys.readouterr().out)
+    assert res["attempts"] == 1 and res["complete"] == 1
