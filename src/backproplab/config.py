@@ -251,9 +251,21 @@ def speedrun() -> Config:
     return c
 
 
+def ssm() -> Config:
+    """a diagonal state-space model (models/ssm.py: dim 24, 28 states, depth 2, 9,706 parameters) reading each
+    digit as 256 pixels in row order, on the modern recipe without shifts (AdamW, cross-entropy,
+    batch 32, dropout 0.1 on the pooled features) for 10 passes, lr 3e-3 -> 1e-4."""
+    c = modern()
+    c.name = "ssm"
+    c.model.name, c.model.dim, c.model.depth, c.model.dropout = "ssm", 24, 2, 0.1
+    c.train.shift, c.train.passes = 0, 10
+    c.optim.lr = 3e-3
+    return c
+
+
 PRESETS = {"lecun1989": lecun1989, "smoke": smoke, "rung1": rung1, "rung1b": rung1b, "rung2": rung2,
            "rung3": rung3, "rung4": rung4, "rung5": rung5, "rung6": rung6, "modern": modern,
-           "modern_smoke": modern_smoke, "speedrun": speedrun}
+           "modern_smoke": modern_smoke, "speedrun": speedrun, "ssm": ssm}
 
 
 def list_presets():

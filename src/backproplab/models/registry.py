@@ -21,11 +21,16 @@ def _vit(m, seed):
                out_act=m.out_act, dropout=m.dropout)
 
 
-def _convnet(m, seed):  # the scaling family: model.depth is its one size knob (models/convnet.py)
-    return ConvNet(seed, size=m.depth, dropout=m.dropout)
+def _convnet(m, seed):  # the scaling family: model.depth is its size knob, model.width and model.block
+    return ConvNet(seed, size=m.depth, dropout=m.dropout, block=m.block, width=m.width)  # (models/convnet.py)
 
 
-MODELS = {"net1989": _net1989, "vit": _vit, "convnet": _convnet}
+def _ssm(m, seed):  # models/ssm.py: model.dim channels (and states), model.depth layers
+    from .ssm import SSMNet
+    return SSMNet(seed, dim=m.dim, depth=m.depth, dropout=m.dropout, permuted=m.seq == "permuted")
+
+
+MODELS = {"net1989": _net1989, "vit": _vit, "convnet": _convnet, "ssm": _ssm}
 
 
 def list_models():
@@ -41,7 +46,9 @@ def build_model(cfg_model, seed: int) -> nn.Module:
 def dropout_units(cfg_model) -> int:
     """Width of the keep masks the model takes: 192 H2 outputs for net1989, dim for the ViT."""
     if cfg_model.name == "convnet":
-        return layer_specs(cfg_model.depth)[-1]["cin"]
+        return layer_specs(cfg_model.depth, cfg_model.block, cfg_model.width)[-1]["cin"]
+    if cfg_model.name == "ssm":
+        return cfg_model.dim
     return cfg_model.dim if cfg_model.name == "vit" else 192
 
 
@@ -50,7 +57,10 @@ def model_macs(cfg_model) -> int:
     if cfg_model.name == "vit":
         return vit_macs_from_cfg(cfg_model)
     if cfg_model.name == "convnet":
-        return conv_macs(cfg_model.depth)
+        return conv_macs(cfg_model.depth, cfg_model.block, cfg_model.width)
+    if cfg_model.name == "ssm":
+        from .ssm import ssm_macs
+        return ssm_macs(cfg_model.dim, cfg_model.depth)
     return MACS
 
 
