@@ -897,6 +897,8 @@ SIGNATURES = {
     "lion": sig_lion, "muon": sig_muon, "schedule_free": sig_schedule_free,
     "distill": lambda tiny: __import__("test_distill").sig_distill(tiny),  # late: test_distill imports this file
     "lwf": lambda tiny: __import__("test_distill").sig_lwf(tiny),
+    **{n: (lambda tiny, n=n: __import__("test_pruning").SIGNATURES_PRUNING[n](tiny))
+       for n in ("prune", "nm_sparse", "lowrank")},
 }
 # Methods that state the default: the run with them is the run without them (the smoke test checks
 # that, bit for bit on the same gradient path), and there is nothing else they could show.
@@ -1099,7 +1101,7 @@ def test_cli_methods_table_card_and_train(tmp_path, capsys):
     code, out, _ = _cli(capsys, "methods", "--json")
     assert code == 0
     assert [m["name"] for m in json.loads(out.strip().splitlines()[-1])["methods"]] == NAMES
-    assert len(out.strip().splitlines()) == len(NAMES) + 3  # header, rows, footer, JSON
+    assert len(out.strip().splitlines()) == len(NAMES) + 4  # header, rule, rows, footer, JSON
     code, out, _ = _cli(capsys, "methods", "sam")
     assert code == 0 and "rho = 0.05" in out and out.startswith("sam  (optimizer")
     code, out, err = _cli(capsys, "train", "modern_smoke", "+method=sam", "+method=ema", "data.n_train=64",

@@ -4,7 +4,7 @@ A Method is a descriptor (pure data: name, kind, touches, hook points, options w
 defaults and units, card text, incompatibilities, the oracle its test uses) plus the
 dotted path of its switch class, imported only when a run is built. Family modules
 (optimizers, gradients, schedules, averaging, regularizers, augment, structure,
-distill) call
+distill, pruning) call
 register(); the order of registration is each method's rank: inside one hook point,
 methods run in rank order. A config carries methods as MethodSpec(name, options);
 resolve() fills every option's default so '+method=sam' and '+method=sam:rho=0.05' are
@@ -39,7 +39,7 @@ KINDS = ("optimizer", "schedule", "averaging", "regularizer", "augmentation", "n
          "precision", "pruning", "compression", "distillation")
 # new families go at the end: a method's rank keys its random streams, so earlier ranks never move
 FAMILIES = ("optimizers", "gradients", "schedules", "averaging", "regularizers", "augment", "structure",
-            "distill")
+            "distill", "pruning")
 
 
 @dataclass(frozen=True)
