@@ -19,7 +19,7 @@ API for any search (hyperparameters, architectures):
   enqueue_slots(study, n) / enqueue_grid(study, points)
   run_workers(storage, name, objective, jobs, sampler=..., pruner=...)
   run_study(name, storage, objective, n_trials | grid=points, jobs, sampler, pruner, spec)
-objective(trial) -> float is a picklable callable (worker processes are spawned).
+objective(trial) -> float is a picklable callable (worker processes start from a fork server).
 """
 import multiprocessing
 import os
@@ -250,14 +250,25 @@ def _worker_main(storage, name, objective, sampler_name, seed, pruner):
         os._exit(2)
 
 
+def _context():
+    """Worker processes come from a fork server that imported torch, Optuna and the engine once
+    (a fresh interpreter each, nothing inherited from this process's threads or connections)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "optuna", "sqlalchemy", "backproplab.engine.train",
+                                    "backproplab.search.hpo"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
 def run_workers(storage: StorageSpec, name: str, objective, jobs: int = 1, sampler: str = "tpe",
                 seed: int | None = 0, pruner=None) -> list:
-    """jobs worker processes (spawned, each loading the study; jobs=1 runs in this process) ->
+    """jobs worker processes (each loading the study; jobs=1 runs in this process) ->
     their exit codes (0 each when all went well; -9 for a SIGKILLed one)."""
     if jobs == 1:
         worker_loop(storage, name, objective, sampler, seed, pruner)
         return [0]
-    ctx = multiprocessing.get_context("spawn")
+    ctx = _context()
     procs = [ctx.Process(target=_worker_main, args=(storage, name, objective, sampler,
                                                      None if seed is None else seed + k, pruner),
                          name=f"search-worker-{k}") for k in range(jobs)]
