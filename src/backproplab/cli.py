@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .errors import UserError
 from .jsonout import emit_json as _emit_json
@@ -11,8 +12,23 @@ DEFAULT_OUT = "runs"
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors; and options, positionals and key=value overrides in any order, as people
+    type them (`train modern --seeds 8 optim.lr=0.01 --quiet`): a command's own parser reads its
+    arguments intermixed (argparse's parse_known_intermixed_args); a parser of subcommands (which
+    argparse cannot intermix) hands everything after the subcommand's name to that parser."""
+    _plain = False
+
     def error(self, message):  # one line, exit 2, no usage dump
         raise UserError(f"{self.prog}: {message}")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._plain or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._plain = True  # parse_known_intermixed_args calls parse_known_args twice: those are plain
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._plain = False
 
 
 def _add_common(p):
@@ -61,8 +77,11 @@ def build_parser():
     doc = sub.add_parser("doctor", help="check the environment, the data and an output folder")
     _add_common(doc)
     doc.add_argument("--data", help="also check this folder of IDX files")
-    s = sub.add_parser("runs", help="list the results store, one line per run")
+    s = sub.add_parser("runs", help="list the results store, one line per run (--csv, --json: every field)")
     _add_common(s)
+    s.add_argument("--csv", nargs="?", const="-", metavar="FILE",
+                   help="every run as one CSV row: id, created, kind, name, status and the summary's fields "
+                        "(nested ones, e.g. per-seed lists, are in --json); to FILE, or stdout")
     for mod in _command_modules():
         mod.register(sub, _add_common)
     return ap
@@ -97,13 +116,13 @@ def train_and_record(cfg, args, kind: str, published: bool = True, extra: dict |
     """Train cfg with a progress bar and per-pass lines, record the run in the store of args.out,
     print the result table; exit 0, or 3 for a diverged run (one 'error:' line)."""
     from .engine.train import environment, train
-    from .report.console import ProgressBar, repro_table
+    from .report.console import repro_table
+    from .report.progress import ProgressBar
     from .store import add_run, check_store, recorded_run
     check_store(args.out)  # a foreign or damaged runs.db is refused before training, not after
     bar = ProgressBar(cfg.train.passes)
 
-    def log(line):
-        bar.clear()
+    def log(line):  # printed above the bar
         if not args.quiet:
             print(line, flush=True)
 
@@ -128,17 +147,66 @@ def train_and_record(cfg, args, kind: str, published: bool = True, extra: dict |
 def cmd_runs(args):
     from .store import list_runs
     runs = list_runs(args.out)
-    for r in runs:
-        s = r["summary"]
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"]))
-        print(f"{r['id']:4d}  {when}  {r['kind']:8s} {r['name']:12s} {r['status']:9s} "
-              f"{s.get('engine', ''):5s} seeds {s.get('seeds', '?'):>3}  passes {s.get('passes', '?'):>3}  "
-              f"train {s.get('train_error', float('nan')):5.2f}%  test {s.get('test_error', float('nan')):5.2f}%  "
-              f"{s.get('seconds', 0):8.1f} s")
+    if args.csv is not None:
+        text = runs_csv(runs)
+        if args.csv == "-":
+            sys.stdout.write(text)
+        else:
+            from .engine.checkpoint import atomic_write_bytes
+            try:
+                atomic_write_bytes(Path(args.csv), text.encode())
+            except OSError as e:
+                raise UserError(f"--csv {args.csv}: cannot write: {e.strerror or e}") from None
+            print(f"wrote {len(runs)} runs to {args.csv}", file=sys.stderr if args.json else sys.stdout)
+    else:
+        print(runs_table(runs))
     if args.json:
         _emit_json({"runs": [{k: r[k] for k in ("id", "created", "kind", "name", "status", "summary")}
                              for r in runs]})
     return 0
+
+
+RUN_COLUMNS = ("id", "created", "kind", "name", "status")
+
+
+def _scalar(v) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool))
+
+
+def runs_csv(runs) -> str:
+    """One CSV row per run: RUN_COLUMNS (created as ISO 8601 UTC), then every scalar field any
+    run's summary has, in name order (empty where a run lacks it)."""
+    import csv
+    import io
+    keys = sorted({k for r in runs for k, v in r["summary"].items() if _scalar(v)} - set(RUN_COLUMNS))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([*RUN_COLUMNS, *keys])
+    for r in runs:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r["created"]))
+        s = r["summary"]
+        w.writerow([r["id"], when, r["kind"], r["name"], r["status"],
+                    *["" if not _scalar(s.get(k)) or s.get(k) is None else s[k] for k in keys]])
+    return buf.getvalue()
+
+
+def runs_table(runs) -> str:
+    from .report.console import render, table
+
+    def pct(v):
+        return f"{v:.2f}%" if isinstance(v, (int, float)) else ""
+
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        secs = s.get("seconds")
+        rows.append((r["id"], time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])), r["kind"], r["name"],
+                     r["status"], s.get("engine", ""), s.get("seeds", ""), s.get("passes", ""),
+                     pct(s.get("train_error")), pct(s.get("test_error")),
+                     f"{secs:.1f}" if isinstance(secs, (int, float)) else ""))
+    cols = [("id", "right"), "created", "kind", "name", "status", "engine", ("seeds", "right"),
+            ("passes", "right"), ("train error", "right"), ("test error", "right"), ("seconds", "right")]
+    return render(table(cols, rows)) if runs else "no runs in this store"
 
 
 def cmd_ladder(args):
@@ -210,6 +278,8 @@ def _all_commands() -> dict:
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
+        from .report import progress
+        progress.configure(quiet=bool(getattr(args, "json", False) or getattr(args, "quiet", False)))
         commands = _all_commands()
         if not args.command:
             raise UserError("backproplab: choose a command: " + ", ".join(commands) + " (see --help)")

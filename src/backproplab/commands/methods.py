@@ -26,11 +26,10 @@ def cmd_methods(args):
         if args.json:
             _emit_json(_record(m))
         return 0
+    from ..report.console import render, table
     ms = list_methods()
-    w = max(len(m.name) for m in ms)
-    print(f"{'name':{w}s}  {'kind':13s}  {'touches':28s}  summary")
-    for m in ms:
-        print(f"{m.name:{w}s}  {m.kind:13s}  {','.join(m.touches):28s}  {m.summary}")
+    print(render(table(["name", "kind", "touches", "summary"],
+                       [(m.name, m.kind, ",".join(m.touches), m.summary) for m in ms])))
     print(f"{len(ms)} methods; `backproplab methods NAME` prints a card; "
           f"`backproplab train PRESET +method=NAME[:k=v,...]` uses them")
     if args.json:

@@ -81,8 +81,20 @@ def _run(args):
                        epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
                        seeds=seeds, data_fingerprint=data_fingerprint(data), methods=_methods(args.methods))
     quiet = args.json
-    summary = run_study(study, args.out, jobs=args.jobs, budget=budget, plan_only=args.plan, data=data,
-                        log=(lambda line: print(line, file=sys.stderr)) if quiet else print)
+    from ..report.progress import Bar
+    cells = []                                     # the bar of cells, opened when their number is known
+
+    def on_cell(done, total):
+        if not cells:
+            cells.append(Bar("scale cells", total))
+        cells[0].update(done)
+
+    try:
+        summary = run_study(study, args.out, jobs=args.jobs, budget=budget, plan_only=args.plan, data=data,
+                            log=(lambda line: print(line, file=sys.stderr)) if quiet else print, progress=on_cell)
+    finally:
+        for b in cells:
+            b.close()
     if not args.plan and summary["ran"] + summary["already_done"]:
         print(f"next: backproplab scale fit {summary['store']}", file=sys.stderr if quiet else sys.stdout)
     if args.json:

@@ -184,6 +184,10 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         engine = make_engine(cfg, seeds, dctx)
     except (ValueError, RuntimeError) as e:  # an engine refusing a setting or this machine
         raise UserError(f"cannot build the {cfg.train.engine} engine: {e}") from None
+    if cfg.train.engine == "fast" or getattr(engine, "path", None) == "kernel":
+        from ..report.progress import note
+        from .warmup import prepare_kernels
+        prepare_kernels(note)  # a cold numba cache is compiled here, announced, and not timed as training
     units = getattr(engine, "dropout_units", 192)
     history, start, seconds, eval_seconds = [], 0, 0.0, 0.0
     ckpt = checkpoint_path(cfg, out) if out is not None else None
@@ -203,6 +207,9 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
             log(f"resumed from {ckpt} after pass {start}")
         if status != "finished":
             start = cfg.train.passes
+    elif resume and out is not None:
+        from ..report.progress import note
+        note(f"no checkpoint in {out}: starting fresh")
     x = data.train_x.reshape(-1, 16, 16).numpy()
     labels = data.train_labels.numpy()
     n, m, t = len(x), cfg.model, cfg.train

@@ -57,7 +57,8 @@ def run_datascale(source, sizes_text=None, recipes=("1989", "modern"), seeds=3, 
         f"test set {n_test or len(probe.test_x)}")
     results = run_configs(cfgs, out, resume, jobs, log,
                           lambda k, res: f"{k[0]:6s} n={k[1]:6d}: test error "
-                                         f"{np.mean([f['test_error'] for f in res.final]):.2f}% ({res.seconds:.1f} s)")
+                                         f"{np.mean([f['test_error'] for f in res.final]):.2f}% ({res.seconds:.1f} s)",
+                          label="datascale cells")
     rows = []
     for (rec, n), res in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         te = np.array([f["test_error"] for f in res.final])
@@ -71,10 +72,9 @@ def run_datascale(source, sizes_text=None, recipes=("1989", "modern"), seeds=3, 
 
 
 def format_table(rows) -> str:
-    head = f"{'recipe':7} {'n_train':>8} {'passes':>6} {'test error':>17} {'misses':>7} {'train err':>9} {'seconds':>8}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['recipe']:7} {r['n_train']:8d} {r['passes']:6d} {r['test_error']:8.2f}% +- "
-                     f"{r['test_error_std']:4.2f} {r['test_misses']:7.1f} {r['train_error']:8.2f}% "
-                     f"{r['seconds']:8.1f}")
-    return "\n".join(lines)
+    from ..report.console import render, table
+    cols = ["recipe", ("n_train", "right"), ("passes", "right"), ("test error", "right"), ("misses", "right"),
+            ("train err", "right"), ("seconds", "right")]
+    return render(table(cols, [(r["recipe"], r["n_train"], r["passes"],
+                                f"{r['test_error']:.2f}% +- {r['test_error_std']:.2f}", f"{r['test_misses']:.1f}",
+                                f"{r['train_error']:.2f}%", f"{r['seconds']:.1f}") for r in rows]))

@@ -24,28 +24,36 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _run_one(cfg_dict, out, resume):
+def _run_one(cfg_dict, out, resume, progress=None):
     from ..config import from_dict
     from ..engine.train import train
-    return train(from_dict(cfg_dict), out=out, resume=resume)
+    return train(from_dict(cfg_dict), out=out, resume=resume, progress=progress)
 
 
-def run_configs(cfgs: dict, out, resume: bool, jobs: int, log=print, describe=None) -> dict:
-    """cfgs: key -> Config. Longest runs first. -> key -> Result."""
+def run_configs(cfgs: dict, out, resume: bool, jobs: int, log=print, describe=None, label: str = "runs") -> dict:
+    """cfgs: key -> Config. Longest runs first. -> key -> Result. A progress bar of the configs
+    (`label`, e.g. "ladder rungs") on a terminal; run one at a time, a bar of passes under it."""
+    from ..report.progress import ProgressBar, bar
     cost = lambda k: cfgs[k].train.passes * (cfgs[k].data.n_train or 10_000) * cfgs[k].train.seeds  # noqa: E731
     order = sorted(cfgs, key=cost, reverse=True)
     describe = describe or (lambda k, res: f"{k} done in {res.seconds:.1f} s")
     results = {}
     if jobs <= 1 or len(cfgs) == 1:
-        for k in order:
-            results[k] = _run_one(cfgs[k].to_dict(), out, resume)
-            log(describe(k, results[k]))
+        with bar(label, len(order)) as runs_bar:
+            for k in order:
+                name = " ".join(map(str, k)) if isinstance(k, tuple) else str(k)
+                passes = ProgressBar(cfgs[k].train.passes, label=f"{name}: pass")
+                results[k] = _run_one(cfgs[k].to_dict(), out, resume, passes)
+                passes.clear()
+                log(describe(k, results[k]))
+                runs_bar.advance()
         return results
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
-                                initargs=(os.getpid(),)) as pool:
+                                initargs=(os.getpid(),)) as pool, bar(label, len(order)) as runs_bar:
         futs = {pool.submit(_run_one, cfgs[k].to_dict(), out, resume): k for k in order}
         for fut in cf.as_completed(futs):
             k = futs[fut]
             results[k] = fut.result()
             log(describe(k, results[k]))
+            runs_bar.advance()
     return results

@@ -1,36 +1,44 @@
-"""Terminal output: a progress bar on stderr (only on a terminal) and result tables."""
+"""Terminal output: result tables drawn by rich (plain text when stdout is not a terminal, so
+what a pipe, a file or a test reads has no colour codes), and the progress bars (report/progress.py)."""
+import io
+import shutil
 import sys
-import time
 
 import numpy as np
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from .progress import ProgressBar, bar, note  # noqa: F401  (the engine's callback and the bars, re-exported)
+
+def table(columns, rows, title: str | None = None) -> Table:
+    """A rich table: columns are names, or (name, "left"|"right"); rows are sequences of str."""
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title, title_justify="left",
+              header_style="bold")
+    for c in columns:
+        name, justify = (c, "left") if isinstance(c, str) else c
+        t.add_column(name, justify=justify, no_wrap=True)
+    for r in rows:
+        t.add_row(*[str(v) for v in r])
+    return t
+
+
+def render(renderable, terminal: bool | None = None) -> str:
+    """The text of a table (or any rich renderable): with colour when stdout is a terminal
+    (terminal=None asks stdout), else plain text, never wrapped or cut, lines right-stripped."""
+    if terminal is None:
+        terminal = bool(getattr(sys.stdout, "isatty", lambda: False)())
+    buf = io.StringIO()
+    width = shutil.get_terminal_size((100, 24)).columns if terminal else 10_000
+    Console(file=buf, width=width, force_terminal=terminal, color_system="auto" if terminal else None,
+            highlight=False, soft_wrap=not terminal).print(renderable)
+    return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").split("\n"))
+
 
 PUBLISHED_1989 = [
     ("LeCun et al. 1989 (paper)", 0.14, 10, 5.00, 102),
     ("lecun1989-repro 2022 (public)", 0.62, 45, 4.09, 82),
 ]
-
-
-class ProgressBar:
-    def __init__(self, passes: int, stream=None, width: int = 30):
-        self.stream = stream or sys.stderr
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.passes, self.width, self.t0, self.cur = passes, width, time.perf_counter(), None
-
-    def __call__(self, pass_idx: int, done: int, total: int):
-        if not self.enabled:
-            return
-        if self.cur != pass_idx:
-            self.cur, self.t0 = pass_idx, time.perf_counter()
-        frac = done / max(total, 1)
-        bar = "#" * int(frac * self.width) + "-" * (self.width - int(frac * self.width))
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        self.stream.write(f"\rpass {pass_idx + 1}/{self.passes} [{bar}] {done}/{total} {rate:,.0f} ex/s ")
-        self.stream.flush()
-
-    def clear(self):
-        if self.enabled:
-            self.stream.write("\r" + " " * (self.width + 60) + "\r")
-            self.stream.flush()
 
 
 def _fmt(vals, digits=2, pct=True):
@@ -45,15 +53,12 @@ def repro_table(result, published: bool = True) -> str:
     """published: add the 1989 paper's and the public reproduction's rows (for the 1989 setup)."""
     f = result.final
     label = f"this run ({result.config['train']['engine']}, {len(f)} seed{'s' if len(f) > 1 else ''})"
-    rows = [("", "train error", "misses", "test error", "misses")]
+    rows = []
     for name, tre, trm, tee, tem in (PUBLISHED_1989 if published else ()):
         rows.append((name, f"{tre:.2f}%", str(trm), f"{tee:.2f}%", str(tem)))
     rows.append((label, _fmt([r["train_error"] for r in f]), _fmt([r["train_misses"] for r in f], 1, False),
                  _fmt([r["test_error"] for r in f]), _fmt([r["test_misses"] for r in f], 1, False)))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    cols = [""] + [(c, "right") for c in ("train error", "misses", "test error", "misses")]
     tail = (f"{result.seconds:.1f} s training ({result.seconds / max(len(result.history), 1):.2f} s a pass), "
             f"{result.eval_seconds:.1f} s evaluation")
-    return "\n".join(lines + [tail])
+    return render(table(cols, rows)) + "\n" + tail

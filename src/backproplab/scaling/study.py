@@ -213,8 +213,10 @@ def trim(cells: list, budget: float | None, jobs: int) -> tuple[list, list]:
     return [c for c in cells if c["key"] in keys], [c for c in cells if c["key"] not in keys]
 
 
-def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=print, data=None) -> dict:
-    """Run (or with plan_only, only project) the study's unfinished cells into `out`."""
+def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=print, data=None,
+              progress=None) -> dict:
+    """Run (or with plan_only, only project) the study's unfinished cells into `out`.
+    progress(done, total) after each cell (a progress bar)."""
     from ..engine.train import environment
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +246,8 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
     spec = {**study.spec, "env": environment()}
     order = sorted(kept, key=lambda c: -c["projected_s"])   # longest first: the workers finish together
     t0, n_done, records = time.perf_counter(), 0, []
+    if progress:
+        progress(0, len(kept))
 
     def report(rec):
         nonlocal n_done
@@ -254,6 +258,8 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
                 f"(test error {s['test_error']:5.2f}%, reported)") if s["loss"] is not None else ""
         log(f"[{n_done}/{len(kept)}] {study.family} size {s['size']} n {s['n_train']} epochs {s['epochs']:g}: "
             f"{lr}  {loss}  ({s['seconds']:.1f} s, {time.perf_counter() - t0:.0f} s elapsed)")
+        if progress:
+            progress(n_done, len(kept))
 
     if jobs <= 1:
         with one_thread():          # torch's default, every core, would oversubscribe a shared machine
