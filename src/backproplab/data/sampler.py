@@ -11,6 +11,11 @@ Fractional epochs: a run of `epochs` epochs takes examples_for(epochs, n) exampl
 the stream; 0.25 epochs sees a random quarter of the set once, 2.5 epochs sees every
 example twice and half of them a third time. Batches may straddle an epoch boundary
 (the stream is continuous), which keeps every batch full.
+
+Across ranks (data-parallel training, engine/ddp.py): every rank keeps the same stream and
+state; of each batch of k indices rank r of W takes the contiguous shard
+shard_bounds(k, r, W), so the ranks together see each batch, and so each epoch, exactly
+once. The state has no rank in it: a run saved on W ranks continues on any other number.
 """
 import numpy as np
 
@@ -22,6 +27,17 @@ def examples_for(epochs: float, n: int) -> int:
     if not (epochs > 0 and np.isfinite(epochs)):
         raise UserError(f"epochs must be a positive number, not {epochs!r}")
     return max(1, int(round(epochs * n)))
+
+
+def shard_bounds(k: int, rank: int, world: int) -> tuple:
+    """[a, b): rank `rank`'s contiguous share of k items split over `world` ranks; the shares
+    tile range(k) in rank order and differ in size by at most one (the first k % world ranks
+    take one more)."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} of {world}")
+    q, extra = divmod(int(k), int(world))
+    a = rank * q + min(rank, extra)
+    return a, a + q + (rank < extra)
 
 
 class EpochSampler:
@@ -50,6 +66,11 @@ class EpochSampler:
             if self.pos == self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def take_shard(self, k: int, rank: int, world: int) -> np.ndarray:
+        """This rank's shard of the next k indices of the stream (every rank advances by k)."""
+        a, b = shard_bounds(k, rank, world)
+        return self.take(k)[a:b]
 
     @property
     def consumed(self) -> int:
