@@ -78,9 +78,9 @@ class Space:
     methods: list                  # (method name, {option: Dim or fixed text}) for each +method item
 
     def canonical(self) -> dict:
-        """A JSON-able description; two searches over the same space give the same one."""
-        return {"dims": [{k: v for k, v in dataclasses.asdict(d).items() if k != "item"} | {"choices": list(d.choices)}
-                         for d in self.dims],
+        """A JSON-able description; the same space (in any order of its dimensions) gives the same one."""
+        return {"dims": sorted(({k: v for k, v in dataclasses.asdict(d).items() if k != "item"}
+                                | {"choices": list(d.choices)} for d in self.dims), key=lambda d: d["name"]),
                 "fixed": list(self.fixed),
                 "methods": [[n, {k: (v if isinstance(v, str) else v.name) for k, v in o.items()}]
                             for n, o in self.methods]}
@@ -154,8 +154,10 @@ def _range_dim(item: str, name: str, spec: str, tp, parse_value) -> Dim | None:
     if tp not in (int, float):
         raise UserError(f"search space {item!r}: {name} is a {tp.__name__}; search it with choice:a,b")
     lo, hi = (_number(item, p) for p in parts)
-    if kind == "int" and (lo != int(lo) or hi != int(hi)):
-        raise UserError(f"search space {item!r}: integer bounds expected")
+    if kind == "int":
+        if lo != int(lo) or hi != int(hi):
+            raise UserError(f"search space {item!r}: integer bounds expected")
+        lo, hi = int(lo), int(hi)
     if not lo < hi:
         raise UserError(f"search space {item!r}: empty range ({parts[0]} is not below {parts[1]})")
     if log and lo <= 0:
@@ -266,25 +268,25 @@ def load_space_file(path) -> list:
     """A JSON, TOML or YAML mapping KEY -> SPEC (a string as on the command line, a number or
     string for a fixed value, a list for a choice; '+method' and 'methods' take a string or a list)."""
     path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml", ".yaml", ".yml"):
+        raise UserError(f"--space {path}: expected a .json, .toml or .yaml file")
     try:
         text = path.read_text()
     except OSError as e:
         raise UserError(f"--space {path}: {e.strerror or e}") from None
-    suffix = path.suffix.lower()
     try:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix == ".toml":
             import tomllib
             data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
+        else:
             try:
                 import yaml
             except ImportError:
                 raise UserError("a YAML search space needs PyYAML: pip install pyyaml (or use .json / .toml)") from None
             data = yaml.safe_load(text)
-        else:
-            raise UserError(f"--space {path}: expected a .json, .toml or .yaml file")
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - each parser has its own error type; one line names the file
