@@ -20,7 +20,7 @@ def register(sub, add_common):
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs trained at once")
     p.add_argument("--resume", action="store_true", help="reuse finished runs, continue stopped ones")
     p.add_argument("--smoke", action="store_true",
-                   help=f"test size: 300 training and 200 test digits, at most 8 passes a recipe, 2 seeds")
+                   help="test size: 300 training and 200 test digits, at most 8 passes a recipe, 2 seeds")
 
 
 def cmd_progress(args):
