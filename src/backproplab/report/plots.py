@@ -5,6 +5,11 @@ from pathlib import Path
 import numpy as np
 
 
+def _saved(path):
+    """What a plot function returns: the path it wrote, or the file object (io.BytesIO) it drew into."""
+    return path if hasattr(path, "write") else Path(path)
+
+
 def _plt():
     try:
         import matplotlib
@@ -32,7 +37,7 @@ def ladder_errors(rows, path) -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return _saved(path)
 
 
 def learning_curves(curves: dict, path, ylabel="test error (%)") -> Path | None:
@@ -56,7 +61,7 @@ def learning_curves(curves: dict, path, ylabel="test error (%)") -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return _saved(path)
 
 
 def digit_grid(images, true, pred, path, title="", cols=12) -> Path | None:
@@ -86,7 +91,7 @@ def digit_grid(images, true, pred, path, title="", cols=12) -> Path | None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return _saved(path)
 
 
 def loglog_errorbars(series: dict, path, xlabel, ylabel, title="") -> Path | None:
@@ -107,4 +112,4 @@ def loglog_errorbars(series: dict, path, xlabel, ylabel, title="") -> Path | Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return Path(path)
+    return _saved(path)

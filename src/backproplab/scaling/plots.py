@@ -23,7 +23,7 @@ def _save(fig, plt, path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return str(Path(path))
+    return path if hasattr(path, "write") else str(Path(path))  # a file object: drawn into memory
 
 
 def loss_vs_compute(runs, frontiers: dict, path) -> str | None:
