@@ -3,13 +3,14 @@
   scale run --family convnet|vit --data mnist10k|PATH [--budget 30m] [--out DIR] [--smoke]
   scale fit RUNS.db [--out DIR]        fits, tables and PNG plots from a study's store
   scale fit --synthetic                the fitter on runs made from known constants
+  scale fit --csv FILE                 anyone's runs: columns N, loss, D or C (family, epochs, U, lr)
 """
-import json
 import os
 import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..jsonout import emit_json
 
 
 def register(sub, add_common):
@@ -44,13 +45,17 @@ def register(sub, add_common):
     f.set_defaults(out=None)
     f.add_argument("db", nargs="?", help="the study's results store (DIR/runs.db, or DIR)")
     f.add_argument("--synthetic", action="store_true", help="check the fitter on runs made from known constants")
+    f.add_argument("--csv", metavar="FILE", help="fit anyone's runs from a CSV file: a header row, columns N, loss "
+                                                 "and D or C (C = 6 N D when one is missing); optional family, "
+                                                 "epochs, U, lr. Plots and the report go to --out (default: "
+                                                 "FILE's folder/scaling)")
     f.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     f.add_argument("--noise", type=float, help="--synthetic: sigma of the log-normal loss noise (default 0.01)")
 
 
 def _emit_json(obj):
-    print(json.dumps(obj, sort_keys=True))
+    emit_json(obj)
 
 
 def cmd_scale(args):
@@ -126,10 +131,17 @@ def _fit(args):
     from ..scaling import check_synthetic
     if args.n_boot < 0:
         raise UserError("--n-boot must be >= 0")
-    from ..scaling.fitcmd import fit_store, fit_text, synthetic_text
+    from ..scaling.fitcmd import fit_csv, fit_store, fit_text, synthetic_text
+    given = [name for name, v in (("RUNS.db", args.db), ("--synthetic", args.synthetic), ("--csv", args.csv)) if v]
+    if len(given) > 1:
+        raise UserError(f"scale fit: give one of RUNS.db, --synthetic and --csv, not {' and '.join(given)}")
+    if args.csv:
+        rep = fit_csv(args.csv, args.out, n_boot=args.n_boot, seed=args.seed)
+        print(fit_text(rep))
+        if args.json:
+            _emit_json(rep)
+        return 0
     if args.synthetic:
-        if args.db:
-            raise UserError("scale fit: give RUNS.db or --synthetic, not both")
         kw = {} if args.noise is None else {"noise": args.noise}
         if args.noise is not None and not args.noise >= 0:
             raise UserError("--noise must be >= 0")
@@ -139,7 +151,7 @@ def _fit(args):
             _emit_json(res)
         return 0
     if not args.db:
-        raise UserError("scale fit: give the study's results store (RUNS.db) or --synthetic")
+        raise UserError("scale fit: give the study's results store (RUNS.db), --csv FILE or --synthetic")
     rep = fit_store(args.db, args.out, n_boot=args.n_boot, seed=args.seed)
     print(fit_text(rep))
     if args.json:

@@ -8,18 +8,20 @@ import numpy as np
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .progress import ProgressBar, bar, note  # noqa: F401  (the engine's callback and the bars, re-exported)
 
 def table(columns, rows, title: str | None = None) -> Table:
-    """A rich table: columns are names, or (name, "left"|"right"); rows are sequences of str."""
+    """A rich table: columns are names, or (name, "left"|"right"); rows are sequences of values,
+    shown as str (as text: brackets like "[0.1, 0.5]" are not read as rich markup)."""
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, title=title, title_justify="left",
               header_style="bold")
     for c in columns:
         name, justify = (c, "left") if isinstance(c, str) else c
-        t.add_column(name, justify=justify, no_wrap=True)
+        t.add_column(Text(name), justify=justify, no_wrap=True)
     for r in rows:
-        t.add_row(*[str(v) for v in r])
+        t.add_row(*[Text(str(v)) for v in r])
     return t
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..engine.checkpoint import atomic_write_bytes
+from ..report.console import render, table
 from ..store import DB_NAME, add_run
 from .report import fit_report, jsonable
 from .runs import load_runs_from_store
@@ -60,6 +61,20 @@ def fit_store(db, out=None, *, n_boot=1000, seed=0) -> dict:
     return summary
 
 
+def fit_csv(csv_path, out=None, *, n_boot=1000, seed=0) -> dict:
+    """`scale fit --csv FILE`: anyone's runs (scaling/csvruns.py) through the same fits; the
+    plots and the full report go to out (default: a 'scaling' folder beside the file)."""
+    from .csvruns import load_runs_from_csv
+    runs = load_runs_from_csv(csv_path)
+    out = Path(out) if out else Path(csv_path).expanduser().parent / "scaling"
+    rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
+    summary = summarize(rep)
+    summary.update({k: runs.info[k] for k in ("derived", "ignored_columns")})
+    summary["report"] = str(out / "scaling_report.json")
+    atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
+    return summary
+
+
 def seed_spread_summary(cells: list, summary: dict) -> dict:
     """Seed-to-seed spread of the cells' losses (relative sd at the chosen rate, from records of
     several seeds), over all cells and over the extrapolation check's held-out ones (C at or
@@ -79,6 +94,10 @@ def seed_spread_summary(cells: list, summary: dict) -> dict:
 
 
 # -- text --------------------------------------------------------------------------------
+def _indented(t, by: int = 4) -> list[str]:
+    return [" " * by + line for line in render(t).splitlines()]
+
+
 def _num(v, fmt=".4g"):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
@@ -92,6 +111,10 @@ def fit_text(s: dict) -> str:
     lines = [f"scale fit: {s['n_runs']} runs from {s['source']} (95% bootstrap intervals in brackets)"]
     if s.get("validation"):
         lines.append(f"  losses are validation losses on {s['validation']}")
+    for d in s.get("derived") or []:
+        lines.append(f"  computed: {d} (the file gave only one of D and C)")
+    if s.get("ignored_columns"):
+        lines.append(f"  ignored columns: {', '.join(s['ignored_columns'])}")
     seeds = s.get("seeds_per_run") or {}
     if set(seeds) - {"1"}:
         lines.append("  each run's loss is the mean over its seeds: " + ", ".join(
@@ -134,15 +157,15 @@ def fit_text(s: dict) -> str:
             lines.append("  best learning rate per cell (* = at the edge of the rates tried):")
             sizes = sorted({r["N"] for r in lr["table"]})
             eps = sorted({r["epochs"] for r in lr["table"] if r["epochs"] is not None})
-            lines.append("    " + "N \\ epochs".rjust(14) + "".join(f"{e:>11g} " for e in eps))
+            rows = []
             for N in sizes:
                 # n_train: the stored training-set size, or D / epochs in stores without it (a few
                 # examples off where epochs x n was rounded)
                 top = max(x["n_train"] or 0 for x in lr["table"] if x["N"] == N)
                 row = {r["epochs"]: r for r in lr["table"] if r["N"] == N and (r["n_train"] or 0) >= 0.999 * top}
-                lines.append("    " + f"{N:14.0f}" + "".join(
-                    f" {row[e]['best_lr']:>10.4g}{'*' if row[e]['at_edge'] else ' '}" if e in row else " " * 12
-                    for e in eps))
+                rows.append([f"{N:.0f}"] + [f"{row[e]['best_lr']:.4g}{'*' if row[e]['at_edge'] else ' '}"
+                                            if e in row else "" for e in eps])
+            lines += _indented(table([("N \\ epochs", "right")] + [(f"{e:g}", "right") for e in eps], rows))
             lines.append("    (largest training set of each size)")
             fit = lr["fit"]
             if "epochs_exponent" in fit:
@@ -189,11 +212,10 @@ def _extrapolation_lines(ex: dict) -> list[str]:
 
 def synthetic_text(r: dict) -> str:
     lines = [f"scale fit --synthetic: {r['n_runs']} runs from known constants, log-normal noise sigma "
-             f"{r['noise_sigma_log']}, {r['n_boot']} bootstrap resamples",
-             f"  {'':16s}{'true':>10s}{'fitted':>10s}   95% interval          inside"]
-    for name, p in r["params"].items():
-        lines.append(f"  {name:16s}{p['true']:10.4g}{p['fit']:10.4g}   [{_num(p['ci'][0])}, {_num(p['ci'][1])}]"
-                     .ljust(58) + ("yes" if p["inside"] else "NO"))
+             f"{r['noise_sigma_log']}, {r['n_boot']} bootstrap resamples"]
+    rows = [(name, f"{p['true']:.4g}", f"{p['fit']:.4g}", f"[{_num(p['ci'][0])}, {_num(p['ci'][1])}]",
+             "yes" if p["inside"] else "NO") for name, p in r["params"].items()]
+    lines += _indented(table(["", ("true", "right"), ("fitted", "right"), "95% interval", "inside"], rows), 2)
     iso = r["isoflop_N_opt_exponent"]
     lines.append(f"  IsoFLOP N_opt exponent: true {iso['true']:.4f}, fitted {_with_ci(iso['fit'], iso['ci'])}")
     e = r["errors"]
