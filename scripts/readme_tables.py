@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from backproplab.errors import UserError  # noqa: E402
+from backproplab.experiments.effects import multiplier_text  # noqa: E402
 from backproplab.store import list_runs  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def newest_effects(store, base: str) -> dict:
 def render(rec: dict) -> str:
     s = rec["summary"]
     rows, base = s["rows"], s["rows"][0]
+    mult = bool(s.get("multipliers"))
     every = s.get("eval_every", 1)
     every_s = f"every {every} pass{'es' if every > 1 else ''}"
     if s.get("timing_split") == "val":
@@ -49,14 +51,15 @@ def render(rec: dict) -> str:
            f"Differences are method - base in points with Welch's 95% interval; time to base = training seconds "
            f"a seed until the seed-mean {how[1]} error first reaches the base's final {base['base_error']:.2f}% "
            f"(seconds measured on a shared 2-core machine: passes to base do not depend on the load).", "",
-           "| method | path | test error % | diff vs base [95% CI] | p | s/seed | to base: s (passes) | speed-up |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| method | path | test error % | diff vs base [95% CI] | p | s/seed | to base: s (passes) | speed-up |"
+           + (" compute x [95% CI] |" if mult else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if mult else "")]
     for i, r in enumerate(rows):
         diff = "(base)" if i == 0 else f"{r['diff']:+.2f} [{_f(r['ci_low'], '+.2f')}, {_f(r['ci_high'], '+.2f')}]"
         to = "never" if r["time_to_base"] is None else f"{r['time_to_base']:.1f} ({r['passes_to_base']})"
         out.append(f"| {r['method']} | {r.get('path') or '-'} | {r['test_error']:.2f} +- {r['test_error_std']:.2f} "
                    f"| {diff} | {'' if i == 0 else _f(r['p_value'], '.3f')} | {r['seconds_per_seed']:.1f} | {to} "
-                   f"| {_f(r['speedup'], '.2f')} |")
+                   f"| {_f(r['speedup'], '.2f')} |" + (f" {multiplier_text(r)} |" if mult else ""))
     comp = s.get("composition") or []
     if comp:
         out += ["", "| pair | speed-up | singles | product | measured / product |", "|---|---|---|---|---|"]
@@ -66,6 +69,10 @@ def render(rec: dict) -> str:
     skipped = sorted((s.get("skipped") or {}).items())
     if skipped:
         out += [""] + [f"- skipped {k}: {why}" for k, why in skipped]
+    if mult:
+        out += ["", "compute x: the passes the base needs to reach the method's final test error, over the method's "
+                    "passes (the base's curve: a power law with a floor through 1/4, 1/2 and 1 of its passes; "
+                    "95% bootstrap interval over seeds; * beyond the base's own passes)."]
     return "\n".join(out)
 
 

@@ -123,6 +123,42 @@ def test_time_to_base_on_a_curve_evaluated_every_other_pass():
     assert rows["a"]["speedup"] == pytest.approx(5.0) and rows["a"]["seconds_per_seed"] == 2.0
 
 
+def test_multipliers_recover_a_method_worth_twice_the_passes():
+    """The base's test error follows a power law in passes with a floor; the method's is the base's
+    at twice the passes (err_m(p) = err_b(2p)), on 8 seeds with 2% noise: its effective-compute
+    multiplier is 2 inside its 95% interval; a method worse than the base gets one below 1."""
+    from types import SimpleNamespace as NS
+    rng = np.random.default_rng(0)
+    law = lambda p: 1.0 + 8.0 * p ** -0.7  # noqa: E731
+
+    def res(err):
+        return Result({}, list(range(8)), [], [{"test_error": e} for e in err * (1 + 0.02 * rng.standard_normal(8))],
+                      1.0, 0.0)
+    P = 40
+    cfgs = {k: NS(train=NS(passes=P)) for k in ("base", "twice", "half")}
+    scale = {"base": 1.0, "twice": 2.0, "half": 0.5}
+    results = {k: res(law(scale[k] * P)) for k in cfgs}
+    bcfgs, bres = {}, {}
+    for k in cfgs:
+        for f in fx.MULTIPLIER_BUDGETS:
+            p = round(P * f)
+            bcfgs[(k, str(f))] = NS(train=NS(passes=p))
+            bres[(k, str(f))] = res(law(scale[k] * p))
+    rows = [{"method": k} for k in cfgs] + [{"method": "twice+half"}]
+    fx.add_multipliers(rows, results, cfgs, bres, bcfgs, n_boot=300)
+    by = {r["method"]: r for r in rows}
+    lo, hi = by["twice"]["compute_x_ci"]
+    assert lo <= 2.0 <= hi and by["twice"]["compute_x"] == pytest.approx(2.0, rel=0.2)
+    assert by["twice"]["compute_x_extrapolated"]  # the base never trained 80 passes
+    assert by["half"]["compute_x"] == pytest.approx(0.5, rel=0.2) and by["half"]["compute_x_ci"][1] < 1
+    assert "compute_x" not in by["twice+half"]  # pairs have no budget runs
+    assert "compute x" in fx.format_table([{**by["base"], **ROW}, {**by["twice"], **ROW}])
+
+
+ROW = {"test_error": 1.0, "test_error_std": 0.1, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p_value": 1.0,
+       "seconds_per_seed": 1.0, "time_to_base": 1.0, "passes_to_base": 1, "speedup": 1.0}
+
+
 def test_methods_that_cannot_run_on_the_base_are_skipped_with_the_reason():
     base = fx.base_config("modern", 1, smoke=True)
     cfgs, skipped = fx.single_configs(base, ["label_smoothing", "rezero"])
@@ -135,23 +171,30 @@ def test_methods_that_cannot_run_on_the_base_are_skipped_with_the_reason():
 
 def test_cli_smoke_table_plot_composition_and_records(tmp_path):
     r = run_cli("effects", "--smoke", "--methods", "label_smoothing,ema", "--pairs", "label_smoothing+ema",
-                "--out", tmp_path, "--json")
+                "--multipliers", "--out", tmp_path, "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert [x["method"] for x in res["rows"]] == ["base", "label_smoothing", "ema", "label_smoothing+ema"]
     assert all(x["seeds"] == 2 for x in res["rows"]) and len(res["composition"]) == 1
-    assert res["timing_split"] == "val" and res["val"] == 100
+    assert res["timing_split"] == "val" and res["val"] == 100 and res["passes"] == 4  # 1, 2, 4: three budgets
+    by = {x["method"]: x for x in res["rows"]}
+    assert all(by[m]["compute_x"] > 0 and len(by[m]["compute_x_at"]) == 3 for m in ("base", "label_smoothing", "ema"))
+    assert "compute_x" not in by["label_smoothing+ema"]
     assert (tmp_path / "effects" / "pareto-modern_smoke.png").stat().st_size > 1000
     from backproplab.store import list_runs
     runs = list_runs(tmp_path)
     kinds = [x["kind"] for x in runs]
-    assert kinds.count("effects-run") == 4 and kinds[-1] == "effects"
-    for run in runs[:4]:  # validation after every pass; the test split once, after the last
-        assert [("val" in h, "test" in h) for h in run["history"]] == [(True, False), (True, True)]
+    assert kinds.count("effects-run") == 4 + 6 and kinds[-1] == "effects"  # and 3 x 2 budget runs
+    budget = {x["summary"]["method"]: x["config"]["train"]["passes"] for x in runs
+              if x["kind"] == "effects-run" and "@" in x["summary"]["method"]}
+    assert budget == {f"{m}@{f}": p for m in ("base", "label_smoothing", "ema") for f, p in (("1/4", 1), ("1/2", 2))}
+    for run in runs[:10]:  # validation after every pass; the test split once, after the last
+        h = run["history"]
+        assert all("val" in r for r in h) and [("test" in r) for r in h] == [False] * (len(h) - 1) + [True]
     again = run_cli("effects", "--smoke", "--methods", "label_smoothing,ema", "--pairs", "label_smoothing+ema",
-                    "--out", tmp_path, "--resume", "--json")
+                    "--multipliers", "--out", tmp_path, "--resume", "--json")
     assert again.returncode == 0, again.stderr
-    assert [x["kind"] for x in list_runs(tmp_path)].count("effects-run") == 4  # resumed runs not recorded twice
+    assert [x["kind"] for x in list_runs(tmp_path)].count("effects-run") == 10  # resumed runs not recorded twice
     assert json.loads(again.stdout.strip().splitlines()[-1])["rows"] == res["rows"]
 
 

@@ -22,6 +22,9 @@ def register(sub, add_common):
                    help="validation digits held out of the training set (default 1000; smoke 100): their curve "
                         "times the runs and chooses the pairs, the test split is evaluated once, at the end; "
                         "0 trains on every digit and times on the test curve (then name the pairs with --pairs)")
+    e.add_argument("--multipliers", action="store_true",
+                   help="also run the base and every method at 1/4 and 1/2 of the passes: each method's "
+                        "effective-compute multiplier over the base, with a 95%% CI")
     e.add_argument("--jobs", type=int, default=1, help="runs trained at once in worker processes (default 1)")
     e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
     e.add_argument("--smoke", action="store_true",
@@ -80,14 +83,18 @@ def cmd_effects(args):
     from ..experiments import effects as fx
     from ..store import add_run
     out = prepare_out(args.out)
+    passes = args.passes
+    if args.multipliers and args.smoke and passes is None:
+        passes = 4  # three distinct budgets: 1, 2 and 4 passes
     rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
-                                                        args.smoke, args.passes, pairs, args.top_pairs,
+                                                        args.smoke, passes, pairs, args.top_pairs,
                                                         log=lambda s: print(s, flush=True),
-                                                        eval_every=args.eval_every, val=args.val)
+                                                        eval_every=args.eval_every, val=args.val,
+                                                        multipliers=args.multipliers)
     env = environment()
     for key, res in results.items():
         s = res.summary()
-        s["method"] = key
+        s["method"] = key  # "name@1/4": a budget run of the multipliers
         if not _recorded(out, s["config_digest"], res.status):
             add_run(out, "effects-run", cfgs[key].name, res.status, res.config, s, res.history, env)
     bc = cfgs[fx.BASE_KEY]
@@ -96,6 +103,10 @@ def cmd_effects(args):
           f"(n={rows[0]['seeds']}); time to base = training seconds a seed until the seed-mean {split} error "
           f"first reaches the base's {rows[0]['base_error']:.2f} % (evaluated every {bc.train.eval_every} passes)")
     print(fx.format_table(rows))
+    if args.multipliers:
+        print("compute x: passes the base needs to reach the method's final test error / the method's passes "
+              "(base curve: power law with a floor through 1/4, 1/2, 1 of the passes; * extrapolated beyond "
+              "the base's passes)")
     for k, why in skipped.items():
         print(f"skipped {k}: {why}")
     print()
@@ -109,7 +120,7 @@ def cmd_effects(args):
         print(f"wrote {png}")
     summary = {"base": name, "seeds": seeds, "passes": cfgs[fx.BASE_KEY].train.passes,
                "eval_every": cfgs[fx.BASE_KEY].train.eval_every, "val": cfgs[fx.BASE_KEY].data.val,
-               "timing_split": rows[0]["timing_split"], "rows": rows,
+               "timing_split": rows[0]["timing_split"], "multipliers": args.multipliers, "rows": rows,
                "composition": comp, "skipped": skipped, "plot": str(png) if png else None, "smoke": args.smoke}
     status = "finished" if all(r["status"] == "finished" for r in rows) else "partial"
     summary["run_id"] = add_run(out, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),

@@ -21,9 +21,17 @@ Per run and against the base:
   speed-up          base's time to its own final error / the method's time
 Composition: for pairs of compatible methods, the measured speed-up against the product
 of the two single speed-ups (1.0 = they compose multiplicatively).
+Multipliers (multipliers=True): the base and every single method also run at 1/4 and 1/2 of
+the base's passes (each its own run, schedules scaled to its length); each method's
+effective-compute multiplier over the base is the passes the base's curve (a power law with
+a floor through its three budgets, experiments/progress.py) needs to reach the method's final
+test error, over the method's passes, with a 95% bootstrap interval over seeds. It is in
+units of training passes: a method whose pass costs more (SAM: two gradients a step) gets
+no discount for it here.
 """
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 
@@ -206,15 +214,29 @@ def _f(v, fmt, none="-"):
 
 
 def format_table(rows: list[dict]) -> str:
+    mult = any("compute_x" in r for r in rows)
     lines = [f"{'method':24s} {'test error %':>14s} {'diff vs base [95% CI]':>26s} {'p':>7s} "
-             f"{'s/seed':>7s} {'to base: s':>10s} {'passes':>6s} {'speed-up':>8s}"]
+             f"{'s/seed':>7s} {'to base: s':>10s} {'passes':>6s} {'speed-up':>8s}"
+             + (f" {'compute x [95% CI]':>24s}" if mult else "")]
     for i, r in enumerate(rows):
         diff = "(base)" if i == 0 else f"{r['diff']:+.2f} [{_f(r['ci_low'], '+.2f')}, {_f(r['ci_high'], '+.2f')}]"
         lines.append(f"{r['method'][:24]:24s} {r['test_error']:6.2f} +- {r['test_error_std']:4.2f} {diff:>26s} "
                      f"{'' if i == 0 else _f(r['p_value'], '.3f'):>7s} {r['seconds_per_seed']:7.1f} "
                      f"{_f(r['time_to_base'], '.1f', 'never'):>10s} {_f(r['passes_to_base'], 'd'):>6s} "
-                     f"{_f(r['speedup'], '.2f'):>8s}")
+                     f"{_f(r['speedup'], '.2f'):>8s}" + (f" {multiplier_text(r):>24s}" if mult else ""))
     return "\n".join(lines)
+
+
+def multiplier_text(r) -> str:
+    """'1.8x [1.2, 2.9]', 'beyond floor', '-' (pairs, or no multipliers run)."""
+    if r.get("compute_x_beyond_floor"):
+        return "beyond floor"
+    m = r.get("compute_x")
+    if m is None:
+        return "-"
+    lo, hi = r["compute_x_ci"]
+    return (f"{m:.2f}x [{_f(lo, '.2f')}, {'inf' if hi is None or hi == math.inf else _f(hi, '.2f')}]"  # stored: None
+            + ("*" if r.get("compute_x_extrapolated") else ""))
 
 
 def format_composition(comp: list[dict]) -> str:
@@ -273,10 +295,58 @@ def pareto_plot(rows, path, title):
 
 
 BASE_KEY = "base"
+MULTIPLIER_BUDGETS = (Fraction(1, 4), Fraction(1, 2))   # and the full budget: three points a curve
+
+
+def budget_configs(cfgs: dict, fractions=MULTIPLIER_BUDGETS) -> dict:
+    """(key, fraction) -> the config at that fraction of its passes: its own run, its own schedule."""
+    from ..config import from_dict
+    out = {}
+    for key, cfg in cfgs.items():
+        for f in fractions:
+            c = from_dict(cfg.to_dict())
+            c.train.passes = max(1, round(cfg.train.passes * f))
+            c.train.eval_every = min(cfg.train.eval_every, c.train.passes)
+            c.name = f"{cfg.name}@{f.numerator}-{f.denominator}"  # a file name: no slash
+            out[(key, str(f))] = validate(c)
+    passes = sorted({c.train.passes for c in out.values() if c.name.startswith(cfgs[BASE_KEY].name + "@")} |
+                    {cfgs[BASE_KEY].train.passes})
+    if len(passes) < 3:
+        raise UserError(f"multipliers need three distinct budgets; {cfgs[BASE_KEY].train.passes} passes give "
+                        f"{', '.join(map(str, passes))} (use --passes 4 or more)")
+    return out
+
+
+def add_multipliers(rows, results, cfgs, budget_results, budget_cfgs, n_boot=300, seed=0):
+    """Fill each single method's row with its effective-compute multiplier over the base."""
+    from .progress import Curve, compare
+    rng = np.random.default_rng(seed)
+
+    def curve(key):
+        pts = [(budget_cfgs[(key, str(f))].train.passes, budget_results[(key, str(f))]) for f in MULTIPLIER_BUDGETS]
+        pts.append((cfgs[key].train.passes, results[key]))
+        return Curve([p for p, _ in pts], [[f["test_error"] for f in r.final] for _, r in pts], n_boot, rng)
+    base = curve(BASE_KEY)
+    for r in rows:
+        key = r["method"]
+        if "+" in key or (key, str(MULTIPLIER_BUDGETS[0])) not in budget_results:
+            continue
+        try:
+            c = compare(base, curve(key))
+        except ValueError as e:  # a diverged budget (NaN or zero error): no curve to read
+            r["compute_x"] = None
+            r["compute_x_note"] = str(e)
+            continue
+        m = c["at"][-1]
+        r.update({"compute_x": m["multiplier"], "compute_x_ci": m["ci"], "compute_x_beyond_floor": m["beyond_floor"],
+                  "compute_x_extrapolated": m["extrapolated"], "compute_x_slope": c["verdict"],
+                  "compute_x_at": [{"passes": int(a["x"]), "multiplier": a["multiplier"], "ci": a["ci"]}
+                                   for a in c["at"]]})
+    return rows
 
 
 def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke=False, passes=None,
-                pairs=None, top_k=3, log=print, eval_every=None, val=None):
+                pairs=None, top_k=3, log=print, eval_every=None, val=None, multipliers=False, n_boot=300):
     """methods: names (None: every registered method that runs on the base; smoke: SMOKE_METHODS).
     pairs: [(a, b)] or None for all pairs among the top_k single speed-ups.
     -> (rows, composition, skipped {key: why}, results {key: Result}, configs {key: Config})."""
@@ -295,6 +365,13 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
                               f"in {res.seconds / max(len(res.final), 1):.1f} s a seed"  # noqa: E731
     results = run_configs(cfgs, out, resume, jobs, log, describe)
     rows = analyse(results, BASE_KEY)
+    bcfgs, bres = {}, {}
+    if multipliers:
+        bcfgs = budget_configs(cfgs)
+        log(f"effects: {len(bcfgs)} runs at {', '.join(map(str, MULTIPLIER_BUDGETS))} of the passes for the "
+            f"multipliers")
+        bres = run_configs(bcfgs, out, resume, jobs, log,
+                           lambda k, res: describe(f"{k[0]} at {k[1]}", res), label="budget runs")
     chosen = top_pairs(rows, top_k) if pairs is None else list(pairs)
     for a, b in chosen:
         for m in (a, b):
@@ -307,4 +384,8 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
         results.update(run_configs(pcfgs, out, resume, jobs, log, describe))
         cfgs.update(pcfgs)
         rows = analyse(results, BASE_KEY)
+    if multipliers:
+        add_multipliers(rows, results, cfgs, bres, bcfgs, n_boot)
+        results.update({f"{k}@{f}": r for (k, f), r in bres.items()})  # stored with the others
+        cfgs.update({f"{k}@{f}": c for (k, f), c in bcfgs.items()})
     return rows, compose(rows), skipped, results, cfgs
