@@ -7,10 +7,11 @@ prune      removes a fraction `sparsity` of the prunable weights (every weight m
              layerwise   the smallest |w| of each layer, the same fraction in every layer
              random      a fixed random order per replica and layer (the baseline)
              structured  whole units: output filters of the convolutions and units of the hidden
-                         linear layers by the L2 norm of their incoming weights, with their biases;
-                         the same share of units in every layer but the last, chosen so the weights
-                         removed come nearest the sparsity asked for (the next layer's weights that
-                         read a removed unit are counted as kept: Net1989 pads with -1, so they still act)
+                         linear layers by the L2 norm of their incoming weights, with their biases
+                         and the next layer's weights that read only the removed unit's zeros (not
+                         Net1989's H2 on H1: its table and -1 padding still read them); the same
+                         share of units in every layer but the last, chosen so the weights removed
+                         come nearest the sparsity asked for
            on a schedule over the run's steps T: oneshot (at start * T), gradual (Zhu & Gupta's
            cubic ramp s_t = s (1 - (1 - (t - t0) / (t1 - t0))^3) at every step from start * T to
            end * T), iterative (`cycles` prunings from start * T to end * T, each removing the same
@@ -66,17 +67,55 @@ def keep_top(score: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def unit_plan(sizes: list, final: int, keep: float) -> float:
-    """sizes [(units, weights)] of the layers whose units may go, `final` the weights that always
-    stay: -> the share u of units removed per layer (at least one unit kept) whose kept weights come
-    nearest keep * all weights."""
-    total = sum(w for _, w in sizes) + final
-    best, best_err = 0.0, math.inf
+def consumer_axis(shape: tuple, units: int):
+    """How the next weight tensor reads a layer of `units` outputs: ('in', k) when its input axis is
+    the units (a convolution), ('flat', k) when its inputs are the units' maps flattened (k values a
+    unit), else None (Net1989's H2 reads 8 of the 12 H1 maps through its table)."""
+    if len(shape) == 4 and shape[1] == units:
+        return ("in", 1)
+    if len(shape) == 2 and shape[1] % units == 0:
+        return ("flat", shape[1] // units)
+    return None
+
+
+def structured_layout(ctx) -> list:
+    """[(name, a, b, shape, units or None (the last layer), index of the layer it reads or None)].
+    A layer reads its predecessor's units when its weights on a removed unit see only zeros: the plain
+    nets (no normalization, which would turn a removed unit's 0 into its shift), zero padding or none."""
+    lay = prunable(ctx)
+    plain = not any(n.endswith(("_ng", "_nb")) for n in ctx.param_names)
+    out = []
+    for i, (n, a, b, sh) in enumerate(lay):
+        units = None if n in ctx.final_names else sh[0]
+        src = None
+        if plain and i > 0 and out[i - 1][4] is not None and consumer_axis(sh, out[i - 1][4]) is not None:
+            src = i - 1
+        out.append((n, a, b, sh, units, src))
+    return out
+
+
+def plan_kept(layout, r) -> float:
+    """Weights kept when layer i loses r[i] of its units (and its readers their inputs from them)."""
+    kept = 0.0
+    for i, (n, a, b, sh, U, src) in enumerate(layout):
+        share = 1.0 if U is None else (U - r[i]) / U
+        if src is not None:
+            Us = layout[src][4]
+            share *= (Us - r[src]) / Us
+        kept += (b - a) * share
+    return kept
+
+
+def unit_plan(layout, keep: float) -> list:
+    """Units removed per layer, the same share u of every layer but the last (at least one unit kept),
+    with u the share whose kept weights come nearest keep * all prunable weights."""
+    total = sum(b - a for _, a, b, _, _, _ in layout)
+    best, best_err = None, math.inf
     for u in np.linspace(0.0, 1.0, 1001):
-        kept = final + sum((U - min(U - 1, round(u * U))) * (w / U) for U, w in sizes)
-        err = abs(kept / total - keep)
+        r = [0 if U is None else min(U - 1, round(u * U)) for _, _, _, _, U, _ in layout]
+        err = abs(plan_kept(layout, r) / total - keep)
         if err < best_err - 1e-12:
-            best, best_err = float(u), err
+            best, best_err = r, err
     return best
 
 
@@ -190,23 +229,34 @@ class Prune(Masked):
     def _structured(self, ctx, w, old, s):
         R, P = w.shape
         mask = torch.ones(R, P, dtype=torch.bool)
-        lay = prunable(ctx)
-        units = [(n, a, b, sh) for n, a, b, sh in lay if n not in ctx.final_names]
-        final = sum(b - a for n, a, b, _ in lay if n in ctx.final_names)
-        u = unit_plan([(sh[0], b - a) for _, a, b, sh in units], final, 1.0 - s)
-        spans = dict((n, (a, b, sh)) for n, a, b, sh in layers(ctx))
-        for n, a, b, sh in units:
-            U = sh[0]
-            r = min(U - 1, round(u * U))
+        layout = structured_layout(ctx)
+        r_plan = unit_plan(layout, 1.0 - s)
+        spans = {n: (a, b, sh) for n, a, b, sh in layers(ctx)}
+        kept_units = {}
+        for i, (n, a, b, sh, U, src) in enumerate(layout):
+            if U is None:
+                continue
             wu = w[:, a:b].reshape(R, U, -1)
             alive = old[:, a:b].reshape(R, U, -1).any(-1)
             norm = torch.where(alive, wu.norm(dim=-1), torch.full((R, U), -1.0))
-            keep_u = keep_top(norm, U - r)                                      # (R, U)
-            mask[:, a:b] = keep_u.unsqueeze(-1).expand(R, U, (b - a) // U).reshape(R, -1)
+            keep_u = keep_top(norm, U - r_plan[i])                              # (R, U)
+            kept_units[i] = keep_u
+            mask[:, a:b] &= keep_u.unsqueeze(-1).expand(R, U, (b - a) // U).reshape(R, -1)
             bias = n[:-2] + "_b"
             if bias in spans and spans[bias][2][0] == U:
-                ba, bb, bsh = spans[bias]
-                mask[:, ba:bb] = keep_u.unsqueeze(-1).expand(R, U, (bb - ba) // U).reshape(R, -1)
+                ba, bb, _ = spans[bias]
+                mask[:, ba:bb] &= keep_u.unsqueeze(-1).expand(R, U, (bb - ba) // U).reshape(R, -1)
+        for i, (n, a, b, sh, U, src) in enumerate(layout):   # readers of removed units
+            if src is None:
+                continue
+            ku = kept_units[src]                                                 # (R, Us)
+            kind, k = consumer_axis(sh, layout[src][4])
+            view = mask[:, a:b].reshape(R, *sh).clone()
+            if kind == "in":
+                view &= ku.view(R, 1, -1, *([1] * (len(sh) - 2)))
+            else:
+                view &= ku.repeat_interleave(k, dim=1).view(R, 1, -1)
+            mask[:, a:b] = view.reshape(R, -1)
         return mask
 
 
@@ -311,7 +361,8 @@ def check_lowrank(cfg, o):
     return None
 
 
-_NOT_AVG = {"swa": "an average of weights from before and after a pruning is not sparse",
+_NOT_AVG = {"nf": "nf standardizes every weight tensor: a removed weight's standardized value is not 0",
+            "swa": "an average of weights from before and after a pruning is not sparse",
             "ema": "an average of weights from before and after a pruning is not sparse",
             "schedule_free": "its average x and sequence z bring removed weights back"}
 _SCHED = dict(start=Option(0.0, "fraction of steps", "when it acts (0: before the first step)", 0.0, 1.0))
