@@ -47,7 +47,10 @@ def test_report_in_chromium(tmp_path):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("requestfailed", lambda r: failed.append(r.url))
             page.goto(page_file.as_uri(), wait_until="load")
-            widths = page.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+            # decode() rejects an image the browser cannot decode whole (naturalWidth alone is read
+            # from the PNG header, which a truncated file still has)
+            widths = page.evaluate("Promise.all(Array.from(document.images).map("
+                                   "i => i.decode().then(() => i.naturalWidth, () => 0)))")
             urls = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
             cells = page.evaluate("""() => Array.from(document.querySelectorAll('tr[data-run]')).map(tr => ({
                 table: tr.closest('table').dataset.table, run: tr.dataset.run, rung: tr.dataset.rung || null,
