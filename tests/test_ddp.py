@@ -86,7 +86,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args, tmp_path, ranks=2, restarts=0, timeout=120):
+def torchrun(args, tmp_path, ranks=2, restarts=0, timeout=400):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={ranks}",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", f"--max-restarts={restarts}", *args]
