@@ -85,3 +85,21 @@ def test_train_command_runs_an_inverted_residual_net(tmp_path, capsys):
     assert rc == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["status"] == "finished" and 0 <= s["test_error"] <= 100
+
+
+def test_pareto_front_by_hand():
+    from backproplab.experiments.blocks import pareto
+    pts = [(10, 5.0), (20, 4.0), (15, 6.0), (30, 4.0), (5, 9.0)]
+    assert pareto(pts) == [0, 1, 4]          # (15, 6) is beaten by (10, 5); (30, 4) by (20, 4)
+
+
+def test_study_inputs_at_each_resolution(digits):
+    from backproplab.data.sources import canonical_split, load_mnist10k
+    from backproplab.experiments.blocks import VAL, digits_at
+    d16, d28 = digits_at(16), digits_at(28)
+    assert torch.equal(d16["test"][0], digits.test_x)                 # the engine's 16x16 digits
+    assert torch.equal(d16["train"][0], digits.train_x[:-VAL]) and torch.equal(d16["val"][0], digits.train_x[-VAL:])
+    images, _ = load_mnist10k()
+    src = torch.from_numpy(images[canonical_split()[1]]).float() / 127.5 - 1.0
+    assert torch.equal(d28["test"][0][:, 0], src)                     # 28: the sources themselves
+    assert digits_at(20)["test"][0].shape == (2007, 1, 20, 20)

@@ -78,3 +78,15 @@ def test_preset_trains_from_the_cli(tmp_path, capsys):
     assert rc == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert s["status"] == "finished" and s["seeds"] == 2
+
+
+def test_sequence_study_models_are_matched():
+    from backproplab.experiments.sequence import configs
+    from backproplab.models.registry import model_card
+    cfgs = configs(2, 1, smoke=True)
+    cards = {k: model_card(c.model) for k, c in cfgs.items()}
+    assert {c.model.name for c in cfgs.values()} == {"ssm", "vit", "net1989"}
+    assert cfgs["ssm (permuted)"].model.seq == "permuted" and cfgs["ssm (in order)"].model.seq == "inorder"
+    assert cfgs["transformer (pixels)"].model.patch == 1                # one token a pixel
+    assert all(abs(c["params"] - 9760) / 9760 < 0.15 for c in cards.values())
+    assert all(c.train.seeds == 2 and c.data.val > 0 for c in cfgs.values())
