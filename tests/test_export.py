@@ -17,8 +17,8 @@ def _history(n_rep, passes, with_val):
         total += 0.5 + 0.1 * p
         rec = {"pass": p, "seconds": 0.5 + 0.1 * p, "seconds_total": total}
         for sp in ("train", "val", "test") if with_val else ("train", "test"):
-            rec[sp] = [{"loss": 1.0 / (p + r + 1) + (sp == "test") * 0.01, "error": 50.0 / (p + r), "misses": 7 * p + r}
-                       for r in range(n_rep)]
+            rec[sp] = [{"loss": 1.0 / (p + r + 1) + (sp == "test") * 0.01, "error": 50.0 / (p + r),
+                        "misses": 7 * p + r} for r in range(n_rep)]
         hist.append(rec)
     return hist
 

@@ -1,4 +1,4 @@
-"""The fast kernels' first run: numba compiles them once (about a minute) and caches the machine
+"""The fast kernels' first run: numba compiles them once (about a minute of CPU) and caches the machine
 code in engine/__pycache__; every later process loads it in about a second. train() calls
 prepare_kernels() before its first timed pass, so a cold cache is announced (what is happening
 and how long it took) instead of showing up as a minute of "training".
@@ -50,7 +50,8 @@ def prepare_kernels(say) -> float | None:
     if not cold:
         return None
     from .kernelgrad import warm_up
-    say(f"compiling the fast kernels ({', '.join(cold)}): once, about a minute; numba caches them in {where}")
+    say(f"compiling the fast kernels ({', '.join(cold)}): once, about a minute of CPU time; "
+        f"numba caches them in {where}")
     t0 = time.perf_counter()
     warm_up()
     dt = time.perf_counter() - t0

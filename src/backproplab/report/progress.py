@@ -49,12 +49,19 @@ def _acquire() -> Progress:
         console = _get_console()
         # printed lines go above the bars; stdout is taken over only when it shares the terminal,
         # so a redirected stdout keeps exactly what the command prints
-        _display = Progress(*COLUMNS, console=console, transient=True,
+        # redrawn 4 times a second by rich's thread (its clock and ETA keep moving while a pool's
+        # workers train), and at once when a bar opens, closes, or a bar of runs moves
+        _display = Progress(*COLUMNS, console=console, transient=True, refresh_per_second=4,
                             redirect_stdout=bool(getattr(sys.stdout, "isatty", lambda: False)()),
                             redirect_stderr=_console is None)
         _display.start()
     _open += 1
     return _display
+
+
+def _draw() -> None:
+    if _display is not None:
+        _display.refresh()
 
 
 def _release() -> None:
@@ -73,6 +80,7 @@ class Bar:
         self.label, self.total, self.counts, self.completed = description, total, counts, 0
         self._p = _acquire() if enabled() else None
         self._task = None if self._p is None else self._p.add_task(self._describe(), total=total)
+        _draw()
 
     def _describe(self) -> str:
         if self.counts and self.total is not None:
@@ -89,6 +97,8 @@ class Bar:
         self.label = self.label if description is None else description
         if self._task is not None:
             self._p.update(self._task, completed=self.completed, description=self._describe())
+            if self.counts:  # a bar of runs or cells moves rarely: drawn at once
+                _draw()
 
     def advance(self, n: float = 1) -> None:
         self.update(advance=n)
@@ -97,6 +107,7 @@ class Bar:
         if self._task is not None:
             self._p.remove_task(self._task)
             self._task = None
+            _draw()
             _release()
 
     def __enter__(self):
