@@ -31,7 +31,8 @@ def store(tmp_path):
             {"seeds": 2, "passes": 3, "test_error": 5.1, "engine": "fast", "weights_sha256": ["a", "b"],
              "per_seed": [{"seed": 3}, {"seed": 4}]}, _history(2, 3, False), {})
     add_run(out, "train", "modern smoke/x", "finished", {"train": {"seed": 0}},
-            {"seeds": 1, "passes": 2, "test_error": 2.25, "val_error": 2.5, "methods": ["sam"]}, _history(1, 2, True), {})
+            {"seeds": 1, "passes": 2, "test_error": 2.25, "val_error": 2.5, "methods": ["sam"]},
+            _history(1, 2, True), {})
     add_run(out, "scale", "cell", "finished", {}, {"N": 1000, "loss": 0.3, "sweep": [{"lr": 0.1}]}, [], {})
     return out
 
