@@ -24,9 +24,26 @@ SCALE_FIT_SUMMARY = {
                           "why_no_fit": "only 0 bins with an interior minimum (need 3)"}}}},
     "comparisons": [], "plots": {}, "seconds": 1.0}
 
-PROGRESS_SUMMARY = {"rows": [
-    {"rung": "2", "what": "softmax cross-entropy", "multiplier": 1.31, "multiplier_ci": [1.05, 1.62]},
-    {"rung": "5", "what": "dropout and ReLU", "multiplier": 4.75, "multiplier_ci": [3.1, 7.2]}]}
+def _m(m, lo, hi):
+    return {"x": 1e11, "error": 2.0, "multiplier": m, "ci": [lo, hi], "beyond_floor": False,
+            "share_beyond_floor": 0.0, "extrapolated": False}
+
+
+_FIT = {"floor": 1.5, "floor_ci": [1.1, 1.8], "amplitude": 2.0, "amplitude_ci": [1.5, 2.5], "alpha": 0.61,
+        "alpha_ci": [0.42, 0.83]}
+# experiments/progress.py analyse()'s layout, as `backproplab progress` records it (json_safe: inf -> null)
+PROGRESS_SUMMARY = {
+    "rows": [{"recipe": "rung1", "n_train": 300, "passes": 8, "seeds": 2, "test_error": 9.25, "test_error_std": 0.35,
+              "compute_fit": _FIT},
+             {"recipe": "rung5", "n_train": 300, "passes": 8, "seeds": 2, "test_error": 4.75, "test_error_std": 0.21,
+              "compute_fit": _FIT, "compute_x_over_rung1": _m(4.75, 3.1, None),
+              "data_x_over_rung1": _m(2.5, 1.25, 6.0)}],
+    "comparisons": [], "n_boot": 20,
+    "decomposition": {"algorithms": ["rung1", "rung5"], "from_error": 12.5, "to_error": 4.75, "drop": 7.75,
+                      "algorithm": {"points": 4.25, "points_ci": [3.0, 5.5], "share": 0.55, "share_ci": [0.4, 0.7]},
+                      "data": {"points": 2.0, "points_ci": [1.0, 3.0], "share": 0.26, "share_ci": [0.1, 0.4]},
+                      "compute": {"points": 1.5, "points_ci": [0.5, 2.5], "share": 0.19, "share_ci": [0.05, 0.3]},
+                      "doubling_months": 175.4, "doubling_months_ci": [130.0, None]}}
 
 
 def run(*argv) -> int:
@@ -47,7 +64,7 @@ def make_store(folder, scale=True, extras=True):
         if scale:
             add_run(folder, "scale_fit", "scale-fit", "finished", {"n_boot": 20, "seed": 0},
                     {**SCALE_FIT_SUMMARY, "source": f"{folder}/runs.db"}, [], {})
-        add_run(folder, "progress", "progress", "finished", {"base": "ladder"}, PROGRESS_SUMMARY, [],
+        add_run(folder, "progress", "progress:rung1,rung5", "finished", {}, PROGRESS_SUMMARY, [],
                 {"backproplab": "0.1.0"})
     return folder
 

@@ -107,8 +107,14 @@ def test_numbers_equal_the_store(full):
     fit = {c[2]: c[3] for _, c in t["scale_fit"]}
     _close(fit["slope"], -0.0213, -0.0311, -0.0102, tol=1e-9)
     _close(fit["alpha"], 0.381, 0.21, 0.55, tol=1e-9)
-    prog = t["progress"]
-    assert [c[0] for _, c in prog] == ["2", "5"] and numbers(prog[1][1][-1]) == [3.1, 7.2]
+    prog = {a["data-recipe"]: c for a, c in t["progress"]}
+    assert list(prog) == ["rung1", "rung5"]
+    _close(prog["rung5"][3], 4.75, 0.21, tol=1e-9)
+    assert prog["rung5"][4] == "4.75× [3.1, inf]" and prog["rung1"][4] == "–"   # an open interval stays open
+    _close(prog["rung5"][5], 2.5, 1.25, 6.0, tol=1e-9)
+    dec = {a["data-factor"]: c for a, c in t["decomposition"]}
+    _close(dec["algorithm"][1], 4.25, 3.0, 5.5, tol=1e-9)
+    _close(dec["data"][2], 26, 10, 40, tol=1e-9)
 
 
 def test_grid_is_the_checkpoint_replayed(full):

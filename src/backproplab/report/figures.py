@@ -23,8 +23,9 @@ def replica_curves(series: dict, path, title: str = "", ylabel: str = "test erro
                 label=f"{label} (mean of {len(vals)})")
         positive &= bool(np.all(vals > 0))
     if positive:
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))   # labels at 1, 2, 5, 10, 20, ...
         ax.yaxis.set_major_formatter(ScalarFormatter())   # 2, 5, 10 rather than 2x10^0
         ax.yaxis.set_minor_formatter(NullFormatter())
     from matplotlib.ticker import MaxNLocator

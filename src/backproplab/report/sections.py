@@ -344,12 +344,66 @@ def _cell(v) -> str:
     return str(v) if not isinstance(v, (dict, list)) else f"{len(v)} entries"
 
 
+def _mult(m) -> str:
+    """An effective-compute (or -data) multiplier with its 95% interval (None: not measured)."""
+    if not isinstance(m, dict):
+        return "–"
+    if m.get("beyond_floor"):
+        return "beyond the floor"
+    lo, hi = (list(m.get("ci") or []) + [None, None])[:2]
+    return f"{fmt(m.get('multiplier'), '.3g')}× [{fmt(lo, '.3g')}, {fmt(hi, '.3g', 'inf')}]" + \
+        (" (extrapolated)" if m.get("extrapolated") else "")
+
+
+def _progress_tables(rec, page) -> list[str]:
+    """`backproplab progress`'s record (experiments/progress.py analyse(): rows, decomposition)."""
+    s, out = rec.summary, []
+    refs = sorted({k.removeprefix("compute_x_over_") for r in s["rows"] for k in r if k.startswith("compute_x_over_")})
+    head = ["recipe", "passes", "seeds", "test error %"] + \
+        [f"{w} × over {ref} [95% CI]" for ref in refs for w in ("compute", "data")] + \
+        ["alpha [95% CI]", "floor % [95% CI]"]
+    body = []
+    for r in s["rows"]:
+        f = r.get("compute_fit") or {}
+        body.append([r["recipe"], str(r.get("passes")), str(r.get("seeds")),
+                     pm(r.get("test_error"), r.get("test_error_std") if (r.get("seeds") or 1) > 1 else None)]
+                    + [_mult(r.get(f"{w}_x_over_{ref}")) for ref in refs for w in ("compute", "data")]
+                    + [_ci(f.get("alpha"), f.get("alpha_ci"), ".2f"), _ci(f.get("floor"), f.get("floor_ci"), ".2f")])
+    out.append(page.table(f"effective-compute and -data multipliers ({rec.name}, {s.get('n_boot', '?')} bootstrap "
+                          f"refits)", head, body, [rec], [{"data-run": rec.id, "data-recipe": r["recipe"]}
+                                                         for r in s["rows"]],
+                          ["", "num", "num", "num"] + ["num"] * (2 * len(refs) + 2), key="progress"))
+    d = s.get("decomposition")
+    if isinstance(d, dict) and d.get("algorithms"):
+        a, b = d["algorithms"]
+        rows = [[k, _ci(d[k].get("points"), d[k].get("points_ci"), "+.2f"),
+                 _ci(100 * d[k]["share"] if d[k].get("share") is not None else None,
+                     [None if v is None else 100 * v for v in (d[k].get("share_ci") or [None, None])], ".0f")]
+                for k in ("algorithm", "data", "compute") if isinstance(d.get(k), dict)]
+        out.append(page.table(f"the drop from {fmt(d.get('from_error'))}% ({a}) to {fmt(d.get('to_error'))}% ({b}) "
+                              f"split into algorithm, data and compute (Shapley values)",
+                              ["factor", "points [95% CI]", "share % [95% CI]"], rows, [rec],
+                              [{"data-run": rec.id, "data-factor": r[0]} for r in rows], ["", "num", "num"],
+                              key="decomposition"))
+        if d.get("doubling_months") is not None:
+            lo, hi = (list(d.get("doubling_months_ci") or []) + [None, None])[:2]
+            pub = "; ".join(f"{esc(p['what'])}: {fmt(p['doubling_months'], '.0f')} months"
+                            for p in d.get("published") or [])
+            out.append(f"<p>{esc(b)} over {esc(a)} in compute: a doubling every "
+                       f"{fmt(d['doubling_months'], '.1f')} months [{fmt(lo, '.1f')}, {fmt(hi, '.1f')}]"
+                       + (f"; published: {pub}" if pub else "") + ".</p>")
+    return out
+
+
 def render_progress(ctx, page):
-    out = ["<p>Effective-compute multipliers as `backproplab progress` recorded them: the record's rows, "
-           "with 95% intervals in brackets where it gives them.</p>"]
+    out = ["<p>How much compute (or data) the older recipe would need for the newer recipe's error: "
+           "multipliers with 95% bootstrap intervals, as `backproplab progress` recorded them.</p>"]
     for rec in _newest_per(ctx.of("progress"), lambda r: (str(r.store), r.name)):
         rows = [r for r in (rec.summary.get("rows") or []) if isinstance(r, dict)]
-        if rows:
+        if rows and all("recipe" in r for r in rows):
+            out += _progress_tables(rec, page)
+            continue
+        if rows:                                   # another layout: every scalar column of its rows
             keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, dict)))
             body = [[_cell(r.get(k)) for k in keys] for r in rows]
         else:
