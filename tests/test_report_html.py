@@ -253,3 +253,21 @@ def test_failed_write_keeps_the_old_page(full, tmp_path, monkeypatch):
         html.build_report([tmp_path / "a"], out)
     assert (out / "report.html").read_text() == "the old page"
     assert [p.name for p in out.iterdir()] == ["report.html"]   # no temporary file left
+
+
+def test_effects_multipliers_column(full, tmp_path):
+    """An effects record made with --multipliers: each method's compute multiplier and its interval."""
+    store, _, _ = full
+    from backproplab.report.html import build_report
+    from backproplab.store import add_run
+    rec = [x for x in read_store(store) if x["kind"] == "effects"][-1]
+    rows = [dict(r) for r in rec["summary"]["rows"]]
+    rows[1].update({"compute_x": 1.83, "compute_x_ci": [1.21, None], "compute_x_beyond_floor": False,
+                    "compute_x_extrapolated": True})
+    (tmp_path / "s").mkdir()
+    add_run(tmp_path / "s", "effects", rec["name"], rec["status"], rec["config"],
+            {**rec["summary"], "rows": rows, "multipliers": True}, [], {})
+    res = build_report([tmp_path / "s"], tmp_path / "out")
+    assert res["sections"] == ["effects"]
+    got = {a["data-method"]: c for a, c in tables((tmp_path / "out" / "report.html").read_text())["effects"]}
+    assert got[rows[1]["method"]][-1] == "1.83x [1.21, inf]*" and got["base"][-1] == "-"

@@ -289,13 +289,18 @@ def render_effects(ctx, page):
         b = rows[0]
         runs = _effect_runs(ctx, rec)
         out.append(f"<h3>Base {esc(s.get('base'))}: {esc(s.get('seeds'))} seeds, {esc(s.get('passes'))} passes</h3>")
+        split = "validation" if s.get("timing_split") == "val" else "test"
+        mult = any("compute_x" in r for r in rows)
         out.append(f"<p>Each method alone on the base recipe. Base: {pm(b['test_error'], b['test_error_std'])}% "
                    f"(n = {b['seeds']}). Difference: method − base in points, Welch's 95% interval and p-value. "
-                   f"Time to base: training seconds a seed until the seed-mean test error first reaches the "
-                   f"base's final {fmt(b['base_error'])}% (test split every {esc(s.get('eval_every', 1))} passes; "
-                   f"seconds are measured, passes do not depend on the machine's load).</p>")
+                   f"Time to base: training seconds a seed until the seed-mean {split} error first reaches the "
+                   f"base's final {fmt(b['base_error'])}% ({split} split every {esc(s.get('eval_every', 1))} passes; "
+                   f"seconds are measured, passes do not depend on the machine's load)."
+                   + (" Compute ×: the passes the base needs to reach the method's final test error over the "
+                      "method's passes (the base's curve through 1/4, 1/2 and all of its passes; * extrapolated), "
+                      "95% bootstrap interval." if mult else "") + "</p>")
         head = ["method", "path", "seeds", "test error %", "diff vs base [95% CI]", "p", "s/seed",
-                "to base: s (passes)", "speed-up"]
+                "to base: s (passes)", "speed-up"] + (["compute × [95% CI]"] if mult else [])
         body = []
         for i, r in enumerate(rows):
             diff = "(base)" if i == 0 else f"{fmt(r['diff'], '+.2f')} [{fmt(r['ci_low'], '+.2f')}, " \
@@ -304,10 +309,10 @@ def render_effects(ctx, page):
                 f"{fmt(r['time_to_base'], '.1f')} ({r.get('passes_to_base')})"
             body.append([r["method"], r.get("path") or "–", str(r["seeds"]), pm(r["test_error"], r["test_error_std"]),
                          diff, "" if i == 0 else fmt(r.get("p_value"), ".3f"), fmt(r["seconds_per_seed"], ".1f"),
-                         to, fmt(r.get("speedup"))])
+                         to, fmt(r.get("speedup"))] + ([fx.multiplier_text(r)] if mult else []))
         out.append(page.table(f"effects of each method on {s.get('base')}", head, body, runs,
                               [{"data-method": r["method"], "data-run": rec.id} for r in rows],
-                              ["", "", "num", "num", "num", "num", "num", "num", "num"], key="effects"))
+                              ["", "", "num", "num", "num", "num", "num", "num", "num", "num"], key="effects"))
         title = f"effects on {s.get('base')}: {s.get('seeds')} seeds, {s.get('passes')} passes"
         out.append(page.figure(f"Pareto plot: test error against training seconds a seed ({s.get('base')})",
                                draw(fx.pareto_plot, rows, title=title), runs, "Pareto plot of the methods"))
