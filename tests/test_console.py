@@ -148,3 +148,11 @@ def test_a_cold_kernel_cache_is_detected_and_announced_once(tmp_path):
     assert cold == "['eval_pass', 'pop_pass', 'solo_pass']" and where.startswith(str(tmp_path))
     assert n == "3" and warm == "warm"  # announced, compiled, timed; the second call says nothing
     assert first.startswith("compiling the fast kernels") and last.startswith("compiled the fast kernels in ")
+
+
+def test_no_bar_outlives_its_command_even_when_it_fails(capsys):
+    _terminal()
+    P.bar("left open by a command that failed", 3)
+    assert P._display is not None
+    assert main(["repro", "--bogus"]) == 2
+    assert P._display is None and P._open == 0

@@ -126,8 +126,10 @@ def train_and_record(cfg, args, kind: str, published: bool = True, extra: dict |
         if not args.quiet:
             print(line, flush=True)
 
-    result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
-    bar.clear()
+    try:
+        result = train(cfg, out=args.out, resume=args.resume, log=log, progress=bar)
+    finally:
+        bar.clear()
     summary = {**result.summary(), **(extra or {})}
     # --resume of a run that was already final trains nothing: keep its one record
     run_id = recorded_run(args.out, kind, summary["config_digest"], result.status) if args.resume else None
@@ -296,6 +298,15 @@ def main(argv=None):
         print(f"error: internal error: {type(e).__name__}: {e} (set BACKPROPLAB_DEBUG=1 for details)",
               file=sys.stderr)
         return 1
+    finally:
+        _end_progress()
+
+
+def _end_progress():
+    """No bar outlives its command, however it ended (the terminal gets its cursor back)."""
+    mod = sys.modules.get("backproplab.report.progress")
+    if mod is not None:
+        mod.close_all()
 
 
 def entry():

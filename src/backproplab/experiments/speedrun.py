@@ -58,6 +58,7 @@ def plain_errors(cfg, params, data) -> list:
 def run_speedrun(cfg, data, seeds, population=False, log=print) -> dict:
     """Each seed alone (one timed train() per seed), or all seeds as one population."""
     from ..engine.train import train
+    from ..report.progress import ProgressBar
     groups = [list(seeds)] if population else [[s] for s in seeds]
     per_seed, results = [], []
     from ..engine.kernelgrad import kernel_reason, warm_up
@@ -69,8 +70,10 @@ def run_speedrun(cfg, data, seeds, population=False, log=print) -> dict:
         if grp != list(range(grp[0], grp[0] + len(grp))):
             raise UserError("a population's seeds must be consecutive")
         c0 = time.process_time()
-        res = train(c, data=data)
+        passes = ProgressBar(c.train.passes, label=f"seed {grp[0]}: pass" if len(grp) == 1 else "pass")
+        res = train(c, data=data, progress=passes)
         cpu = time.process_time() - c0
+        passes.clear()
         if res.status != "finished":
             raise UserError(f"speedrun seed {grp[0]}: {res.message}")
         results.append(res)

@@ -72,6 +72,15 @@ def _release() -> None:
         _display, _open = None, 0
 
 
+def close_all() -> None:
+    """End the display whatever is open (cli.main calls it when a command ends, also by an
+    error or Ctrl-C), so the terminal gets its cursor back and no bar is left drawn."""
+    global _display, _open
+    if _display is not None:
+        _display.stop()
+    _display, _open = None, 0
+
+
 class Bar:
     """One bar of the shared display; a no-op when bars are off. Use as a context manager, or
     call close(). With counts, the description reads "LABEL done/total"."""
@@ -104,6 +113,8 @@ class Bar:
         self.update(advance=n)
 
     def close(self) -> None:
+        if self._task is not None and self._p is not _display:   # the display was ended by close_all
+            self._task = None
         if self._task is not None:
             self._p.remove_task(self._task)
             self._task = None
