@@ -34,7 +34,7 @@ tr.published td { color: #555; font-style: italic; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption, .prov { font-size: 12px; color: #555; }
 .prov code, td code { font-size: 11.5px; }
-nav ul { columns: 2; } .note { color: #555; }
+nav ul { columns: 2; } .note { color: #555; } .wide { overflow-x: auto; }
 """
 
 
@@ -94,7 +94,7 @@ class Page:
         classes: per column 'num' or ''. key names the table (data-table) for readers of the page."""
         item = self._register("table", title, runs)
         classes = classes or [""] * len(head)
-        out = [f'<table id="{item["id"]}" data-table="{esc(key or item["id"])}">',
+        out = [f'<div class="wide"><table id="{item["id"]}" data-table="{esc(key or item["id"])}">',
                f'<caption class="note">Table {item["id"].split("-")[1]}: {esc(title)}</caption>',
                "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"]
         for i, row in enumerate(rows):
@@ -102,7 +102,7 @@ class Page:
             a = "".join(f' {k}="{esc(v)}"' for k, v in attrs.items())
             out.append(f"<tr{a}>" + "".join(f'<td class="{c}">{esc(v)}</td>' if c else f"<td>{esc(v)}</td>"
                                             for v, c in zip(row, classes)) + "</tr>")
-        out.append("</table>")
+        out.append("</table></div>")
         return "\n".join(out) + self._prov_line(item)
 
     def figure(self, title: str, png: bytes | None, runs, alt: str) -> str:
