@@ -448,7 +448,7 @@ def _fit_rows(fam, f) -> list[list[str]]:
         rows += [[fam, "Chinchilla: L = E + A/N^alpha + B/D^beta" if k == "E" else "", k, _ci(c.get(k), ci.get(k))]
                  for k in ("E", "A", "B", "alpha", "beta")]
         co = ch.get("compute_optimal") or {}
-        rows += [[fam, "compute-optimal allocation", f"N* ~ C^x: x", _ci(co.get("N_opt_exponent"),
+        rows += [[fam, "compute-optimal allocation", "N* ~ C^x: x", _ci(co.get("N_opt_exponent"),
                                                                        ci.get("N_opt_exponent"), ".3f")],
                  [fam, "", "D* ~ C^x: x", _ci(co.get("D_opt_exponent"), ci.get("D_opt_exponent"), ".3f")]]
     elif ch.get("why_no_fit"):
