@@ -128,9 +128,9 @@ def cmd_nas(args):
     if not quiet:
         print(f"\nground truth: best {best_key} {truth[best_key]:.2f}% validation error; the largest "
               f"({by_params.key}) {truth[by_params.key]:.2f}%")
-        print(f"{'strategy':10s} {'fidelity':>8s} {'evals':>6s} {'regret (pp)':>16s} {'found best':>10s}")
+        print(f"{'strategy':10s} {'fidelity':>8s} {'evals':>6s} {'spent':>6s} {'regret (pp)':>16s} {'found best':>10s}")
         for r in rows:
-            print(f"{r['strategy']:10s} {r['fidelity']:8d} {r['evaluations']:6.0f} "
+            print(f"{r['strategy']:10s} {r['fidelity']:8d} {r['evaluations']:6.0f} {r['evaluations_spent_mean']:6.1f} "
                   f"{r['regret_mean']:7.2f} +- {r['regret_std']:5.2f} {r['found_best']:5d}/{r['seeds']}")
         for k, (d, lo, hi) in diffs.items():
             print(f"{k}: {d:+.2f} pp (95% CI {lo:+.2f} to {hi:+.2f}; {seeds} search seeds each)")

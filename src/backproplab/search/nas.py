@@ -368,7 +368,7 @@ def run_evolution(ev: Evaluator, archs, rng, population=10, sample=3, dims=DIMEN
             return
 
 
-def run_tpe(ev: Evaluator, archs, seed: int, dims=DIMENSIONS, max_trials=2_000) -> None:
+def run_tpe(ev: Evaluator, archs, seed: int, dims=DIMENSIONS, max_trials=600) -> None:
     import optuna
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ok = set(archs)
@@ -389,7 +389,8 @@ def run_tpe(ev: Evaluator, archs, seed: int, dims=DIMENSIONS, max_trials=2_000) 
 
 
 def search(strategy: str, tab: dict, archs, fidelity: int, compute: float, seed: int, population=10, sample=3,
-           dims=DIMENSIONS) -> Arch:
+           dims=DIMENSIONS) -> tuple:
+    """-> (the architecture the search returns, the compute it spent in passes)."""
     ev = Evaluator(tab, fidelity, compute)
     rng = np.random.default_rng([seed, STRATEGIES.index(strategy) if strategy in STRATEGIES else 99])
     if strategy == "random":
@@ -400,25 +401,29 @@ def search(strategy: str, tab: dict, archs, fidelity: int, compute: float, seed:
         run_tpe(ev, archs, seed, dims)
     else:
         raise UserError(f"unknown search strategy {strategy!r}; choose {', '.join(STRATEGIES)}")
-    return ev.best()
+    return ev.best(), ev.spent
 
 
 def compare(tab: dict, archs, strategies, runs, seeds: int, population=10, sample=3, dims=DIMENSIONS) -> list:
     """runs: [(fidelity, compute)] -> per (strategy, fidelity): regret against the table's best at
-    the table's fidelity (the last pass), mean, std and the n search seeds' values."""
+    the table's fidelity (the last pass), mean, std and the n search seeds' values, and the
+    evaluations actually spent (TPE may stop proposing new architectures: its proposals then
+    repeat ones it has, which cost nothing, until its trial limit)."""
     top = len(next(iter(tab.values()))["errors"])
     truth = {k: v["errors"][top - 1] for k, v in tab.items()}
     best = min(truth.values())
     rows = []
     for fidelity, compute in runs:
         for strat in strategies:
-            regrets, found = [], []
+            regrets, found, spent = [], [], []
             for s in range(seeds):
-                a = search(strat, tab, archs, fidelity, compute, s, population, sample, dims)
+                a, paid = search(strat, tab, archs, fidelity, compute, s, population, sample, dims)
                 regrets.append(truth[a.key] - best)
                 found.append(a.key)
+                spent.append(paid / fidelity)
             rows.append({"strategy": strat, "fidelity": fidelity, "compute_passes": compute,
                          "evaluations": compute / fidelity, "seeds": seeds,
+                         "evaluations_spent_mean": float(np.mean(spent)),
                          "regret_mean": float(np.mean(regrets)),
                          "regret_std": float(np.std(regrets, ddof=1)) if seeds > 1 else 0.0,
                          "found_best": sum(r == 0 for r in regrets), "regrets": regrets, "chosen": found})
