@@ -25,7 +25,7 @@ def _convnet(m, seed):  # the scaling family: model.depth is its size knob, mode
     return ConvNet(seed, size=m.depth, dropout=m.dropout, block=m.block, width=m.width)  # (models/convnet.py)
 
 
-def _ssm(m, seed):  # models/ssm.py: model.dim channels (and states), model.depth layers
+def _ssm(m, seed):  # models/ssm.py: model.dim channels, model.depth layers, model.seq the pixel order
     from .ssm import SSMNet
     return SSMNet(seed, dim=m.dim, depth=m.depth, dropout=m.dropout, permuted=m.seq == "permuted")
 
