@@ -49,6 +49,10 @@ def register(sub, add_common):
                                                  "and D or C (C = 6 N D when one is missing); optional family, "
                                                  "epochs, U, lr. Plots and the report go to --out (default: "
                                                  "FILE's folder/scaling)")
+    f.add_argument("--compare", metavar="A,B",
+                   help="two recipes of the store (base, or their +method= texts, e.g. base,sam:rho=0.05): each "
+                        "fitted apart; exponents, constants and their differences with 95%% CIs")
+    f.add_argument("--recipe", help="fit only this recipe's runs (a store holding several is refused without it)")
     f.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     f.add_argument("--noise", type=float, help="--synthetic: sigma of the log-normal loss noise (default 0.01)")
@@ -152,7 +156,15 @@ def _fit(args):
         return 0
     if not args.db:
         raise UserError("scale fit: give the study's results store (RUNS.db), --csv FILE or --synthetic")
-    rep = fit_store(args.db, args.out, n_boot=args.n_boot, seed=args.seed)
+    if args.compare:
+        from ..scaling.compare import compare_store, compare_text, parse_compare
+        labels = parse_compare(args.compare)
+        rep = compare_store(args.db, labels, n_boot=args.n_boot, seed=args.seed)
+        print(compare_text(rep))
+        if args.json:
+            _emit_json(rep)
+        return 0
+    rep = fit_store(args.db, args.out, n_boot=args.n_boot, seed=args.seed, recipe=args.recipe)
     print(fit_text(rep))
     if args.json:
         _emit_json(rep)

@@ -42,11 +42,11 @@ def summarize(rep: dict) -> dict:
                      "comparisons": rep["comparisons"], "plots": rep["plots"], "seconds": rep["seconds"]})
 
 
-def fit_store(db, out=None, *, n_boot=1000, seed=0) -> dict:
+def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None) -> dict:
     path = Path(db)
     if path.is_dir():
         path = path / DB_NAME
-    runs = load_runs_from_store(path, require_chinchilla=True)
+    runs = load_runs_from_store(path, require_chinchilla=True, recipe=recipe)
     out = Path(out) if out else path.parent / "scaling"
     rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
     summary = summarize(rep)

@@ -168,8 +168,45 @@ def _seed_spread(s: dict) -> dict | None:
             "n_seeds": len(per), "rel_sd": float(np.std(per, ddof=1) / np.mean(per))}
 
 
+def recipe_of(config) -> str:
+    """A study record's recipe: 'base', or its methods as `scale run +method=...` gave them
+    ('sam:rho=0.05+ema'), options in their stored order."""
+    methods = config.get("methods") if isinstance(config, dict) else None
+    if not methods:
+        return "base"
+    parts = []
+    for m in methods:
+        opts = ",".join(f"{k}={v}" for k, v in (m.get("options") or {}).items())
+        parts.append(m["name"] + (f":{opts}" if opts else ""))
+    return "+".join(parts)
+
+
+def store_recipes(db_path, kind: str = "scale") -> dict:
+    """recipe -> number of `kind` records in the store."""
+    path = Path(db_path)
+    if path.is_dir():
+        path = path / "runs.db"
+    if not path.is_file():
+        raise UserError(f"no results store at {path}")
+    con = _open_readonly(path)
+    try:
+        rows = con.execute("SELECT config FROM runs WHERE kind = ?", (kind,)).fetchall()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"results store {path} is unreadable: {e}") from None
+    finally:
+        con.close()
+    out: dict = {}
+    for (config,) in rows:
+        try:
+            lab = recipe_of(json.loads(config))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+        out[lab] = out.get(lab, 0) + 1
+    return out
+
+
 def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
-                         require_chinchilla: bool = False) -> Runs:
+                         require_chinchilla: bool = False, recipe: str | None = None) -> Runs:
     """Scale runs (records of `kind`) from a results store file (or a folder holding runs.db).
 
     Each record's summary holds N, D, C, loss, lr, epochs, family (lr/epochs/family may
@@ -177,6 +214,8 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
     and counted in .info. Raises UserError for a missing, non-SQLite or foreign file, and
     for fewer than `min_runs` usable runs (default: what the frontier needs), or, with
     require_chinchilla, when no family has enough distinct runs for the Chinchilla form.
+    recipe: only that recipe's records (recipe_of); without it a store holding several recipes
+    is refused (their cells would be averaged together as one).
     """
     path = Path(db_path)
     if path.is_dir():
@@ -195,13 +234,17 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         raise UserError(f"results store {path} is unreadable: {e}") from None
     finally:
         con.close()
-    recs, kinds, skipped, spread, splits = [], {}, {"diverged": 0, "malformed": 0}, [], {}
+    recs, kinds, skipped, spread, splits, recipes = [], {}, {"diverged": 0, "malformed": 0}, [], {}, set()
     for rkind, status, config, summary in rows:
         kinds[rkind] = kinds.get(rkind, 0) + 1
         if rkind != kind:
             continue
         try:
             s, c = json.loads(summary), json.loads(config)
+            lab = recipe_of(c)
+            if recipe is not None and lab != recipe:
+                continue
+            recipes.add(lab)
             rec = {f: float(s[f]) if s[f] is not None else np.nan for f in REQUIRED}
             for f in ("lr", "epochs", "family", "n_train"):
                 v = s.get(f, c.get(f) if isinstance(c, dict) else None)
@@ -226,6 +269,12 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
     if not recs and not kinds.get(kind):
         found = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "no runs at all"
         raise UserError(f"no {kind} runs in {path} (found {found}); run `backproplab scale run` first")
+    if recipe is None and len(recipes) > 1:
+        raise UserError(f"{path} holds {kind} runs of {len(recipes)} recipes ({', '.join(sorted(recipes))}): "
+                        f"fit them apart with `scale fit DIR --compare A,B`")
+    if recipe is not None and not recs and kinds.get(kind):
+        known = ", ".join(sorted(store_recipes(path, kind))) or "none"
+        raise UserError(f"no {kind} runs of recipe {recipe!r} in {path} (recipes there: {known})")
     if len(recs) < min_runs:
         extra = f" ({skipped['diverged']} diverged, {skipped['malformed']} malformed skipped)" \
             if sum(skipped.values()) else ""
