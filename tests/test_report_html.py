@@ -224,6 +224,8 @@ def test_bad_input_one_line_exit_2(full, tmp_path, case, capsys):
     lines = cap.err.strip().splitlines()
     assert cap.out == "" and len(lines) == 1 and lines[0].startswith("error: "), cap.err
     assert not (tmp_path / "out" / "report.html").exists()
+    if case in ("missing", "damaged", "foreign", "empty"):   # the stores are read before the folder is made
+        assert not (tmp_path / "out").exists()
     if case == "foreign":   # never modified
         con = sqlite3.connect(tmp_path / "f" / "runs.db")
         assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["other"]

@@ -200,21 +200,25 @@ def build_report(stores, out) -> dict:
     from .collect import Context, provenance
     from .sections import SECTIONS
     t0 = time.perf_counter()
-    out = prepare_folder(out)
-    ctx = Context.load(stores)        # every store read (and checked) before anything is drawn
-    chosen, left_out, timing = [], {}, {"read": time.perf_counter() - t0}
-    page = Page(provenance)
+    ctx = Context.load(stores)        # every store read (and checked) before anything is made or drawn
+    timing, present, left_out = {"read": time.perf_counter() - t0}, [], {}
     for s in SECTIONS:
         t1 = time.perf_counter()
-        if not s.has_data(ctx):
+        if s.has_data(ctx):
+            present.append(s)
+        else:
             left_out[s.name] = s.absent
-            continue
-        chosen.append((s, s.render(ctx, page)))
         timing[s.name] = time.perf_counter() - t1
-    if not chosen:
+    if not present:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(ctx.kind_counts().items())) or "no runs at all"
         raise UserError(f"nothing to report: {', '.join(map(str, ctx.stores))} holds {kinds}; the report shows "
                         f"repro, ladder, effects, scale and progress runs")
+    out = prepare_folder(out)
+    page, chosen = Page(provenance), []
+    for s in present:
+        t1 = time.perf_counter()
+        chosen.append((s, s.render(ctx, page)))
+        timing[s.name] += time.perf_counter() - t1
     text = render_page(ctx, chosen, page, environment())
     path = out / REPORT_NAME
     try:

@@ -194,8 +194,12 @@ def render_curves(ctx, page):
     return "\n".join(out)
 
 
+def _curve_runs(ctx):
+    return [r for _, rungs in ladder_groups(ctx) for _, r in rungs] + repro_runs(ctx)
+
+
 register(Section("curves", "Learning curves",
-                 lambda ctx: any(_curve(r) is not None for r in ctx.of("ladder", "repro")), render_curves,
+                 lambda ctx: any(_curve(r) is not None for r in _curve_runs(ctx)), render_curves,
                  "no ladder or repro run with a per-pass history"))
 
 
