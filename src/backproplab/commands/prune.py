@@ -18,8 +18,8 @@ def register(sub, add_common):
     p.add_argument("--study", default="curve", help="curve (default): pruning methods x fractions; nm: 2:4 masks; "
                                                     "lowrank: truncated SVD ranks")
     p.add_argument("--methods", default="global,layerwise,random,structured",
-                   help="curve: comma-separated of global, layerwise, random, structured, lottery "
-                        "(default: the first four)")
+                   help="curve: comma-separated of global, layerwise, random, structured, lottery, gradual, "
+                        "iterative (default: the first four)")
     p.add_argument("--models", default="net1989,convnet:4",
                    help="curve/nm: comma-separated net1989, convnet:K (the scaling family; default net1989,convnet:4)")
     p.add_argument("--fractions", default="1,0.5,0.3,0.2,0.1,0.05,0.02",
@@ -31,7 +31,7 @@ def register(sub, add_common):
                    help="fine-tuning peak rates to choose from on the validation split (default 0.003,0.006,0.012)")
     p.add_argument("--val", type=int, help=f"validation digits held out of training (default {DEFAULTS['val']})")
     p.add_argument("--dense-sizes", help="curve: convnet sizes trained dense from scratch beside the pruned nets "
-                                         "(default: the family members smaller than the model; smoke: 1)")
+                                         "(default: the family members smaller than the model; smoke: 1; none: no dense nets)")
     p.add_argument("--ranks", default="16,8,4,2,1", help="lowrank: H3 ranks (default 16,8,4,2,1)")
     p.add_argument("--conv-ranks", default="6,3,1", help="lowrank: H1/H2 kernel ranks (default 6,3,1)")
     p.add_argument("--smoke", action="store_true", help="test size: 500/200 digits, 1 + 1 passes, 2 seeds")
@@ -85,7 +85,8 @@ def _parse(args):
 
 def cmd_prune(args):
     opts, methods, models, fractions, ft_lrs = _parse(args)
-    sizes = None if args.dense_sizes is None else _ints(args.dense_sizes, "--dense-sizes")
+    sizes = None if args.dense_sizes is None else [] if args.dense_sizes == "none" else \
+        _ints(args.dense_sizes, "--dense-sizes")
     if sizes is None and args.smoke:
         sizes = [1]
     for k in sizes or []:

@@ -7,9 +7,11 @@ weights kept. The fine-tuning rate is chosen among `ft_lrs` on the validation sp
 magnitude at 10% kept, the middle of the curve) and then used for every method; the test split is
 evaluated once per run, at its end. "dense" is the dense net fine-tuned the same way (fraction 1.0).
 
-curve    methods global, layerwise, random, structured (prune:criterion=...) and lottery (the global
-         mask of the dense weights on the weights' step-0 values, Frankle & Carbin 2019, retrained
-         for the same ft_passes), at each fraction kept; beside them dense members of the convnet
+curve    methods global, layerwise, random, structured (prune:criterion=..., one-shot at the start of
+         the fine-tuning), gradual and iterative (global magnitude reached over the first 60% of the
+         fine-tuning steps, Zhu & Gupta's cubic ramp or 3 prunings) and lottery (the global mask of
+         the dense weights on the weights' step-0 values, Frankle & Carbin 2019, retrained for the
+         same ft_passes), at each fraction kept; beside them dense members of the convnet
          family trained from scratch for passes + ft_passes, whose parameter counts span the
          pruned nets'.
 nm       2:4 masks: prune-then-fine-tune from the dense net, and the mask from the start (from the
@@ -33,7 +35,10 @@ from ..models.convnet import conv_params, layer_specs
 from .effects import welch
 
 FRACTIONS = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02)
-METHODS = ("global", "layerwise", "random", "structured", "lottery")
+METHODS = ("global", "layerwise", "random", "structured", "lottery", "gradual", "iterative")
+# gradual: global magnitude on Zhu & Gupta's cubic ramp over the first 60% of the fine-tuning steps;
+# iterative: global magnitude in 3 prunings over the same 60% (each removing the same share of the rest)
+SCHEDULED = {"gradual": "schedule=gradual,start=0,end=0.6", "iterative": "schedule=iterative,cycles=3,start=0,end=0.6"}
 STUDIES = ("curve", "nm", "lowrank")
 TOLERANCE = 0.3          # points of test error over dense: the issue's target
 PROBE = ("global", 0.1)  # where the fine-tuning rate is chosen (validation split)
@@ -125,8 +130,9 @@ def _ft(dense_cfg, ft_passes, lr, spec=None):
 
 
 def _prune_spec(method, keep):
-    crit = "global" if method in ("lottery", "dense") else method
-    return f"prune:criterion={crit},sparsity={1.0 - keep:.6g}"
+    crit = "global" if method in ("lottery", "dense", *SCHEDULED) else method
+    extra = "," + SCHEDULED[method] if method in SCHEDULED else ""
+    return f"prune:criterion={crit},sparsity={1.0 - keep:.6g}{extra}"
 
 
 def dense_start(model, seeds, passes, val, smoke, log):
