@@ -9,7 +9,12 @@ import pytest
 
 from backproplab.cli import main
 from backproplab.scaling import BESIROGLU, fit_chinchilla, synthetic_runs
+from backproplab.scaling import fitcmd, fit_report
 from backproplab.scaling.csvruns import load_runs_from_csv
+
+# one start near the optimum, not the fitter's grid of hundreds: the tests check the file's path
+# into the fitter, and test_scaling_fit.py checks the fitter's search
+ONE_START = {"alpha": (0.3,), "beta": (0.3,), "e": (0.5,), "a": (6.0,), "b": (7.0,)}
 
 
 def _write(path, header, rows):
@@ -32,12 +37,13 @@ def test_a_csv_of_known_constants_is_fitted_back_to_them(tmp_path):
     np.testing.assert_allclose(runs.C, truth.C, rtol=1e-12)
     assert runs.info["ignored_columns"] == ["note"] and set(runs.family) == {"lm"}
     np.testing.assert_allclose(runs.loss, truth.loss, rtol=1e-15)   # the fit sees the same runs
-    got = fit_chinchilla(runs.N, runs.D, runs.loss, n_boot=0).params
+    got = fit_chinchilla(runs.N, runs.D, runs.loss, n_boot=0, grid=ONE_START).params
     assert abs(got["alpha"] - BESIROGLU["alpha"]) <= 0.02 and abs(got["beta"] - BESIROGLU["beta"]) <= 0.02
     assert abs(got["E"] / BESIROGLU["E"] - 1) <= 0.02
 
 
-def test_the_command_fits_a_csv_and_writes_its_report(tmp_path, capsys):
+def test_the_command_fits_a_csv_and_writes_its_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fitcmd, "fit_report", lambda *a, **k: fit_report(*a, **k, grid=ONE_START, plots=False))
     truth = synthetic_runs(noise=0.005, n_N=5, n_D=5, seed=1)
     path = _write(tmp_path / "r.csv", ["N", "D", "C", "loss", "epochs", "lr"],
                   [[float(truth.N[i]), float(truth.D[i]), float(truth.C[i]), float(truth.loss[i]),

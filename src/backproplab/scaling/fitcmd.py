@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..engine.checkpoint import atomic_write_bytes
+from ..errors import UserError
 from ..report.console import render, table
 from ..store import DB_NAME, add_run
 from .report import fit_report, jsonable
@@ -67,6 +68,10 @@ def fit_csv(csv_path, out=None, *, n_boot=1000, seed=0) -> dict:
     from .csvruns import load_runs_from_csv
     runs = load_runs_from_csv(csv_path)
     out = Path(out) if out else Path(csv_path).expanduser().parent / "scaling"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror or e}") from None
     rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
     summary = summarize(rep)
     summary.update({k: runs.info[k] for k in ("derived", "ignored_columns")})
