@@ -120,3 +120,59 @@ def test_search_study_name_with_another_space_is_refused(tmp_path, capsys):
     assert main(first + ["optim.lr=log:0.01:0.1", "--json"]) == 0
     res = _last_json(capsys.readouterr().out)
     assert res["attempts"] == 1 and res["complete"] == 1
+
+
+def test_search_journal_dead_local_worker_trial_is_retried(tmp_path):
+    """A journal has no heartbeat: the process that started the workers retries the trial of one
+    it saw die (SIGKILL mid-trial), from the checkpoint the dead one left; every slot once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from backproplab.engine.checkpoint import load_checkpoint
+    from conftest import ROOT
+    out = tmp_path / "o"
+    cmd = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.03,0.1", "data.n_train=1000", "train.passes=3",
+           "--sampler", "grid", "--no-retrain", "--json", "--study", "k", "--jobs", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "backproplab", *cmd], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    victim = done_at_kill = None
+    try:
+        deadline = time.time() + 240
+        while victim is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+            if not (out / "search.journal").is_file():
+                continue
+            try:
+                backend = optuna.storages.JournalStorage(JournalFileBackend(str(out / "search.journal")))
+                trials = backend.get_all_trials(backend.get_study_id_from_name("k"))
+            except Exception:  # noqa: BLE001 - the study is not written yet
+                continue
+            for t in trials:
+                folder = out / "trials" / "k" / f"slot-{t.user_attrs.get('slot', -1):04d}" / "checkpoints"
+                if t.state.name == "RUNNING" and "pid" in t.user_attrs and folder.is_dir() and \
+                        any(p.suffix == ".pt" for p in folder.iterdir()):
+                    victim = t
+                    os.kill(t.user_attrs["pid"], signal.SIGKILL)
+                    time.sleep(0.2)
+                    done_at_kill = load_checkpoint(next(p for p in folder.iterdir() if p.suffix == ".pt"))["passes_done"]
+                    break
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert victim is not None, "no trial was caught mid-run"
+    assert proc.returncode == 0, stderr
+    res = _last_json(stdout)
+    assert -signal.SIGKILL in res["worker_exit_codes"]
+    assert sorted(t["slot"] for t in res["trials"] if t["state"] == "complete") == [0, 1, 2]
+    retried = [t for t in res["trials"] if t["retried"]]
+    assert len(retried) == 1 and retried[0]["slot"] == victim.user_attrs["slot"]
+    assert retried[0]["resumed_from_pass"] == done_at_kill >= 1
+    assert res["attempts"] == 4 and res["stale_failed"] == 1 and res["running"] == 0
+    assert sorted(r["summary"]["slot"] for r in store.list_runs(out) if r["kind"] == "search") == [0, 1, 2]

@@ -123,8 +123,9 @@ def _finish(args, study, spec, storage, codes, out, store):
     if dead:
         print(f"{len(dead)} worker(s) ended abnormally (exit codes {dead})", file=sys.stderr)
     if res["running"] and storage.is_journal:
-        print(f"{res['running']} trial(s) still RUNNING: a worker died, and a journal storage has no heartbeat "
-              f"to retry them (use a database --storage for that)", file=sys.stderr)
+        print(f"{res['running']} trial(s) still RUNNING: a worker elsewhere is running them, or died where no "
+              f"process saw it (a journal has no heartbeat; a database --storage retries such trials)",
+              file=sys.stderr)
     summary = {"study": spec["study"], "storage": storage.describe(), **{k: v for k, v in res.items()},
                "workers": len(codes), "worker_exit_codes": codes}
     if res["best"] is None:

@@ -7,8 +7,9 @@ and the sampler fills them when a worker draws one). A worker runs WAITING trial
 without a slot (two workers raced for the last one) is marked surplus, pruned at once and not
 counted. So every slot is one trial, with any number of workers on any number of machines.
 
-Storage: a journal file (Optuna's JournalFileBackend; one machine, no heartbeat: a killed
-worker's trial stays RUNNING) or an SQLAlchemy URL (postgresql+psycopg://...) as RDBStorage with
+Storage: a journal file (Optuna's JournalFileBackend; one machine, no heartbeat: a trial a
+killed worker left RUNNING is retried only when the process that started that worker saw it
+die, by run_workers, which then starts the workers again) or an SQLAlchemy URL (postgresql+psycopg://...) as RDBStorage with
 a heartbeat: a SIGKILLed worker's trial turns stale, a live worker marks it FAIL and
 RetryHeartbeatStaleTrialCallback enqueues it again with the same parameters and slot, so another
 worker runs it. Workers on a heartbeat storage wait for RUNNING trials to finish or go stale
@@ -269,19 +270,48 @@ def run_workers(storage: StorageSpec, name: str, objective, jobs: int = 1, sampl
         worker_loop(storage, name, objective, sampler, seed, pruner)
         return [0]
     ctx = _context()
-    procs = [ctx.Process(target=_worker_main, args=(storage, name, objective, sampler,
-                                                     None if seed is None else seed + k, pruner),
-                         name=f"search-worker-{k}") for k in range(jobs)]
-    for p in procs:
-        p.start()
-    try:
+    codes = []
+    for round_ in range(1 + RECOVERY_ROUNDS):
+        procs = [ctx.Process(target=_worker_main, args=(storage, name, objective, sampler,
+                                                         None if seed is None else seed + k + 1000 * round_, pruner),
+                             name=f"search-worker-{k}") for k in range(jobs)]
         for p in procs:
-            p.join()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        raise
-    return [p.exitcode for p in procs]
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            raise
+        codes += [p.exitcode for p in procs]
+        dead = {p.pid for p in procs if p.exitcode not in (0, 2)}
+        if not dead or not storage.is_journal or not retry_dead_workers(storage, name, dead):
+            break
+    return codes
+
+
+RECOVERY_ROUNDS = 3
+
+
+def retry_dead_workers(storage: StorageSpec, name: str, pids: set) -> int:
+    """On a journal (no heartbeat), the trials these dead local workers left RUNNING: marked FAIL
+    and enqueued again with their parameters and slot, as a heartbeat storage's stale-trial
+    callback does -> how many. Only for workers this process started and saw die."""
+    o = optuna()
+    S = o.trial.TrialState
+    backend = storage.open()
+    study = o.load_study(study_name=name, storage=backend)
+    study_id = backend.get_study_id_from_name(name)
+    retry = o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
+        if t.user_attrs.get("pid") in pids:
+            trial_id = backend.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            backend.set_trial_state_values(trial_id, state=S.FAIL)
+            retry(study, backend.get_trial(trial_id))
+            n += 1
+    return n
 
 
 def run_study(name: str, storage: StorageSpec, objective, n_trials: int | None = None, grid: list | None = None,
