@@ -57,6 +57,7 @@ def make_store(folder, scale=True, extras=True):
     assert run("repro", "--preset", "smoke", "--seeds", 2, "--quiet", "--out", folder) == 0
     assert run("ladder", "--smoke", "--rungs", "1,5", "--seeds", 2, "--jobs", 1, "--out", folder) == 0
     assert run("effects", "--smoke", "--methods", "ema", "--top-pairs", 0, "--out", folder) == 0
+    assert run("datascale", "--smoke", "--recipes", "1989", "--seeds", 2, "--jobs", 1, "--out", folder) == 0
     if scale:
         assert run("scale", "run", "--smoke", "--sizes", "1,2", "--jobs", 1, "--out", folder) == 0
     if extras:

@@ -62,7 +62,7 @@ def test_report_in_chromium(tmp_path):
             browser.close()
     assert errors == [] and failed == []
     assert not [u for u in urls if not u.startswith(("data:", "file:"))]     # nothing from a network
-    assert len(widths) == res["figures"] >= 7 and min(widths) > 0
+    assert len(widths) == res["figures"] >= 8 and min(widths) > 0
     assert sections == res["sections"] + ["provenance"]
     assert shot.stat().st_size > 50_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

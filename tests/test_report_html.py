@@ -36,11 +36,12 @@ def full(tmp_path_factory):
 
 def test_every_section_with_data_is_there(full):
     store, res, text = full
-    assert res["sections"] == ["repro", "ladder", "curves", "misclassified", "effects", "multipliers", "scaling"]
+    assert res["sections"] == ["repro", "ladder", "curves", "misclassified", "datascale", "effects", "multipliers",
+                               "scaling"]
     assert res["left_out"] == {}
     for name in res["sections"]:
         assert f'data-section="{name}"' in text
-    assert text.count("<img ") == res["figures"] >= 7   # ladder, 2 curves, 2 grids, Pareto, loss-compute
+    assert text.count("<img ") == res["figures"] >= 8   # ladder, 2 curves, 2 grids, Pareto, loss-compute, data
 
 
 def test_self_contained(full):
@@ -107,6 +108,14 @@ def test_numbers_equal_the_store(full):
     fit = {c[2]: c[3] for _, c in t["scale_fit"]}
     _close(fit["slope"], -0.0213, -0.0311, -0.0102, tol=1e-9)
     _close(fit["alpha"], 0.381, 0.21, 0.55, tol=1e-9)
+    # data scaling: one row per (recipe, size), the cell's seeds
+    ds = t["datascale"]
+    assert [int(c[1]) for _, c in ds] == [200, 400]
+    for a, c in ds:
+        r = by_id[int(a["data-run"])]
+        assert r["kind"] == "datascale" and r["config"]["data"]["n_train"] == int(c[1])
+        te = np.array([p["test_error"] for p in r["summary"]["per_seed"]])
+        _close(c[4], round(te.mean(), 2), round(te.std(ddof=1), 2))
     prog = {a["data-recipe"]: c for a, c in t["progress"]}
     assert list(prog) == ["rung1", "rung5"]
     _close(prog["rung5"][3], 4.75, 0.21, tol=1e-9)
@@ -155,7 +164,7 @@ def test_sections_left_out_by_store_content(full, tmp_path):
     (tmp_path / "b").mkdir()
     res = build_report([tmp_path / "a"], tmp_path / "out")
     assert res["sections"] == ["repro", "curves"]
-    assert set(res["left_out"]) == {"ladder", "misclassified", "effects", "multipliers", "scaling"}
+    assert set(res["left_out"]) == {"ladder", "misclassified", "effects", "multipliers", "scaling", "datascale"}
     text = (tmp_path / "out" / "report.html").read_text()
     assert 'data-section="ladder"' not in text and "<img " in text
     # a checkpoint whose weights are not the recorded ones draws no grid

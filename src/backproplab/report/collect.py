@@ -131,6 +131,9 @@ def command_of(run: Run) -> str:
         return f"backproplab scale run --family {c.get('family', s.get('family', '?'))}"
     if k == "scale_fit":
         return f"backproplab scale fit {run.store / DB_NAME} --n-boot {c.get('n_boot', '?')}"
+    if k == "datascale":
+        src = (c.get("data") or {}).get("source", "mnist10k")
+        return f"backproplab datascale --data {src} --seeds {seeds}" + (" --smoke" if smoke else "")
     if k == "progress" and s.get("recipes"):
         return f"backproplab progress --recipes {','.join(s['recipes'])} --seeds {s.get('seeds')}" + \
             (" --smoke" if s.get("smoke") else "")

@@ -271,6 +271,65 @@ register(Section("misclassified", "The digits it still gets wrong", lambda ctx: 
                  "no ladder or repro run whose checkpoint holds its recorded weights"))
 
 
+# -- data scaling --------------------------------------------------------------------------------
+def datascale_groups(ctx) -> list[tuple[str, list]]:
+    """[(label, [Run] by recipe then training-set size)]: one group per (store, data, smoke, seeds),
+    the newest record of each cell (recipe, size)."""
+    import re
+
+    def make():
+        groups = {}
+        for r in ctx.of("datascale"):
+            m = re.fullmatch(r"datascale-(.+)-n(\d+)(-smoke)?", r.name)
+            if not m:
+                continue
+            source = (r.config.get("data") or {}).get("source", "?")
+            key = (str(r.store), source, bool(m.group(3)), len(r.per_seed()))
+            groups.setdefault(key, {})[(m.group(1), int(m.group(2)))] = r
+        out = []
+        for (store, source, smoke, seeds), cells in groups.items():
+            label = f"{source}, {seeds} seed{'s' if seeds > 1 else ''} a cell" + (", smoke size" if smoke else "")
+            if len(ctx.stores) > 1:
+                label += f" ({store})"
+            out.append((label, [(k, cells[k]) for k in sorted(cells)]))
+        return out
+    return ctx.cached("datascale_groups", make)
+
+
+def render_datascale(ctx, page):
+    from . import plots
+    out = ["<p>Test error against the number of training examples, the 1989 and the modern recipe, "
+           "each cell trained on the first n training examples and tested on the same test set.</p>"]
+    for label, cells in datascale_groups(ctx):
+        runs = [r for _, r in cells]
+        body, series = [], {}
+        for (recipe, n), r in cells:
+            per = r.per_seed()
+            te, sd = _mean_sd([p.get("test_error") for p in per])
+            body.append([recipe, str(n), str((r.config.get("train") or {}).get("passes")), str(len(per)),
+                         pm(te, sd), fmt(_mean_sd([p.get("test_misses") for p in per])[0], ".1f"),
+                         fmt(_mean_sd([p.get("train_error") for p in per])[0]), fmt(r.summary.get("seconds"), ".1f")])
+            x, m, s = series.setdefault(f"{recipe} recipe", ([], [], []))
+            x.append(n)
+            m.append(te)
+            s.append(sd or 0.0)
+        out.append(f"<h3>{esc(label[0].upper() + label[1:])}</h3>")
+        out.append(page.table(f"data scaling: {label}", ["recipe", "training examples", "passes", "seeds",
+                                                        "test error %", "test misses", "train error %", "training s"],
+                              body, runs, [{"data-run": r.id} for r in runs],
+                              ["", "num", "num", "num", "num", "num", "num", "num"], key="datascale"))
+        if all(v is not None for _, m, _ in series.values() for v in m):
+            out.append(page.figure(f"test error against training examples ({label})",
+                                   draw(plots.loglog_errorbars, series, xlabel="training examples",
+                                        ylabel="test error (%)", title=f"data scaling ({label})"),
+                                   runs, "test error against training-set size"))
+    return "\n".join(out)
+
+
+register(Section("datascale", "Data scaling", lambda ctx: bool(datascale_groups(ctx)), render_datascale,
+                 "no datascale run (backproplab datascale)"))
+
+
 # -- methods effects -----------------------------------------------------------------------------
 def effects_records(ctx):
     return _newest_per(ctx.of("effects"), lambda r: (str(r.store), r.summary.get("base")))
