@@ -181,8 +181,9 @@ def recipe_of(config) -> str:
     return "+".join(parts)
 
 
-def store_recipes(db_path, kind: str = "scale") -> dict:
-    """recipe -> number of `kind` records in the store."""
+def _store_rows(db_path) -> tuple[Path, list]:
+    """(path of runs.db, [(kind, status, config, summary)] in id order); one-line errors for a
+    missing, unreadable or foreign store."""
     path = Path(db_path)
     if path.is_dir():
         path = path / "runs.db"
@@ -190,13 +191,24 @@ def store_recipes(db_path, kind: str = "scale") -> dict:
         raise UserError(f"no results store at {path}")
     con = _open_readonly(path)
     try:
-        rows = con.execute("SELECT config FROM runs WHERE kind = ?", (kind,)).fetchall()
+        cols = {r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
+        need = {"kind", "status", "config", "summary"}
+        if not need <= cols:
+            raise UserError(f"{path} is not a backproplab results store (no 'runs' table with columns "
+                            f"{', '.join(sorted(need))})")
+        return path, con.execute("SELECT kind, status, config, summary FROM runs ORDER BY id").fetchall()
     except sqlite3.DatabaseError as e:
         raise UserError(f"results store {path} is unreadable: {e}") from None
     finally:
         con.close()
+
+
+def store_recipes(db_path, kind: str = "scale") -> dict:
+    """recipe -> number of `kind` records in the store."""
     out: dict = {}
-    for (config,) in rows:
+    for rkind, _, config, _ in _store_rows(db_path)[1]:
+        if rkind != kind:
+            continue
         try:
             lab = recipe_of(json.loads(config))
         except (ValueError, TypeError, KeyError, AttributeError):
@@ -217,23 +229,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
     recipe: only that recipe's records (recipe_of); without it a store holding several recipes
     is refused (their cells would be averaged together as one).
     """
-    path = Path(db_path)
-    if path.is_dir():
-        path = path / "runs.db"
-    if not path.is_file():
-        raise UserError(f"no results store at {path}")
-    con = _open_readonly(path)
-    try:
-        cols = {r[1] for r in con.execute("PRAGMA table_info(runs)").fetchall()}
-        need = {"kind", "status", "config", "summary"}
-        if not need <= cols:
-            raise UserError(f"{path} is not a backproplab results store (no 'runs' table with columns "
-                            f"{', '.join(sorted(need))})")
-        rows = con.execute("SELECT kind, status, config, summary FROM runs ORDER BY id").fetchall()
-    except sqlite3.DatabaseError as e:
-        raise UserError(f"results store {path} is unreadable: {e}") from None
-    finally:
-        con.close()
+    path, rows = _store_rows(db_path)
     recs, kinds, skipped, spread, splits, recipes = [], {}, {"diverged": 0, "malformed": 0}, [], {}, set()
     for rkind, status, config, summary in rows:
         kinds[rkind] = kinds.get(rkind, 0) + 1
