@@ -313,7 +313,7 @@ def render_datascale(ctx, page):
             x.append(n)
             m.append(te)
             s.append(sd or 0.0)
-        out.append(f"<h3>{esc(label[0].upper() + label[1:])}</h3>")
+        out.append(f"<h3>Data {esc(label)}</h3>")
         out.append(page.table(f"data scaling: {label}", ["recipe", "training examples", "passes", "seeds",
                                                         "test error %", "test misses", "train error %", "training s"],
                               body, runs, [{"data-run": r.id} for r in runs],
