@@ -139,6 +139,9 @@ def _fit(args):
     given = [name for name, v in (("RUNS.db", args.db), ("--synthetic", args.synthetic), ("--csv", args.csv)) if v]
     if len(given) > 1:
         raise UserError(f"scale fit: give one of RUNS.db, --synthetic and --csv, not {' and '.join(given)}")
+    if (args.compare or args.recipe) and not args.db:
+        raise UserError("scale fit: --compare and --recipe read a study's results store (RUNS.db), "
+                        "not --csv or --synthetic")
     if args.csv:
         rep = fit_csv(args.csv, args.out, n_boot=args.n_boot, seed=args.seed)
         print(fit_text(rep))

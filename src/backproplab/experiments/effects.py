@@ -363,7 +363,7 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
         f"{len(singles)} methods" + (f", {len(skipped)} skipped" if skipped else ""))
     describe = lambda k, res: f"{k}: test error {np.mean([f['test_error'] for f in res.final]):.2f}% " \
                               f"in {res.seconds / max(len(res.final), 1):.1f} s a seed"  # noqa: E731
-    results = run_configs(cfgs, out, resume, jobs, log, describe)
+    results = run_configs(cfgs, out, resume, jobs, log, describe, label="effects runs")
     rows = analyse(results, BASE_KEY)
     bcfgs, bres = {}, {}
     if multipliers:
@@ -381,7 +381,7 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
     skipped.update(pskip)
     if pcfgs:
         log(f"effects: {len(pcfgs)} pairs: {', '.join(pcfgs)}")
-        results.update(run_configs(pcfgs, out, resume, jobs, log, describe))
+        results.update(run_configs(pcfgs, out, resume, jobs, log, describe, label="effects pairs"))
         cfgs.update(pcfgs)
         rows = analyse(results, BASE_KEY)
     if multipliers:

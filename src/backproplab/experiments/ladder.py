@@ -52,7 +52,7 @@ def run_ladder(rungs, seeds=4, out=None, resume=False, jobs=2, smoke=False, sour
     log(f"ladder: rungs {', '.join(rungs)}, {seeds} seeds each, {jobs} at a time")
     results = run_configs(cfgs, out, resume, jobs, log,
                           lambda r, res: f"rung {r} done: test error {_mean_std(res, 'test_error')} "
-                                         f"in {res.seconds:.1f} s")
+                                         f"in {res.seconds:.1f} s", label="ladder rungs")
     return {r: (cfgs[r], results[r]) for r in rungs}
 
 
