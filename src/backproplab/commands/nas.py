@@ -110,9 +110,10 @@ def cmd_nas(args):
     by_params = max(archs, key=lambda a: (a.params, a.key))
     diffs = {}
     reg = {(r["strategy"], r["fidelity"]): r["regrets"] for r in rows}
-    for strat in ("evolution", "tpe"):
-        if (strat, passes) in reg and ("random", passes) in reg:
-            diffs[f"{strat}_minus_random"] = nas.diff_ci(reg[(strat, passes)], reg[("random", passes)])
+    for fid, _ in runs:
+        for strat in ("evolution", "tpe"):
+            if (strat, fid) in reg and ("random", fid) in reg:
+                diffs[f"{strat}_minus_random_fidelity_{fid}"] = nas.diff_ci(reg[(strat, fid)], reg[("random", fid)])
 
     # the chosen architecture (best validation error of the exhaustive table), retrained on the
     # whole training set: its test error, reported once
