@@ -1,6 +1,7 @@
 import os
 
-if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # a torchrun rank: engine/ddp.py ends it cleanly
+# a torchrun rank (engine/ddp.py ENV): the CLI runs there and the rank ends cleanly (ddp.run_module)
+if all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")):
     from .cli import main
     from .engine.ddp import run_module
     run_module(main)
