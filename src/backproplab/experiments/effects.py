@@ -214,17 +214,18 @@ def _f(v, fmt, none="-"):
 
 
 def format_table(rows: list[dict]) -> str:
+    from ..report.console import render, table
     mult = any("compute_x" in r for r in rows)
-    lines = [f"{'method':24s} {'test error %':>14s} {'diff vs base [95% CI]':>26s} {'p':>7s} "
-             f"{'s/seed':>7s} {'to base: s':>10s} {'passes':>6s} {'speed-up':>8s}"
-             + (f" {'compute x [95% CI]':>24s}" if mult else "")]
+    cols = ["method"] + [(c, "right") for c in ("test error %", "diff vs base [95% CI]", "p", "s/seed", "to base: s",
+                                                "passes", "speed-up") + (("compute x [95% CI]",) if mult else ())]
+    body = []
     for i, r in enumerate(rows):
         diff = "(base)" if i == 0 else f"{r['diff']:+.2f} [{_f(r['ci_low'], '+.2f')}, {_f(r['ci_high'], '+.2f')}]"
-        lines.append(f"{r['method'][:24]:24s} {r['test_error']:6.2f} +- {r['test_error_std']:4.2f} {diff:>26s} "
-                     f"{'' if i == 0 else _f(r['p_value'], '.3f'):>7s} {r['seconds_per_seed']:7.1f} "
-                     f"{_f(r['time_to_base'], '.1f', 'never'):>10s} {_f(r['passes_to_base'], 'd'):>6s} "
-                     f"{_f(r['speedup'], '.2f'):>8s}" + (f" {multiplier_text(r):>24s}" if mult else ""))
-    return "\n".join(lines)
+        body.append([r["method"], f"{r['test_error']:.2f} +- {r['test_error_std']:.2f}", diff,
+                     "" if i == 0 else _f(r["p_value"], ".3f"), f"{r['seconds_per_seed']:.1f}",
+                     _f(r["time_to_base"], ".1f", "never"), _f(r["passes_to_base"], "d"), _f(r["speedup"], ".2f")]
+                    + ([multiplier_text(r)] if mult else []))
+    return render(table(cols, body))
 
 
 def multiplier_text(r) -> str:
@@ -242,12 +243,11 @@ def multiplier_text(r) -> str:
 def format_composition(comp: list[dict]) -> str:
     if not comp:
         return "composition: no pair of methods with both singles measured"
-    lines = [f"{'pair':32s} {'speed-up':>8s} {'a x b':>14s} {'product':>8s} {'measured/product':>16s}"]
-    for c in comp:
-        lines.append(f"{c['pair'][:32]:32s} {_f(c['speedup'], '.2f'):>8s} "
-                     f"{_f(c['speedup_a'], '.2f') + ' x ' + _f(c['speedup_b'], '.2f'):>14s} "
-                     f"{_f(c['product'], '.2f'):>8s} {_f(c['ratio'], '.2f'):>16s}")
-    return "\n".join(lines)
+    from ..report.console import render, table
+    cols = ["pair"] + [(c, "right") for c in ("speed-up", "a x b", "product", "measured/product")]
+    return render(table(cols, [[c["pair"], _f(c["speedup"], ".2f"), _f(c["speedup_a"], ".2f") + " x " +
+                                _f(c["speedup_b"], ".2f"), _f(c["product"], ".2f"), _f(c["ratio"], ".2f")]
+                               for c in comp]))
 
 
 PLOT_TOP = 2.5   # the error axis ends at this many times the base's error; worse runs sit on the edge

@@ -80,12 +80,10 @@ def ladder_rows(runs) -> list[dict]:
 
 
 def format_table(rows) -> str:
-    head = f"{'rung':4} {'what changed':62} {'passes':>6} {'test error':>16} {'misses':>7} " \
-           f"{'train err':>9} {'seconds':>8} {'FLOPs':>9} {'1989 days':>9}"
-    lines = [head, "-" * len(head)]
-    for w in rows:
-        lines.append(f"{w['rung']:4} {w['change'][:62]:62} {w['passes']:6d} "
-                     f"{w['test_error']:7.2f}% +- {w['test_error_std']:4.2f} {w['test_misses']:7.1f} "
-                     f"{w['train_error']:8.2f}% {w['seconds']:8.1f} {w['train_flops']:9.2e} "
-                     f"{w['cost_1989_days']:9.1f}")
-    return "\n".join(lines)
+    from ..report.console import render, table
+    cols = ["rung", "what changed"] + [(c, "right") for c in ("passes", "test error", "misses", "train err",
+                                                              "seconds", "FLOPs", "1989 days")]
+    return render(table(cols, [[w["rung"], w["change"], str(w["passes"]),
+                                f"{w['test_error']:.2f}% +- {w['test_error_std']:.2f}", f"{w['test_misses']:.1f}",
+                                f"{w['train_error']:.2f}%", f"{w['seconds']:.1f}", f"{w['train_flops']:.2e}",
+                                f"{w['cost_1989_days']:.1f}"] for w in rows]))
