@@ -1,6 +1,7 @@
-"""Write the README's effects tables from the results store, so the figures are the store's.
+"""Write the effects tables of docs/results.md (the README's results page) from the results
+store, so the figures are the store's.
 
-    python scripts/readme_tables.py --store DIR [--base modern] [--readme README.md] [--check]
+    python scripts/readme_tables.py --store DIR [--base modern] [--readme docs/results.md] [--check]
 
 Reads the newest `effects` record of the base (what `backproplab effects --base B --out DIR`
 stored) and replaces the README block between `<!-- effects:B:begin -->` and
@@ -89,7 +90,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="output folder (or runs.db) of the effects run")
     ap.add_argument("--base", default="modern")
-    ap.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "README.md"))
+    ap.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "docs" / "results.md"),
+                    help="the page holding the effects blocks (default docs/results.md)")
     ap.add_argument("--check", action="store_true", help="exit 1 if the README is not what the store gives")
     a = ap.parse_args(argv)
     try:
