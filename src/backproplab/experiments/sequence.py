@@ -42,12 +42,16 @@ def configs(seeds: int, passes: int, smoke: bool, n_train: int = 3000, val: int 
             for k, v in MODELS.items()}
 
 
-def run(seeds: int, passes: int, out, smoke: bool = False, n_train: int = 3000, log=print) -> list[dict]:
+def run(seeds: int, passes: int, out, smoke: bool = False, n_train: int = 3000, log=print, models=None) -> list[dict]:
+    """models: the MODELS keys to run (default all); a model whose run is checkpointed in `out` as
+    finished is read back, a stopped one continues (train(resume=True))."""
     from ..engine.train import train
     from ..models.registry import model_card
     rows, errs = [], {}
     for name, cfg in configs(seeds, passes, smoke, n_train).items():
-        res = train(cfg, out=out)
+        if models is not None and name not in models and name != BASE:
+            continue
+        res = train(cfg, out=out, resume=True)
         val = np.array([f["val_error"] for f in res.final])
         test = np.array([f["test_error"] for f in res.final])
         errs[name] = (val, test)
@@ -79,13 +83,18 @@ def main(argv=None) -> int:
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--n-train", type=int, default=3000, help="first n training digits, 500 of them for validation")
     ap.add_argument("--out", default="runs")
+    ap.add_argument("--models", help=f"comma-separated subset of: {', '.join(MODELS)} (the convnet always runs)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     try:
         if a.seeds < 2 or a.passes < 1:
             raise UserError("--seeds must be >= 2 (a spread and a CI) and --passes >= 1")
-        rows = run(a.seeds, a.passes, a.out, a.smoke, a.n_train)
+        models = None if a.models is None else [m.strip() for m in a.models.split(",")]
+        bad = [m for m in models or () if m not in MODELS]
+        if bad:
+            raise UserError(f"--models: unknown {', '.join(bad)}; choose from {', '.join(MODELS)}")
+        rows = run(a.seeds, a.passes, a.out, a.smoke, a.n_train, models=models)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
