@@ -19,6 +19,8 @@ RUNGS = {  # id -> (preset, what changed)
     "4": ("rung4", "shifts of up to 1 pixel (-1 fill); 60 passes"),
     "5": ("rung5", "dropout 0.25 before H3; ReLU everywhere; 80 passes"),
     "6": ("rung6", "micro-ViT matched in parameters and MACs; rung-5 recipe"),
+    "7": ("rung7", "2026: rung 5 in minibatches of 32 + tta + ema, chosen on validation (AdamW beat Lion, "
+                   "Muon, Schedule-Free)"),
 }
 DEFAULT_RUNGS = ("1", "2", "3", "4", "5")
 

@@ -313,7 +313,8 @@ def decompose(cells: dict, errors: dict, n_boot: int, rng) -> dict:
 
 
 def doubling_months(m: float, months: float = MONTHS) -> float:
-    """Compute-equivalent doubling time implied by a multiplier m gained over `months`."""
+    """Compute-equivalent doubling time implied by a multiplier m gained over `months` (0 for an
+    infinite multiplier: no lower limit; nan for m <= 1)."""
     if not math.isfinite(m) or m <= 1:
         return math.nan if m <= 1 else 0.0
     return months * math.log(2) / math.log(m)
@@ -365,10 +366,14 @@ def analyse(plan_: dict, results: dict, reference=("rung1", "rung5"), n_boot=300
         d = plan_["decompose"]
         dec = {"algorithms": d["algorithms"], **decompose(d["cells"], errs, n_boot, rng)}
         a, b = d["algorithms"]
-        m = next((c["compute"]["at"][-1] for c in comparisons if c["over"] == a and c["recipe"] == b), None)
-        if m is not None:
+        ats = next((c["compute"]["at"] for c in comparisons if c["over"] == a and c["recipe"] == b), None)
+        finite = [m for m in ats or [] if math.isfinite(m["multiplier"])]
+        if finite:  # at B's largest budget whose error A's curve reaches (above it: beyond A's floor)
+            m = finite[-1]
             dec["doubling_months"] = doubling_months(m["multiplier"])
             dec["doubling_months_ci"] = [doubling_months(m["ci"][1]), doubling_months(m["ci"][0])]
+            dec["doubling_at"] = {"flops": m["x"], "multiplier": m["multiplier"], "ci": m["ci"],
+                                  "largest_budget": m is ats[-1], "extrapolated": m["extrapolated"]}
             dec["published"] = [{"what": w, "doubling_months": v} for w, v in PUBLISHED]
     return {"rows": rows, "comparisons": comparisons, "decomposition": dec, "n_boot": n_boot}
 
@@ -432,8 +437,13 @@ def format_table(summary: dict) -> str:
                          f"  share {100 * s['share']:.0f}% [{100 * s['share_ci'][0]:.0f}, {100 * s['share_ci'][1]:.0f}]")
         if "doubling_months" in d:
             lo, hi = d["doubling_months_ci"]
-            lines.append(f"  {b} over {a} in compute at {b}'s budget: a doubling every {d['doubling_months']:.1f} "
-                         f"months over {START} [{lo:.1f}, {hi:.1f}]; published: " +
+            at = d["doubling_at"]
+            where = (f"at {b}'s full budget" if at["largest_budget"] else
+                     f"at {at['flops']:.2g} FLOPs, {b}'s largest budget whose error {a} reaches (above it {b} is "
+                     f"beyond {a}'s floor, an infinite multiplier)")
+            lines.append(f"  {b} over {a}: {at['multiplier']:.3g}x the compute {where}; over {START} that is a doubling "
+                         f"every {d['doubling_months']:.0f} months [{'0 (unbounded)' if lo == 0 else f'{lo:.0f}'}, "
+                         f"{hi:.0f}]; published: " +
                          "; ".join(f"{p['what']}: {p['doubling_months']:.0f}" for p in d["published"]))
     return "\n".join(lines)
 
