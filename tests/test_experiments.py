@@ -31,6 +31,22 @@ def test_rungs_are_cumulative():
     assert (b.optim.name, b.model.act, b.train.loss, b.train.passes) == ("sdlm", "scaled_tanh", "mse", 23)
 
 
+def test_rung7_is_rung5_in_minibatches_plus_what_validation_chose():
+    """Rung 7 = the modern preset (rung 5's recipe in minibatches of 32 at its validated rate) plus
+    tta and ema, each with its registered defaults, and nothing else (tune_rung7.json's choice)."""
+    import json
+    from pathlib import Path
+    from backproplab.config import validate
+    r7, m = validate(preset(RUNGS["7"][0])), validate(preset("modern"))
+    assert sorted(s.name for s in r7.methods) == ["ema", "tta"]
+    r7.methods, r7.name = [], m.name
+    assert r7.to_dict() == m.to_dict()
+    tuned = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/tune_rung7.json").read_text())
+    assert sorted(c for c in tuned["chosen"] if c.startswith("+method=")) == ["+method=ema", "+method=tta"]
+    assert tuned["val"] == 1000 and "test" not in json.dumps(tuned["rows"])  # chosen on validation alone
+    assert parse_rungs("5,7") == ["5", "7"] and rung_config("7", 2, smoke=True).train.passes == 2
+
+
 def test_parse_rungs():
     assert parse_rungs(None) == ["1", "2", "3", "4", "5"]
     assert parse_rungs("1,1b,5") == ["1", "1b", "5"]
