@@ -101,6 +101,10 @@ PRESET_CHANGES = [
     ("speedrun", "modern", {"train.batch": 128, "train.passes": 40, "model.dropout": 0.0, "optim.lr": 0.04,
                             "optim.lr_end": 0.0, "optim.beta2": 0.99, "optim.weight_decay": 0.0,
                             "train.eval_every": 40}),
+    ("rung7", "modern", {}),  # the modern config itself; its methods (tta, ema) are checked below
+    # the diagonal SSM on the modern recipe without shifts (its docstring: dim 24, dropout 0.1, 10 passes, 3e-3)
+    ("ssm", "modern", {"model.name": "ssm", "model.dim": 24, "model.dropout": 0.1, "train.shift": 0,
+                       "train.passes": 10, "optim.lr": 3e-3}),
 ]
 
 
@@ -121,7 +125,8 @@ def test_presets_are_what_the_spec_says():
         validate(preset(name))
     assert [(m.name, m.options) for m in preset("speedrun").methods] == [
         ("warmup", {"frac": 0.2}), ("label_smoothing", {"eps": 0.1}), ("tta", {"n": 9})]
-    assert all(not preset(n).methods for n in list_presets() if n != "speedrun")
+    assert [(m.name, m.options) for m in preset("rung7").methods] == [("tta", {}), ("ema", {})]
+    assert all(not preset(n).methods for n in list_presets() if n not in ("speedrun", "rung7"))
     r3 = _fields(preset("rung3"))  # AdamW with torch's defaults
     assert (r3["optim.beta1"], r3["optim.beta2"], r3["optim.eps"]) == (0.9, 0.999, 1e-8)
 

@@ -87,6 +87,6 @@ def test_datascale_on_idx_folder(tmp_path):
 
 
 def test_experiment_cli_errors(tmp_path):
-    _assert_one_line_error(run_cli("ladder", "--rungs", "1,7"), "unknown rung 7")
+    _assert_one_line_error(run_cli("ladder", "--rungs", "1,9"), "unknown rung 9")
     _assert_one_line_error(run_cli("datascale", "--data", tmp_path), "no train-images")
     _assert_one_line_error(run_cli("datascale", "--sizes", "99999"), "larger than the 7291")

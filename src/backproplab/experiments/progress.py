@@ -140,7 +140,7 @@ def plan(recipes, seeds=4, budgets=None, sizes=None, decompose=DECOMPOSE, smoke=
         dec = {"algorithms": [a, b], "cells": {}}
         for ia, r in enumerate((a, b)):
             N, P = curves[r]["n_train"], curves[r]["passes"]
-            for idd, n in enumerate((max(10, N // 4), N)):
+            for idd, n in enumerate((max(10, round(N / 4)), N)):  # as the data curve's 1/4: the same run
                 for ic, p in enumerate((max(1, round(P / 4)), P)):
                     key = (r, n, p)
                     if key not in cfgs:
