@@ -176,3 +176,28 @@ def test_search_journal_dead_local_worker_trial_is_retried(tmp_path):
     assert retried[0]["resumed_from_pass"] == done_at_kill >= 1
     assert res["attempts"] == 4 and res["stale_failed"] == 1 and res["running"] == 0
     assert sorted(r["summary"]["slot"] for r in store.list_runs(out) if r["kind"] == "search") == [0, 1, 2]
+
+
+def test_search_trials_bar_counts_the_study_on_a_terminal(tmp_path):
+    """On a terminal run_workers draws a bar of the study's slots, read back from the storage as
+    trials finish (3 trials, in process): its last state reads 3/3."""
+    import io
+
+    from rich.console import Console
+
+    from backproplab.report import progress as P
+    from backproplab.search.study import run_study, storage_spec
+    buf = io.StringIO()
+    P.configure(console=Console(file=buf, force_terminal=True, width=120))
+    seen = []
+
+    def objective(trial):
+        seen.append(trial.number)
+        return trial.suggest_float("x", 0.0, 1.0)
+    try:
+        study, codes = run_study("bar", storage_spec(None, tmp_path), objective, n_trials=3, sampler="random")
+    finally:
+        P.close_all()
+        P.configure()
+    assert codes == [0] and len(seen) == 3
+    assert "search trials 3/3" in buf.getvalue() and "search trials 0/3" in buf.getvalue()

@@ -112,6 +112,12 @@ class Bar:
     def advance(self, n: float = 1) -> None:
         self.update(advance=n)
 
+    def set_total(self, total: float | None) -> None:
+        """For a bar whose size is learnt while it runs (a study's trials)."""
+        self.total = total
+        if self._task is not None:
+            self._p.update(self._task, total=total, description=self._describe())
+
     def close(self) -> None:
         if self._task is not None and self._p is not _display:   # the display was ended by close_all
             self._task = None

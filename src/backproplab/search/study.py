@@ -220,9 +220,9 @@ def _counts(study):
 
 
 def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = "tpe", seed: int | None = None,
-                pruner=None, catch=(UserError,)) -> int:
+                pruner=None, catch=(UserError,), after_trial=None) -> int:
     """Run the study's waiting trials until none is left (on a heartbeat storage: until no trial is
-    running either, retrying stale ones) -> trials this worker ran."""
+    running either, retrying stale ones) -> trials this worker ran. after_trial(): called after each."""
     o = optuna()
     study = o.load_study(study_name=name, storage=storage.open(), sampler=make_sampler(sampler_name, seed),
                          pruner=pruner)
@@ -233,6 +233,8 @@ def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = 
         if waiting:
             study.optimize(wrapped, n_trials=1, catch=catch, gc_after_trial=False)
             ran += 1
+            if after_trial is not None:
+                after_trial()
             continue
         if storage.is_journal or not running:
             return ran
@@ -265,10 +267,34 @@ def _context():
 def run_workers(storage: StorageSpec, name: str, objective, jobs: int = 1, sampler: str = "tpe",
                 seed: int | None = 0, pruner=None) -> list:
     """jobs worker processes (each loading the study; jobs=1 runs in this process) ->
-    their exit codes (0 each when all went well; -9 for a SIGKILLed one)."""
-    if jobs == 1:
-        worker_loop(storage, name, objective, sampler, seed, pruner)
-        return [0]
+    their exit codes (0 each when all went well; -9 for a SIGKILLed one). A bar of the study's
+    trials (done of all slots) on a terminal, read from the storage while the workers run."""
+    from ..report.progress import bar
+    with bar("search trials", None) as b:
+        tick = _trials_ticker(storage, name, b)
+        if jobs == 1:
+            worker_loop(storage, name, objective, sampler, seed, pruner, after_trial=tick)
+            return [0]
+        return _run_processes(storage, name, objective, jobs, sampler, seed, pruner, tick)
+
+
+def _trials_ticker(storage: StorageSpec, name: str, b):
+    """-> a function that sets bar b to the study's finished slots of all (no-op when bars are off)."""
+    if not b.active:
+        return lambda: None
+    o = optuna()
+    watch = o.load_study(study_name=name, storage=storage.open())
+    S = o.trial.TrialState
+
+    def tick():
+        slots = slot_trials(watch)
+        b.set_total(len(slots))
+        b.update(sum(t.state in (S.COMPLETE, S.PRUNED) for t in slots.values()))
+    tick()
+    return tick
+
+
+def _run_processes(storage, name, objective, jobs, sampler, seed, pruner, tick) -> list:
     ctx = _context()
     codes = []
     for round_ in range(1 + RECOVERY_ROUNDS):
@@ -278,8 +304,10 @@ def run_workers(storage: StorageSpec, name: str, objective, jobs: int = 1, sampl
         for p in procs:
             p.start()
         try:
-            for p in procs:
-                p.join()
+            while any(p.is_alive() for p in procs):
+                for p in procs:
+                    p.join(timeout=0.5)
+                tick()
         except KeyboardInterrupt:
             for p in procs:
                 p.terminate()
