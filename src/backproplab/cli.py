@@ -259,9 +259,10 @@ def cmd_datascale(args):
 
 def cmd_doctor(args):
     from .doctor import run_doctor
+    from .report.console import render, table
     checks = run_doctor(args.out, data=args.data)
-    for c in checks:
-        print(f"{'ok  ' if c['ok'] else 'FAIL'}  {c['check']:14s} {c['detail']}")
+    print(render(table(["", "check", "detail"], [["ok" if c["ok"] else "FAIL", c["check"], c["detail"]]
+                                                 for c in checks])))
     if args.json:
         _emit_json({"checks": checks, "ok": all(c["ok"] for c in checks)})
     return 0 if all(c["ok"] for c in checks) else 1

@@ -149,16 +149,17 @@ def claims(rows) -> list[dict]:
 
 
 def format_table(rows) -> str:
-    lines = [f"{'stack':5s} {'depth':>5s} {'block':10s} {'final loss':>16s} {'test err %':>14s} "
-             f"{'steps to target':>18s} {'diverged':>8s}"]
+    from ..report.console import render, table
+    body = []
     for r in rows:
         fl = "diverged" if math.isnan(r["final_loss"]) else f"{r['final_loss']:.3f} +- {r['final_loss_std']:.3f}"
         te = "-" if math.isnan(r["test_error"]) else f"{r['test_error']:.1f} +- {r['test_error_std']:.1f}"
         st = (f"{r['steps_to_target']:.0f} +- {r['steps_to_target_std']:.0f}" if r["reached"] else "never") + \
             f" ({r['reached']}/{r['seeds']})"
-        lines.append(f"{r['stack']:5s} {r['depth']:5d} {r['norm']:10s} {fl:>16s} {te:>14s} {st:>18s} "
-                     f"{r['diverged']:>4d}/{r['seeds']}")
-    return "\n".join(lines)
+        body.append([r["stack"], str(r["depth"]), r["norm"], fl, te, st, f"{r['diverged']}/{r['seeds']}"])
+    cols = ["stack", ("depth", "right"), "block"] + [(c, "right") for c in ("final loss", "test err %",
+                                                                            "steps to target", "diverged")]
+    return render(table(cols, body))
 
 
 def plot(rows, runs, path):
