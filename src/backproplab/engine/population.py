@@ -564,3 +564,20 @@ class Population:
             d = {k[len(pre):]: np.asarray(v) for k, v in st.items() if k.startswith(pre)}
             if hasattr(sw, "load_state"):
                 sw.load_state(d)
+
+
+def train_passes(eng, x, labels, passes: int, label: str = "pass") -> None:
+    """Train population `eng` for `passes` passes over (x (n, 16, 16) numpy, labels) with train()'s
+    (seed, pass) shift and dropout streams, a progress bar of the passes on a terminal, and no
+    evaluation or checkpoints: for studies that keep their populations in memory (prune, transfer)."""
+    from ..data import pass_randomness
+    from ..report.progress import ProgressBar
+    t, m = eng.cfg.train, eng.cfg.model
+    bar = ProgressBar(passes, label=label)
+    for p in range(passes):
+        rand = [pass_randomness(s, p, len(x), t.shift, m.dropout, eng.dropout_units) for s in eng.seeds]
+        eng.train_pass(x, labels, None, np.stack([r[0] for r in rand]) if t.shift > 0 else None,
+                       np.stack([r[1] for r in rand]) if m.dropout > 0 else None)
+        eng.end_pass()
+        bar(p, len(x), len(x))
+    bar.clear()

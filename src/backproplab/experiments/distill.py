@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import apply_overrides, preset
 from ..engine.train import train
+from ..report.progress import ProgressBar
 from ..store import add_run
 from .effects import welch
 
@@ -34,7 +35,7 @@ def _cfg(passes, seeds, seed, val, smoke, methods=()):
 def _run(cfg, folder: Path, log, label):
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    r = train(cfg, out=folder, resume=True)
+    r = train(cfg, out=folder, resume=True, progress=ProgressBar(cfg.train.passes, label=f"{label}: pass"))
     add_run(folder, "train", cfg.name, r.status, r.config, r.summary(), r.history, {})
     val, test = [f["val_error"] for f in r.final], [f["test_error"] for f in r.final]
     row = {"label": label, "seeds": len(test), "passes": cfg.train.passes, "seconds": round(time.perf_counter() - t0, 1),

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..config import apply_overrides, preset
-from ..data import load_dataset, pass_randomness
-from ..engine.population import Population
+from ..data import load_dataset
+from ..engine.population import Population, train_passes
 from ..errors import UserError
 from ..methods.pruning import LOWRANK_LAYERS, Prune, factored_params, nm_layers, prunable, truncate
 from ..models.convnet import conv_params, layer_specs
@@ -82,13 +82,7 @@ def fit(cfg, data, W0=None) -> Population:
     if W0 is not None:
         with torch.no_grad():
             eng.W.copy_(W0)
-    x, labels = data.train_x.reshape(-1, 16, 16).numpy(), data.train_labels.numpy()
-    t = cfg.train
-    for p in range(t.passes):
-        rand = [pass_randomness(s, p, len(x), t.shift, cfg.model.dropout, eng.dropout_units) for s in seeds]
-        eng.train_pass(x, labels, None, np.stack([r[0] for r in rand]) if t.shift else None,
-                       np.stack([r[1] for r in rand]) if cfg.model.dropout else None)
-        eng.end_pass()
+    train_passes(eng, data.train_x.reshape(-1, 16, 16).numpy(), data.train_labels.numpy(), cfg.train.passes)
     return eng
 
 

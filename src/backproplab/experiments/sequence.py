@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import apply_overrides, preset
 from ..errors import UserError
+from ..report.progress import ProgressBar
 from ..jsonout import emit_json
 from .effects import welch
 
@@ -51,7 +52,7 @@ def run(seeds: int, passes: int, out, smoke: bool = False, n_train: int = 3000, 
     for name, cfg in configs(seeds, passes, smoke, n_train).items():
         if models is not None and name not in models and name != BASE:
             continue
-        res = train(cfg, out=out, resume=True)
+        res = train(cfg, out=out, resume=True, progress=ProgressBar(cfg.train.passes, label=f"{name}: pass"))
         val = np.array([f["val_error"] for f in res.final])
         test = np.array([f["test_error"] for f in res.final])
         errs[name] = (val, test)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ..config import apply_overrides, preset
-from ..data import load_dataset, pass_randomness
-from ..engine.population import Population
+from ..data import load_dataset
+from ..engine.population import Population, train_passes
 from ..errors import UserError
 from .effects import welch
 
@@ -107,14 +107,7 @@ def fit(x, labels, passes: int, seeds: list, init=None, frozen=(), methods=(), n
     if init is not None:
         start_from(eng, init, new_head)
     eng.hold(frozen)
-    xs, ls = x.reshape(-1, 16, 16).numpy(), labels.numpy()
-    m, t = cfg.model, cfg.train
-    for p in range(passes):
-        rand = [pass_randomness(s, p, len(xs), t.shift, m.dropout, eng.dropout_units) for s in eng.seeds]
-        shifts = np.stack([r[0] for r in rand]) if t.shift > 0 else None
-        keep = np.stack([r[1] for r in rand]) if m.dropout > 0 else None
-        eng.train_pass(xs, ls, None, shifts, keep)
-        eng.end_pass()
+    train_passes(eng, x.reshape(-1, 16, 16).numpy(), labels.numpy(), passes)
     return eng
 
 
