@@ -77,8 +77,77 @@ def render(rec: dict) -> str:
     return "\n".join(out)
 
 
-def replace_block(text: str, base: str, body: str) -> str:
-    begin, end = f"<!-- effects:{base}:begin -->", f"<!-- effects:{base}:end -->"
+def newest_progress(store) -> dict:
+    every = [r for r in list_runs(store) if r["kind"] == "progress"]
+    runs = [r for r in every if not r["summary"].get("smoke")] or every  # smoke-size only when nothing else
+    if not runs:
+        raise UserError(f"no progress record in {store}")
+    return runs[-1]
+
+
+def _mult(m, who):
+    if m is None:
+        return "-"
+    if m["beyond_floor"]:
+        return f"beyond {who}'s floor"
+    lo, hi = m["ci"]
+    hi_s = "inf" if hi is None or not math.isfinite(hi) else f"{hi:.3g}"
+    return f"{m['multiplier']:.3g}x [{_f(lo, '.3g')}, {hi_s}]" + (" *" if m["extrapolated"] else "")
+
+
+def _ci(v, key, fmt=".2f"):
+    return f"{v[key]:{fmt}} [{v[key + '_ci'][0]:{fmt}}, {v[key + '_ci'][1]:{fmt}}]"
+
+
+def render_progress(rec: dict) -> str:
+    """The progress page's tables from a `backproplab progress` record."""
+    s = rec["summary"]
+    out = [f"`backproplab progress` (run {rec['id']} of its store): {s['seeds']} seeds a point; budgets "
+           f"{', '.join(s['budgets'])} of each recipe's passes on all the training digits; sizes "
+           f"{', '.join(s['sizes'])} of the digits at the full passes; {s['n_boot']} bootstrap refits; test error. "
+           f"* = extrapolated beyond the reference's measured range.", "",
+           "| recipe | passes | test error | compute x over rung 1 | data x over rung 1 | compute x over rung 5 "
+           "| slope alpha [95% CI] | floor % [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+    for r in s["rows"]:
+        out.append(f"| {r['recipe']} | {r['passes']} | {r['test_error']:.2f}% +- {r['test_error_std']:.2f} "
+                   f"| {_mult(r.get('compute_x_over_rung1'), 'rung 1')} | {_mult(r.get('data_x_over_rung1'), 'rung 1')} "
+                   f"| {_mult(r.get('compute_x_over_rung5'), 'rung 5')} | {_ci(r['compute_fit'], 'alpha')} "
+                   f"| {_ci(r['compute_fit'], 'floor')} |")
+    out += ["", "Shift or slope (alpha of each compute curve minus rung 1's, 95% CI):", "",
+            "| recipe | alpha - alpha(rung 1) | verdict |", "|---|---|---|"]
+    for c in s["comparisons"]:
+        if c["over"] == "rung1":
+            k = c["compute"]
+            out.append(f"| {c['recipe']} | {k['alpha_diff']:+.2f} [{k['alpha_diff_ci'][0]:+.2f}, "
+                       f"{k['alpha_diff_ci'][1]:+.2f}] | {k['verdict']} |")
+    for c in s["comparisons"]:
+        if c["over"] == "rung1" and c["recipe"] == "rung5":
+            out += ["", "Rung 5 over rung 1 at each of rung 5's budgets and sizes:", "",
+                    "| rung 5 budget (FLOPs) | rung 5's test error | compute x over rung 1 [95% CI] |", "|---|---|---|"]
+            out += [f"| {a['x']:.3g} | {a['error']:.2f}% | {_mult(a, 'rung 1')} |" for a in c["compute"]["at"]]
+            out += ["", "| training digits | rung 5's test error | data x over rung 1 [95% CI] |", "|---|---|---|"]
+            out += [f"| {int(a['x'])} | {a['error']:.2f}% | {_mult(a, 'rung 1')} |" for a in c["data"]["at"]]
+    d = s.get("decomposition")
+    if d:
+        cells = {k: v["key"] for k, v in d["cells"].items()}
+        lo, hi = cells["0,0,0"], cells["1,1,1"]
+        out += ["", f"The decomposition of the drop {d['from_error']:.2f}% -> {d['to_error']:.2f}% ({lo[0]} on {lo[1]:,} "
+                    f"digits at {lo[2]} passes -> {hi[0]} on {hi[1]:,} digits at {hi[2]} passes), Shapley values over "
+                    f"the 2 x 2 x 2 grid ({s['seeds']} seeds a cell):", "",
+                "| factor | points [95% CI] | share [95% CI] |", "|---|---|---|"]
+        for f in ("algorithm", "data", "compute"):
+            v = d[f]
+            out.append(f"| {f} | {_ci(v, 'points')} | {100 * v['share']:.0f}% [{100 * v['share_ci'][0]:.0f}, "
+                       f"{100 * v['share_ci'][1]:.0f}] |")
+        out += ["", "| cell (recipe, digits, passes) | test error |", "|---|---|"]
+        out += [f"| {v['key'][0]}, {v['key'][1]}, {v['key'][2]} | {v['test_error']:.2f}% |"
+                for _, v in sorted(d["cells"].items())]
+    return "\n".join(out)
+
+
+def replace_block(text: str, base: str, body: str, kind: str = "effects") -> str:
+    key = f"{kind}:{base}" if base else kind
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     if begin not in text or end not in text:
         raise UserError(f"the README has no {begin} ... {end} block")
     head, rest = text.split(begin, 1)
@@ -88,23 +157,29 @@ def replace_block(text: str, base: str, body: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--store", required=True, help="output folder (or runs.db) of the effects run")
+    ap.add_argument("--store", required=True, help="output folder (or runs.db) of the effects (or progress) run")
     ap.add_argument("--base", default="modern")
-    ap.add_argument("--readme", default=str(Path(__file__).resolve().parents[1] / "docs" / "results.md"),
-                    help="the page holding the effects blocks (default docs/results.md)")
+    ap.add_argument("--progress", action="store_true",
+                    help="write the progress block (default page docs/progress.md) instead of an effects block")
+    ap.add_argument("--readme", help="the page holding the block (default docs/results.md; docs/progress.md "
+                                     "with --progress)")
     ap.add_argument("--check", action="store_true", help="exit 1 if the README is not what the store gives")
     a = ap.parse_args(argv)
+    docs = Path(__file__).resolve().parents[1] / "docs"
     try:
-        readme = Path(a.readme)
+        readme = Path(a.readme or docs / ("progress.md" if a.progress else "results.md"))
         text = readme.read_text()
-        new = replace_block(text, a.base, render(newest_effects(a.store, a.base)))
+        if a.progress:
+            new = replace_block(text, "", render_progress(newest_progress(a.store)), kind="progress")
+        else:
+            new = replace_block(text, a.base, render(newest_effects(a.store, a.base)))
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.check:
         return 0 if new == text else 1
     readme.write_text(new)
-    print(f"wrote the {a.base} effects block of {readme}")
+    print(f"wrote the {'progress' if a.progress else a.base + ' effects'} block of {readme}")
     return 0
 
 

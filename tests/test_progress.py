@@ -165,3 +165,16 @@ def test_progress_smoke_end_to_end(tmp_path):
         f = by[("rung5", pg.SMOKE_N, p["passes"])]["summary"]
         assert p["test_error"] == pytest.approx(f["test_error"])
     assert (tmp_path / "progress" / "compute_curves.png").stat().st_size > 1000
+    import importlib.util  # docs/progress.md's block is written from this record
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("readme_tables", Path(__file__).parents[1] / "scripts/readme_tables.py")
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    text = rt.render_progress(runs[-1])
+    assert f"| rung5 | 8 | {rows['rung5']['test_error']:.2f}% +- {rows['rung5']['test_error_std']:.2f} |" in text
+    assert f"| algorithm | {s['decomposition']['algorithm']['points']:.2f} [" in text
+    page = tmp_path / "p.md"
+    page.write_text("a\n<!-- progress:begin -->\nold\n<!-- progress:end -->\nb\n")
+    assert rt.main(["--store", str(tmp_path), "--progress", "--readme", str(page), "--check"]) == 1
+    assert rt.main(["--store", str(tmp_path), "--progress", "--readme", str(page)]) == 0
+    assert "old" not in page.read_text() and text in page.read_text()
