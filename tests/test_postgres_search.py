@@ -17,8 +17,8 @@ from backproplab.engine.checkpoint import load_checkpoint
 from conftest import ROOT
 from conftest_postgres import postgres_db, postgres_server  # noqa: F401
 
-GRID = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.02,0.05,0.1", "data.n_train=1000",
-        "train.passes=3",
+GRID = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.02,0.05,0.1", "data.n_train=4000",
+        "train.passes=20",  # long enough (about a second a trial) to be caught mid-run on an idle machine
         "--sampler", "grid", "--no-retrain", "--json", "--study", "g"]
 
 

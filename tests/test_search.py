@@ -137,7 +137,7 @@ def test_search_journal_dead_local_worker_trial_is_retried(tmp_path):
     from backproplab.engine.checkpoint import load_checkpoint
     from conftest import ROOT
     out = tmp_path / "o"
-    cmd = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.03,0.1", "data.n_train=1000", "train.passes=3",
+    cmd = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.03,0.1", "data.n_train=4000", "train.passes=20",
            "--sampler", "grid", "--no-retrain", "--json", "--study", "k", "--jobs", "2", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "backproplab", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
