@@ -141,13 +141,14 @@ def plot(rows, out: Path) -> list[str]:
 
 
 def table(rows) -> str:
-    lines = [f"{'block':18s} {'level':>5s} {'size':>4s} {'width':>5s} {'res':>3s} {'params':>7s} {'MACs':>9s} "
-             f"{'val error':>15s} {'test error':>15s} {'train s':>8s}"]
-    for r in rows:
-        lines.append(f"{r['block']:18s} {r['level']:5d} {r['size']:4d} {r['width']:5d} {r['resolution']:3d} "
-                     f"{r['params']:7d} {r['macs']:9d} {r['val_error']:6.2f} +- {r['val_error_std']:4.2f}% "
-                     f"{r['test_error']:6.2f} +- {r['test_error_std']:4.2f}% {r['seconds']:8.0f}")
-    return "\n".join(lines)
+    from ..report.console import render, table as rich_table
+    cols = ["block"] + [(c, "right") for c in ("level", "size", "width", "res", "params", "MACs", "val error",
+                                               "test error", "train s")]
+    return render(rich_table(cols, [[r["block"], str(r["level"]), str(r["size"]), str(r["width"]), str(r["resolution"]),
+                                     str(r["params"]), str(r["macs"]),
+                                     f"{r['val_error']:.2f} +- {r['val_error_std']:.2f}%",
+                                     f"{r['test_error']:.2f} +- {r['test_error_std']:.2f}%", f"{r['seconds']:.0f}"]
+                                    for r in rows]))
 
 
 def main(argv=None) -> int:

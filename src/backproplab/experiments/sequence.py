@@ -69,13 +69,14 @@ def run(seeds: int, passes: int, out, smoke: bool = False, n_train: int = 3000, 
 
 
 def table(rows) -> str:
-    lines = [f"{'model':22s} {'params':>7s} {'MACs':>10s} {'val error':>15s} {'test error':>15s} "
-             f"{'test - convnet [95% CI]':>26s} {'train s':>8s}"]
-    for r in rows:
-        lines.append(f"{r['model']:22s} {r['params']:7d} {r['macs']:10d} {r['val_error']:6.2f} +- {r['val_error_std']:4.2f}% "
-                     f"{r['test_error']:6.2f} +- {r['test_error_std']:4.2f}% {r['test_minus_convnet']:+6.2f} "
-                     f"[{r['ci_low']:+6.2f}, {r['ci_high']:+6.2f}] {r['seconds']:8.0f}")
-    return "\n".join(lines)
+    from ..report.console import render, table as rich_table
+    cols = ["model"] + [(c, "right") for c in ("params", "MACs", "val error", "test error", "test - convnet [95% CI]",
+                                               "train s")]
+    return render(rich_table(cols, [[r["model"], str(r["params"]), str(r["macs"]),
+                                     f"{r['val_error']:.2f} +- {r['val_error_std']:.2f}%",
+                                     f"{r['test_error']:.2f} +- {r['test_error_std']:.2f}%",
+                                     f"{r['test_minus_convnet']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]",
+                                     f"{r['seconds']:.0f}"] for r in rows]))
 
 
 def main(argv=None) -> int:
