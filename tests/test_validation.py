@@ -71,3 +71,31 @@ def test_effects_evaluates_the_test_split_at_its_cadence():
     assert (cfg.train.eval_every, cfg.train.eval_train) == (4, False)  # 80 passes: 20 points
     assert base_config("modern", 2, smoke=False, passes=10).train.eval_every == 1
     assert base_config("modern", 2, smoke=False, eval_every=2).train.eval_every == 2
+
+
+def test_a_run_that_diverges_mid_run_keeps_every_split_in_its_last_record(monkeypatch):
+    """With eval_train=false and eval_test=false a pass before the last evaluates only the
+    validation split; when that pass's loss is NaN the run stops there, and its last record (its
+    final numbers) must still hold the training and test splits (it raised KeyError 'train')."""
+    from backproplab.engine.population import Population
+    real = Population.evaluate
+
+    def nan_after_pass_1(self, x, labels, loss):
+        out = real(self, x, labels, loss)
+        if len(x) == 40 and self._passes_seen >= 2:  # the validation split, from the second pass on
+            out = [{**o, "loss": float("nan")} for o in out]
+        return out
+    real_end = Population.end_pass
+
+    def count(self):
+        self._passes_seen = getattr(self, "_passes_seen", 0) + 1
+        return real_end(self)
+    monkeypatch.setattr(Population, "evaluate", nan_after_pass_1)
+    monkeypatch.setattr(Population, "end_pass", count)
+    over = ["data.n_train=160", "data.n_test=30", "data.val=40", "train.passes=4", "train.eval_train=false",
+            "train.eval_test=false"]
+    r = train(apply_overrides(preset("modern_smoke"), over))
+    assert r.status == "diverged" and len(r.history) == 2
+    assert [sorted(k for k in h if k in ("train", "val", "test")) for h in r.history] == \
+        [["val"], ["test", "train", "val"]]
+    assert all({"train_error", "val_error", "test_error"} <= set(f) for f in r.final)

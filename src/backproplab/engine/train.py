@@ -242,6 +242,10 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
                 on_pass(rec)
             watched = rec[next(sp for sp in ("train", "val", "test") if sp in rec)]  # train.eval_train=false
             bad_l = [seeds[r] for r, v in enumerate(watched) if not math.isfinite(v["loss"])]
+            if (bad_w or bad_l) and not all(sp in rec for sp in data.splits()):
+                # the run ends here: its last record holds every split (eval_train/eval_test=false skipped some)
+                rec.update({sp: v for sp, v in _evaluate_pass(engine, data, cfg, p, dt, last=True).items()
+                            if sp not in rec})
             if bad_w or bad_l:
                 what = ([f"NaN/Inf weights (seeds {bad_w})"] if bad_w else []) + \
                        ([f"NaN/Inf loss (seeds {bad_l})"] if bad_l else [])
