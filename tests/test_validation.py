@@ -99,3 +99,22 @@ def test_a_run_that_diverges_mid_run_keeps_every_split_in_its_last_record(monkey
     assert [sorted(k for k in h if k in ("train", "val", "test")) for h in r.history] == \
         [["val"], ["test", "train", "val"]]
     assert all({"train_error", "val_error", "test_error"} <= set(f) for f in r.final)
+
+
+def test_resuming_a_diverged_run_whose_last_record_lacks_splits_fills_them(tmp_path, monkeypatch):
+    """A checkpoint written before the fix above (its diverged last record without the training and
+    test splits) is reported again on --resume with every split, evaluated from the stored weights."""
+    from backproplab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from backproplab.engine.train import checkpoint_path
+    over = ["data.n_train=160", "data.n_test=30", "data.val=40", "train.passes=2", "train.eval_train=false",
+            "train.eval_test=false"]
+    cfg = apply_overrides(preset("modern_smoke"), over)
+    done = train(cfg, out=tmp_path)
+    ck = checkpoint_path(cfg, tmp_path)
+    state = load_checkpoint(ck)
+    for sp in ("train", "test"):
+        del state["history"][-1][sp]
+    state["status"], state["message"] = "diverged", "diverged in pass 2: NaN/Inf loss (seeds [0])"
+    save_checkpoint(ck, state)
+    again = train(cfg, out=tmp_path, resume=True)
+    assert again.status == "diverged" and again.final == done.final  # the same weights, every split back

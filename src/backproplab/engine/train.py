@@ -207,6 +207,10 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
             log(f"resumed from {ckpt} after pass {start}")
         if status != "finished":
             start = cfg.train.passes
+            if history and not all(sp in history[-1] for sp in data.splits()):  # a checkpoint from before the
+                # last record of a diverged run held every split: evaluate the stored weights for it
+                history[-1].update({sp: v for sp, v in _evaluate_pass(engine, data, cfg, len(history) - 1, 0.0,
+                                                                       last=True).items() if sp not in history[-1]})
     elif resume and out is not None:
         from ..report.progress import note
         note(f"no checkpoint in {out}: starting fresh")
