@@ -205,6 +205,12 @@ def list_runs(folder) -> list[dict]:
         raise UserError(f"results store {path} is unreadable: {e}") from None
     finally:
         con.close()
+    return decode_rows(rows, path)
+
+
+def decode_rows(rows, where) -> list[dict]:
+    """Stored rows (COLUMNS order) -> run dicts with their JSON columns parsed; a damaged column is
+    one error naming the store (`where`) and the run. Shared by the SQLite and PostgreSQL stores."""
     out = []
     for row in rows:
         rec = dict(zip(COLUMNS, row))
@@ -212,7 +218,7 @@ def list_runs(folder) -> list[dict]:
             for k in ("config", "summary", "history", "env"):
                 rec[k] = json.loads(rec[k])
         except (TypeError, ValueError) as e:
-            raise UserError(f"results store {path}: run {rec['id']} has a damaged {k} column ({e})") from None
+            raise UserError(f"results store {where}: run {rec['id']} has a damaged {k} column ({e})") from None
         out.append(rec)
     return out
 

@@ -128,17 +128,8 @@ def list_runs(url: str) -> list[dict]:
             raise UserError(f"no results store at {describe(url)} (nothing has been recorded there yet)")
         runs = _table(sa, sa.MetaData())
         return con.execute(sa.select(*[runs.c[c] for c in COLUMNS]).order_by(runs.c.id)).all()
-    rows = _run(url, fn, "read")
-    out = []
-    for row in rows:
-        rec = dict(zip(COLUMNS, row))
-        try:
-            for k in ("config", "summary", "history", "env"):
-                rec[k] = json.loads(rec[k])
-        except (TypeError, ValueError) as e:
-            raise UserError(f"results store {describe(url)}: run {rec['id']} has a damaged {k} column ({e})") from None
-        out.append(rec)
-    return out
+    from .store import decode_rows
+    return decode_rows(_run(url, fn, "read"), describe(url))
 
 
 def recorded_run(url: str, kind: str, digest: str, status: str) -> int | None:
