@@ -29,6 +29,15 @@ def register(sub, add_common):
     e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
     e.add_argument("--smoke", action="store_true",
                    help="test size: the base's smoke preset (500/200 digits, 2 passes), 2 methods, <= 2 seeds")
+    e.add_argument("--store", help="results store: a folder or postgresql+psycopg://USER@HOST:PORT/DB "
+                                   "(default --out); the table is read back from it")
+    e.add_argument("--storage", help="hand the runs to Optuna workers: a study journal file (one machine) or "
+                                     "postgresql+psycopg://... (many machines: `backproplab search worker "
+                                     "--storage URL --study NAME` on each); each run trains exactly once")
+    e.add_argument("--study", help="with --storage: the grid study's name (default effects-<hash of the grid>)")
+    e.add_argument("--heartbeat", type=float, default=10.0,
+                   help="with a database --storage: seconds between a worker's heartbeats; a run silent for 3x "
+                        "this is retried by another worker (default 10)")
 
 
 
@@ -66,14 +75,19 @@ def _parse(args):
     return methods, pairs
 
 
-def _recorded(out, digest, status) -> bool:
-    from ..errors import UserError
-    from ..store import list_runs
-    try:
-        return any(r["kind"] == "effects-run" and r["summary"].get("config_digest") == digest and r["status"] == status
-                   for r in list_runs(out))
-    except UserError:  # no store yet
-        return False
+def _grid_runner(args, methods, pairs, seeds, passes, out, store, log):
+    """--storage: the runs go to Optuna workers as the points of one grid study (search/grid.py)."""
+    from ..search import grid
+    from ..search import study as st
+    if args.heartbeat <= 0:
+        from ..errors import UserError
+        raise UserError("--heartbeat must be > 0")
+    storage = st.storage_spec(args.storage, out, args.heartbeat)
+    space = {"base": args.base, "methods": methods, "pairs": pairs, "top_pairs": args.top_pairs, "seeds": seeds,
+             "passes": passes, "eval_every": args.eval_every, "val": args.val, "multipliers": args.multipliers,
+             "smoke": args.smoke}
+    name = args.study or grid.study_name("effects", space)
+    return grid.EffectsRunner(storage, name, space, args.jobs, out.resolve(), store, log)
 
 
 def cmd_effects(args):
@@ -81,22 +95,27 @@ def cmd_effects(args):
     seeds = min(args.seeds, 2) if args.smoke else args.seeds
     from ..engine.train import environment, prepare_out
     from ..experiments import effects as fx
-    from ..store import add_run
+    from ..store import add_run, check_store, is_url
+    if args.storage and "://" in args.storage:
+        from ..search import study as st
+        st.storage_spec(args.storage, args.out).open()  # an unreachable server: one line, nothing local touched
+    store = args.store or args.out
+    check_store(store)
     out = prepare_out(args.out)
+    if not is_url(store):
+        store = prepare_out(store).resolve()
     passes = args.passes
     if args.multipliers and args.smoke and passes is None:
         passes = 4  # three distinct budgets: 1, 2 and 4 passes
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    runner = _grid_runner(args, methods, pairs, seeds, passes, out, store, log) if args.storage else None
     rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
-                                                        args.smoke, passes, pairs, args.top_pairs,
-                                                        log=lambda s: print(s, flush=True),
+                                                        args.smoke, passes, pairs, args.top_pairs, log=log,
                                                         eval_every=args.eval_every, val=args.val,
-                                                        multipliers=args.multipliers)
+                                                        multipliers=args.multipliers, runner=runner)
     env = environment()
     for key, res in results.items():
-        s = res.summary()
-        s["method"] = key  # "name@1/4": a budget run of the multipliers
-        if not _recorded(out, s["config_digest"], res.status):
-            add_run(out, "effects-run", cfgs[key].name, res.status, res.config, s, res.history, env)
+        fx.record_run(store, key, res, env)  # runs the workers recorded are found there, not written again
     bc = cfgs[fx.BASE_KEY]
     split = f"validation ({bc.data.val} digits held out)" if rows[0]["timing_split"] == "val" else "test"
     print(f"\nbase {bc.name}: {rows[0]['test_error']:.2f} +- {rows[0]['test_error_std']:.2f} % "
@@ -123,7 +142,7 @@ def cmd_effects(args):
                "timing_split": rows[0]["timing_split"], "multipliers": args.multipliers, "rows": rows,
                "composition": comp, "skipped": skipped, "plot": str(png) if png else None, "smoke": args.smoke}
     status = "finished" if all(r["status"] == "finished" for r in rows) else "partial"
-    summary["run_id"] = add_run(out, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),
+    summary["run_id"] = add_run(store, "effects", f"effects:{name}", status, cfgs[fx.BASE_KEY].to_dict(),
                                 _finite(summary), [], env)
     if args.json:
         emit_json(summary)

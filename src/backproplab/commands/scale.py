@@ -38,6 +38,15 @@ def register(sub, add_common):
                                    "loss is the mean over its seeds")
     r.add_argument("--seed", type=int, help="one seed only (the same as --seeds SEED)")
     r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
+    r.add_argument("--store", help="results store: a folder or postgresql+psycopg://USER@HOST:PORT/DB (default "
+                                   "--out, which keeps the cells' scratch files either way)")
+    r.add_argument("--storage", help="hand the cells to Optuna workers: a study journal file (one machine) or "
+                                     "postgresql+psycopg://... (many machines: `backproplab search worker "
+                                     "--storage URL --study NAME` on each); each cell runs exactly once")
+    r.add_argument("--study", help="with --storage: the grid study's name (default scale-<the study's digest>)")
+    r.add_argument("--heartbeat", type=float, default=10.0,
+                   help="with a database --storage: seconds between a worker's heartbeats; a cell silent for 3x "
+                        "this is retried by another worker (default 10)")
     r.add_argument("methods", nargs="*", metavar="+method=NAME[:k=v,...]",
                    help="registered methods every cell adds to its recipe (their own cells, keys and records)")
     f = ss.add_parser("fit", help="fit scaling laws to a study's runs (frontier, Chinchilla, IsoFLOP, lr)")
@@ -55,6 +64,9 @@ def register(sub, add_common):
     f.add_argument("--recipe", help="fit only this recipe's runs (a store holding several is refused without it)")
     f.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default 1000)")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    f.add_argument("--by-seed", action="store_true",
+                   help="the extrapolation check with seeds as the unit: every form fitted on each seed alone and "
+                        "on every resample of the seeds (a bootstrap over seeds), mean held-out error with intervals")
     f.add_argument("--noise", type=float, help="--synthetic: sigma of the log-normal loss noise (default 0.01)")
 
 
@@ -82,13 +94,30 @@ def _run(args):
     seeds = [args.seed] if args.seed is not None else _seeds(args.seeds)
     if args.data != "mnist10k" and not Path(args.data).expanduser().exists():
         raise UserError(f"--data {args.data}: no such file or folder (use mnist10k or a folder of IDX files)")
+    if args.heartbeat <= 0:
+        raise UserError("--heartbeat must be > 0")
+    from ..search import study as st
+    storage = st.storage_spec(args.storage, args.out, args.heartbeat) if args.storage else None
+    if storage is not None and not storage.is_journal:
+        storage.open()                          # an unreachable server: one line, nothing local touched
+    from ..store import check_store
+    store = args.store or args.out
+    check_store(store)
     from ..scaling.cells import DEFAULT_N_VAL, data_fingerprint, study_data
     from ..scaling.study import SMOKE
     n_val = args.n_val if args.n_val is not None else SMOKE["n_val"] if args.smoke else DEFAULT_N_VAL
     data = study_data(args.data, n_val)
+    fingerprint = data_fingerprint(data)
     study = make_study(args.family, args.data, smoke=args.smoke, sizes=args.sizes, n_train=args.n_train,
                        epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
-                       seeds=seeds, data_fingerprint=data_fingerprint(data), methods=_methods(args.methods))
+                       seeds=seeds, data_fingerprint=fingerprint, methods=_methods(args.methods))
+    runner = None
+    if storage is not None and not args.plan:
+        from ..search.grid import ScaleRunner
+        runner = ScaleRunner(storage, args.study or f"scale-{study.spec['digest']}",
+                             {"digest": study.spec["digest"]}, args.jobs, Path(args.out).resolve(),
+                             store if "://" in str(store) else Path(store).resolve(), fingerprint,
+                             log=(lambda line: print(line, file=sys.stderr)) if args.json else print)
     quiet = args.json
     from ..report.progress import Bar
     cells = []                                     # the bar of cells, opened when their number is known
@@ -100,7 +129,8 @@ def _run(args):
 
     try:
         summary = run_study(study, args.out, jobs=args.jobs, budget=budget, plan_only=args.plan, data=data,
-                            log=(lambda line: print(line, file=sys.stderr)) if quiet else print, progress=on_cell)
+                            log=(lambda line: print(line, file=sys.stderr)) if quiet else print, progress=on_cell,
+                            store=store, runner=runner)
     finally:
         for b in cells:
             b.close()
@@ -139,6 +169,8 @@ def _fit(args):
     given = [name for name, v in (("RUNS.db", args.db), ("--synthetic", args.synthetic), ("--csv", args.csv)) if v]
     if len(given) > 1:
         raise UserError(f"scale fit: give one of RUNS.db, --synthetic and --csv, not {' and '.join(given)}")
+    if args.by_seed and (not args.db or args.compare):
+        raise UserError("scale fit: --by-seed reads a study's results store (RUNS.db), without --compare")
     if (args.compare or args.recipe) and not args.db:
         raise UserError("scale fit: --compare and --recipe read a study's results store (RUNS.db), "
                         "not --csv or --synthetic")
@@ -167,7 +199,7 @@ def _fit(args):
         if args.json:
             _emit_json(rep)
         return 0
-    rep = fit_store(args.db, args.out, n_boot=args.n_boot, seed=args.seed, recipe=args.recipe)
+    rep = fit_store(args.db, args.out, n_boot=args.n_boot, seed=args.seed, recipe=args.recipe, by_seed=args.by_seed)
     print(fit_text(rep))
     if args.json:
         _emit_json(rep)

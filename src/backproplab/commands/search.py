@@ -167,10 +167,11 @@ def cmd_worker(args):
     _check_counts(args)
     from ..search import hpo
     from ..search import study as st
+    from ..search import grid
     storage = st.storage_spec(args.storage, args.out, args.heartbeat)
     study, spec = st.load_study(args.study, storage)
-    if spec.get("kind") != "hpo":
-        raise UserError(f"study {args.study!r} is not a hyperparameter search")
+    if spec.get("kind") not in ("hpo", *grid.KINDS):
+        raise UserError(f"study {args.study!r} is neither a hyperparameter search nor a grid of effects or scale run")
     from ..engine.train import prepare_out
     from ..store import check_store, is_url
     store = spec["store"] if is_url(spec["store"]) else (args.store or args.out)
@@ -178,6 +179,8 @@ def cmd_worker(args):
     out = prepare_out(args.out)
     if not is_url(store):
         store = str(prepare_out(store).resolve())
+    if spec["kind"] in grid.KINDS:
+        return _grid_worker(args, storage, study, spec, out, store)
     objective = hpo.TrialObjective(spec["preset"], spec["items"], spec["overrides"], str(out.resolve()), store,
                                    args.study)
     pruner = st.make_pruner(spec["pruner"], spec["passes"])
@@ -189,6 +192,25 @@ def cmd_worker(args):
     if args.json:
         emit_json(json_safe({"study": args.study, "worker_exit_codes": codes,
                              **{k: res[k] for k in ("complete", "pruned", "failed", "waiting", "running")}}))
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def _grid_worker(args, storage, study, spec, out, store):
+    """A worker of an effects or scale-run grid: runs its waiting points into the results store."""
+    from ..search import grid
+    from ..search import study as st
+    objective = grid.GridObjective(spec["kind"], str(out.resolve()), store)
+    codes = st.run_workers(storage, args.study, objective, args.jobs or 1, "random", None, None)
+    o = st.optuna()
+    S = o.trial.TrialState
+    slots = st.slot_trials(study)
+    counts = {k: sum(t.state == s for t in slots.values()) for k, s in
+              (("complete", S.COMPLETE), ("failed", S.FAIL), ("waiting", S.WAITING), ("running", S.RUNNING))}
+    print(f"worker {os.uname().nodename}: {spec['kind']} study {args.study}: {counts['complete']} of {len(slots)} "
+          f"points complete, {counts['failed']} failed, {counts['waiting']} waiting, {counts['running']} running")
+    if args.json:
+        emit_json(json_safe({"study": args.study, "kind": spec["kind"], "points": len(slots),
+                             "worker_exit_codes": codes, **counts}))
     return 0 if all(c == 0 for c in codes) else 1
 
 

@@ -32,6 +32,7 @@ no discount for it here.
 import math
 import warnings
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
@@ -345,10 +346,58 @@ def add_multipliers(rows, results, cfgs, budget_results, budget_cfgs, n_boot=300
     return rows
 
 
+RUN_KIND = "effects-run"
+
+
+def record_run(store, key, res, env) -> int:
+    """One run of the effects grid into the store (kind effects-run, its key as summary['method'])
+    unless a run of that config digest and status is there already (a resumed or retried run)
+    -> its id."""
+    from ..store import add_run, recorded_run
+    s = res.summary()
+    s["method"] = key if isinstance(key, str) else f"{key[0]}@{key[1]}"  # "name@1/4": a multipliers budget run
+    run_id = recorded_run(store, RUN_KIND, s["config_digest"], res.status)
+    if run_id is None:
+        run_id = add_run(store, RUN_KIND, res.config["name"], res.status, res.config, s, res.history, env)
+    return run_id
+
+
+def stored_result(rec):
+    """A Result rebuilt from its effects-run record (config, history and per-seed finals as
+    train() returned them), for analyse() on runs other processes or machines trained."""
+    from ..engine.train import Result
+    s, cfg = rec["summary"], rec["config"]
+    seeds = [cfg["train"]["seed"] + k for k in range(cfg["train"]["seeds"])]
+    if "per_seed" in s:
+        final = [dict(f) for f in s["per_seed"]]
+    else:  # one seed: summary() copied its final's figures to the top level
+        keys = [f"{sp}_{k}" for sp in ("train", "val", "test") for k in ("loss", "error", "misses")]
+        final = [{"seed": seeds[0], **{k: s[k] for k in keys if k in s}, "weights_sha256": s["weights_sha256"]}]
+    return Result(cfg, seeds, rec["history"], final, float(s["seconds"]), float(s["eval_seconds"]),
+                  status=rec["status"], message=s.get("message", ""), path=s.get("path", ""))
+
+
+def run_point(key, cfg_dict: dict, out, store) -> tuple[int, float]:
+    """ONE point of the effects grid, as a worker runs it: train (resuming a checkpoint in out,
+    a killed attempt's), record it once -> (run id, seed-mean error on its timing split)."""
+    from ..config import from_dict
+    from ..engine.checkpoint import has_checkpoint
+    from ..engine.train import checkpoint_path, environment, train
+    cfg = from_dict(cfg_dict)
+    res = train(cfg, out=out, resume=has_checkpoint(checkpoint_path(cfg, Path(out))))
+    run_id = record_run(store, key, res, environment())
+    split = timing_split(res)
+    err = float(np.mean([f[f"{split}_error"] for f in res.final]))
+    return run_id, err if math.isfinite(err) else 100.0
+
+
 def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke=False, passes=None,
-                pairs=None, top_k=3, log=print, eval_every=None, val=None, multipliers=False, n_boot=300):
+                pairs=None, top_k=3, log=print, eval_every=None, val=None, multipliers=False, n_boot=300,
+                runner=None):
     """methods: names (None: every registered method that runs on the base; smoke: SMOKE_METHODS).
     pairs: [(a, b)] or None for all pairs among the top_k single speed-ups.
+    runner(cfgs, label) -> {key: Result}: how a batch of configs is trained (default: run_configs
+    here, `jobs` at a time; search/grid.py hands them to Optuna workers).
     -> (rows, composition, skipped {key: why}, results {key: Result}, configs {key: Config})."""
     from ..methods.registry import list_methods
     from .pool import run_configs
@@ -363,15 +412,18 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
         f"{len(singles)} methods" + (f", {len(skipped)} skipped" if skipped else ""))
     describe = lambda k, res: f"{k}: test error {np.mean([f['test_error'] for f in res.final]):.2f}% " \
                               f"in {res.seconds / max(len(res.final), 1):.1f} s a seed"  # noqa: E731
-    results = run_configs(cfgs, out, resume, jobs, log, describe, label="effects runs")
+    if runner is None:
+        def runner(batch, label):
+            return run_configs(batch, out, resume, jobs, log, lambda k, res: describe(
+                f"{k[0]} at {k[1]}" if isinstance(k, tuple) else k, res), label=label)
+    results = runner(cfgs, "effects runs")
     rows = analyse(results, BASE_KEY)
     bcfgs, bres = {}, {}
     if multipliers:
         bcfgs = budget_configs(cfgs)
         log(f"effects: {len(bcfgs)} runs at {', '.join(map(str, MULTIPLIER_BUDGETS))} of the passes for the "
             f"multipliers")
-        bres = run_configs(bcfgs, out, resume, jobs, log,
-                           lambda k, res: describe(f"{k[0]} at {k[1]}", res), label="budget runs")
+        bres = runner(bcfgs, "budget runs")
     chosen = top_pairs(rows, top_k) if pairs is None else list(pairs)
     for a, b in chosen:
         for m in (a, b):
@@ -381,7 +433,7 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
     skipped.update(pskip)
     if pcfgs:
         log(f"effects: {len(pcfgs)} pairs: {', '.join(pcfgs)}")
-        results.update(run_configs(pcfgs, out, resume, jobs, log, describe, label="effects pairs"))
+        results.update(runner(pcfgs, "effects pairs"))
         cfgs.update(pcfgs)
         rows = analyse(results, BASE_KEY)
     if multipliers:

@@ -111,8 +111,9 @@ def _best(results):
     return min(ok, key=lambda r: r["val_loss"]) if ok else None
 
 
-def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
-    """Train the cell's sweep (resuming), write its record, return it.
+def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None) -> dict:
+    """Train the cell's sweep (resuming), write its record (to the results store `store`, a
+    folder or URL; default out, which holds the sweep's scratch files either way), return it.
 
     cell: family, size, n_train, epochs, key. spec: study settings (see study.make_study).
     data: (train_x, train_labels, val_x, val_labels, test_x, test_labels) tensors (study_data):
@@ -151,7 +152,8 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None) -> dict:
         atomic_write_bytes(sweep_file, json.dumps({"key": cell["key"], "populations": done}).encode())
         remove_checkpoint(ckpt)
     record = _record(cell, spec, m, done, time.perf_counter() - t_cell, len(vy), len(sy))
-    add_run(out, KIND, cell["key"], record["status"], record["config"], record["summary"], [], spec["env"])
+    add_run(out if store is None else store, KIND, cell["key"], record["status"], record["config"], record["summary"],
+            [], spec["env"])
     drop_scratch(out, cell["key"])
     if log:
         log(record)
@@ -202,8 +204,8 @@ def worker_init(source, n_val, parent_pid=None):
     _DATA["data"] = study_data(source, n_val)
 
 
-def worker_run(cell, spec, out):
-    return run_cell(cell, spec, _DATA["data"], out)
+def worker_run(cell, spec, out, store=None):
+    return run_cell(cell, spec, _DATA["data"], out, store=store)
 
 
 def data_fingerprint(data) -> str:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from ..store import check_store, list_runs, store_path
+from ..store import check_store, is_url, list_runs, store_path
 from .cells import DEFAULT_N_VAL, KIND, cell_key, drop_scratch, run_cell, study_data, worker_init, worker_run
 from .families import FAMILIES, member
 
@@ -148,10 +148,52 @@ def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None
 
 
 def finished_keys(out) -> set:
-    """Keys of the cells already recorded in the store under `out`."""
-    if not store_path(out).is_file():
-        return set()
-    return {r["config"].get("cell") for r in list_runs(out) if r["kind"] == KIND and isinstance(r["config"], dict)}
+    """Keys of the cells already recorded in the store under `out` (a folder or a store URL)."""
+    return set(cell_records(out))
+
+
+def cell_records(store) -> dict:
+    """cell key -> its (first) record in the store (a folder or URL; none yet: {})."""
+    if not is_url(store) and not store_path(store).is_file():
+        return {}
+    try:
+        runs = list_runs(store)
+    except UserError:
+        if not is_url(store):
+            raise
+        check_store(store)            # an unreachable server or a foreign table says so again here
+        return {}                     # a server with no runs table yet
+    recs = {}
+    for r in runs:
+        if r["kind"] == KIND and isinstance(r["config"], dict):
+            recs.setdefault(r["config"].get("cell"), r)
+    return recs
+
+
+_POINT_DATA: dict = {}
+
+
+def run_point(cell: dict, spec: dict, fingerprint: str, out, store) -> float:
+    """ONE cell of a study, as a grid worker runs it (search/grid.py): its sweep resumed from the
+    scratch files in out, recorded once in store (a cell already recorded there, by a killed
+    attempt that got that far, is not run again) -> the cell's validation loss (DIVERGED_LOSS
+    for a cell whose every rate diverged). The data is loaded once a process and must be the
+    data the study was made from (fingerprint)."""
+    from ..engine.train import environment
+    from .cells import DIVERGED_LOSS, data_fingerprint
+    rec = cell_records(store).get(cell["key"])
+    if rec is None:
+        key = (spec["data"], spec["n_val"])
+        if key not in _POINT_DATA:
+            data = study_data(*key)
+            if data_fingerprint(data) != fingerprint:
+                raise UserError(f"scale cell {cell['key']}: the data {spec['data']} on this machine differs from "
+                                f"the study's")
+            _POINT_DATA[key] = data
+        with one_thread():
+            rec = run_cell(cell, {**spec, "env": environment()}, _POINT_DATA[key], out, store=store)
+    loss = rec["summary"].get("loss")
+    return float(loss) if loss is not None and math.isfinite(loss) else DIVERGED_LOSS
 
 
 @contextlib.contextmanager
@@ -214,15 +256,22 @@ def trim(cells: list, budget: float | None, jobs: int) -> tuple[list, list]:
 
 
 def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=print, data=None,
-              progress=None) -> dict:
+              progress=None, store=None, runner=None) -> dict:
     """Run (or with plan_only, only project) the study's unfinished cells into `out`.
-    progress(done, total) after each cell (a progress bar)."""
+    progress(done, total) after each cell (a progress bar). store: the results store (a folder
+    or URL; default out, which keeps the cells' scratch files either way). runner(cells, spec)
+    -> their records: how the cells are trained (default: here, `jobs` at a time; search/grid.py
+    hands them to Optuna workers)."""
     from ..engine.train import environment
+    store = out if store is None else store
+    check_store(store)                                        # a foreign or unreachable store: refuse first
+    if not is_url(store):
+        Path(store).mkdir(parents=True, exist_ok=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_store(out)                                          # a foreign runs.db: refuse before any work
     data = data or study_data(study.data, study.spec["n_val"])
-    done = finished_keys(out)
+    done = finished_keys(store)
     todo = [c for c in study.cells if c["key"] not in done]
     for c in study.cells:
         if c["key"] in done:                                  # killed after recording, before cleaning up
@@ -232,12 +281,13 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
         project(study, per_step, len(data[3]) + len(data[5]))
     kept, dropped = trim(todo, budget, jobs)
     proj = sum(c["projected_s"] for c in kept) / max(jobs, 1) if kept else 0.0
-    summary = {"family": study.family, "data": study.data, "out": str(out), "store": str(store_path(out)),
+    where = str(store) if is_url(store) else str(store_path(store))
+    summary = {"family": study.family, "data": study.data, "out": str(out), "store": where,
                "grid": study.describe(), "cells": len(study.cells), "already_done": len(study.cells) - len(todo),
                "to_run": len(kept), "dropped_by_budget": len(dropped), "jobs": jobs,
                "projected_seconds": proj, "calibration_s_per_step": per_step, "digest": study.spec["digest"]}
     log(f"scale run: {study.describe()}")
-    log(f"{len(study.cells)} cells: {summary['already_done']} already in {store_path(out)}, {len(kept)} to run"
+    log(f"{len(study.cells)} cells: {summary['already_done']} already in {_describe(store)}, {len(kept)} to run"
         + (f", {len(dropped)} dropped to fit --budget" if dropped else "")
         + (f"; projected {proj / 60:.1f} min on {jobs} worker(s) (CPU time measured here)" if kept else ""))
     if plan_only or not kept:
@@ -261,15 +311,19 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
         if progress:
             progress(n_done, len(kept))
 
-    if jobs <= 1:
+    if runner is not None:
+        for rec in runner(order, spec):
+            records.append(rec)
+            report(rec)
+    elif jobs <= 1:
         with one_thread():          # torch's default, every core, would oversubscribe a shared machine
             for c in order:
-                records.append(run_cell(c, spec, data, out))
+                records.append(run_cell(c, spec, data, out, store=store))
                 report(records[-1])
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,
                                     initargs=(study.data, study.spec["n_val"], os.getpid())) as pool:
-            futs = [pool.submit(worker_run, c, spec, out) for c in order]
+            futs = [pool.submit(worker_run, c, spec, out, store) for c in order]
             for f in cf.as_completed(futs):
                 records.append(f.result())
                 report(records[-1])
@@ -277,3 +331,10 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
                     "cell_seconds": sum(r["summary"]["seconds"] for r in records),
                     "diverged_cells": sum(r["status"] != "finished" for r in records)})
     return summary
+
+
+def _describe(store) -> str:
+    if is_url(store):
+        from ..store_pg import describe
+        return describe(str(store))
+    return str(store_path(store))

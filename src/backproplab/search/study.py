@@ -17,7 +17,7 @@ before they leave, so the last stale trial is retried too.
 
 API for any search (hyperparameters, architectures):
   study = create_study(name, storage, spec, direction)       (spec: what workers need, JSON-able)
-  enqueue_slots(study, n) / enqueue_grid(study, points)
+  enqueue_slots(study, n) / enqueue_grid(study, points) / enqueue_points(study, {slot: (params, attrs)})
   run_workers(storage, name, objective, jobs, sampler=..., pruner=...)
   run_study(name, storage, objective, n_trials | grid=points, jobs, sampler, pruner, spec)
 objective(trial) -> float is a picklable callable (worker processes start from a fork server).
@@ -184,10 +184,17 @@ def enqueue_slots(study, n: int) -> int:
 
 def enqueue_grid(study, points: list) -> int:
     """A grid of parameter dicts: one slot each (each runs exactly once, whatever the workers)."""
+    return enqueue_points(study, {k: (p, {}) for k, p in enumerate(points)})
+
+
+def enqueue_points(study, points: dict) -> int:
+    """points: slot -> (parameters, user attributes the trial carries); those whose slot is not
+    there yet (or only as failed attempts) are enqueued -> how many."""
     have = _slots_present(study)
-    todo = [k for k in range(len(points)) if k not in have]
+    todo = [k for k in points if k not in have]
     for k in todo:
-        study.enqueue_trial(points[k], user_attrs={SLOT: k})
+        params, attrs = points[k]
+        study.enqueue_trial(params, user_attrs={**attrs, SLOT: k})
     return len(todo)
 
 
