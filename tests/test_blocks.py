@@ -94,12 +94,16 @@ def test_pareto_front_by_hand():
 
 
 def test_study_inputs_at_each_resolution(digits):
+    from backproplab.data import load_dataset
     from backproplab.data.sources import canonical_split, load_mnist10k
-    from backproplab.experiments.blocks import VAL, digits_at
-    d16, d28 = digits_at(16), digits_at(28)
-    assert torch.equal(d16["test"][0], digits.test_x)                 # the engine's 16x16 digits
-    assert torch.equal(d16["train"][0], digits.train_x[:-VAL]) and torch.equal(d16["val"][0], digits.train_x[-VAL:])
+    from backproplab.experiments.blocks import VAL
+    d16, d28 = load_dataset(resolution=16).with_validation(VAL), load_dataset(resolution=28)
+    assert torch.equal(d16.test_x, digits.test_x)                    # 16: the engine's 1989 digits
+    assert torch.equal(d16.train_x, digits.train_x[:-VAL]) and torch.equal(d16.val_x, digits.train_x[-VAL:])
     images, _ = load_mnist10k()
     src = torch.from_numpy(images[canonical_split()[1]]).float() / 127.5 - 1.0
-    assert torch.equal(d28["test"][0][:, 0], src)                     # 28: the sources themselves
-    assert digits_at(20)["test"][0].shape == (2007, 1, 20, 20)
+    assert torch.equal(d28.test_x[:, 0], src)                        # 28: the sources themselves
+    d20 = load_dataset(resolution=20)
+    assert d20.test_x.shape == (2007, 1, 20, 20) and torch.equal(d20.test_labels, digits.test_labels)
+    ref = torch.nn.functional.interpolate(src[:5, None], size=(20, 20), mode="bilinear", align_corners=False)
+    assert torch.allclose(d20.test_x[:5], ref, atol=1e-6)            # 20: the bilinear resize of the sources

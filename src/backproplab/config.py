@@ -19,6 +19,8 @@ class DataCfg:
     n_test: int | None = None
     val: int = 0                   # the last `val` training examples held out as a validation split (0: none);
                                    # what is tuned, searched or stopped early is judged there, never on the test set
+    resolution: int = 16           # input side in pixels: 16 (the 1989 digits), 20 or 28, resized from the 28x28
+                                   # sources by the 1989 preprocessing; only model.name=convnet takes 20 or 28
 
 
 @dataclass
@@ -87,6 +89,8 @@ class Config:
             del d["methods"]
         if not d["data"]["val"]:  # likewise a config without a validation split
             del d["data"]["val"]
+        if d["data"]["resolution"] == 16:  # ... or at the 1989 input side
+            del d["data"]["resolution"]
         for key, default in (("block", "plain"), ("width", 0), ("seq", "inorder")):  # ... or without these keys
             if d["model"][key] == default:
                 del d["model"][key]
@@ -114,6 +118,7 @@ CHOICES = {
     "train.engine": ("fast", "eager", "population", "minibatch", "hooked"),  # the last two: old names of population
     "train.device": ("cpu", "cuda"),
 }
+RESOLUTIONS = (16, 20, 28)   # data.resolution: input sides the 28x28 sources are resized to
 # (low, high, low inclusive): numeric ranges a value must fall in.
 RANGES = {
     "data.n_train": (1, 10_000_000, True), "data.n_test": (1, 10_000_000, True), "data.val": (0, 10_000_000, True),
@@ -381,6 +386,12 @@ def validate(cfg: Config) -> Config:
                 lo, hi, incl = RANGES[key]
                 if not ((v >= lo if incl else v > lo) and v <= hi):
                     raise UserError(f"{key}={v}: must be {'>=' if incl else '>'} {lo} and <= {hi}")
+    r = cfg.data.resolution
+    if r not in RESOLUTIONS:
+        raise UserError(f"data.resolution={r}: choose one of {', '.join(map(str, RESOLUTIONS))} (pixels a side)")
+    if r != 16 and cfg.model.name != "convnet":  # Net1989 (and its kernels), the ViT and the SSM read 16x16
+        raise UserError(f"model.name={cfg.model.name} takes 16x16 inputs only, not data.resolution={r} "
+                        f"(model.name=convnet takes {', '.join(map(str, RESOLUTIONS))})")
     if cfg.model.dropout >= 1.0:  # the kept units would be scaled by 1/(1-p) = inf
         raise UserError(f"model.dropout={cfg.model.dropout}: must be < 1 (1 drops every unit)")
     if not cfg.train.eval_test and not (cfg.train.eval_train or cfg.data.val):

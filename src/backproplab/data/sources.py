@@ -19,7 +19,8 @@ N_TRAIN_1989, N_TEST_1989 = 7291, 2007
 
 @dataclass
 class Dataset:
-    """Preprocessed tensors for one train/test split; x (N,1,16,16), y (N,10) +-1, labels (N,)."""
+    """Preprocessed tensors for one train/test split; x (N,1,r,r) (r = 16 unless load_dataset was given
+    another resolution), y (N,10) +-1, labels (N,)."""
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -81,10 +82,12 @@ def _limit(x, y, n, what):
     return x[:n], y[:n]
 
 
-def load_dataset(source: str = EMBEDDED, n_train: int | None = None, n_test: int | None = None) -> Dataset:
+def load_dataset(source: str = EMBEDDED, n_train: int | None = None, n_test: int | None = None,
+                 resolution: int = 16) -> Dataset:
     """source: 'mnist10k' (embedded, canonical split) or a path to a folder of IDX files.
 
-    n_train / n_test keep the first n examples (of the canonical order) when given.
+    n_train / n_test keep the first n examples (of the canonical order) when given; resolution:
+    the side the 28x28 sources are resized to by the 1989 preprocessing (data.resolution).
     """
     if source == EMBEDDED:
         images, labels = load_mnist10k()
@@ -100,6 +103,6 @@ def load_dataset(source: str = EMBEDDED, n_train: int | None = None, n_test: int
     tex, tey = _limit(tex, tey, n_test, "n_test")
     if len(trx) == 0 or len(tex) == 0:
         raise UserError(f"{source}: empty training or test set")
-    a = preprocess_1989(trx, try_)
-    b = preprocess_1989(tex, tey)
+    a = preprocess_1989(trx, try_, size=resolution)
+    b = preprocess_1989(tex, tey, size=resolution)
     return Dataset(str(source), a[0], a[1], a[2], b[0], b[1], b[2])

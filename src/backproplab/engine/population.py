@@ -22,6 +22,8 @@ Two paths compute the gradient, chosen automatically (`path`, stored with every 
             of the same R is bit for bit). Other models (ViT, convnets) loop over modules or
             run under torch.func.vmap.
 Both paths see the same batches and masks; tests check that their gradients agree.
+Inputs are (1, r, r) images, r = data.resolution: 16 (every model), 20 or 28 (the convnet
+family, whose modules take `resolution`; the fast paths are Net1989's, 16x16 only).
 
 Per pass, in the order methods/registry.HOOKS fixes (and, inside one hook, rank order):
   pass_start; per batch: lr -> batch -> forward (autocast, model noise) -> loss ->
@@ -130,7 +132,8 @@ class Population:
         self.cfg, self.seeds, self.batch, self.R = cfg, [int(s) for s in seeds], int(cfg.train.batch), len(seeds)
         self.device = torch.device(cfg.train.device)
         self.specs = run_specs(cfg)
-        self.dropout_units = dropout_units(cfg.model)
+        self.side = int(cfg.data.resolution)  # the input side (data.resolution: convnets take 20 and 28 too)
+        self.dropout_units = dropout_units(cfg.model, self.side)
         self.switches = [(s.name, build_switch(s, rank=get_method(s.name).rank, seeds=self.seeds))
                          for s in self.specs]
         if path == "auto":
@@ -205,7 +208,7 @@ class Population:
     def _build_model(self, seed):
         m = self.cfg.model
         if m.name != "net1989":
-            model = build_model(m, seed)
+            model = build_model(m, seed, self.side)
         else:
             spec = {}
             for sw in self._hook("build"):
@@ -235,7 +238,7 @@ class Population:
 
     # -- training -------------------------------------------------------------------------
     def train_pass(self, x, labels, lr=None, shifts=None, keep=None):
-        """Collects one chunk of the pass: x (k, 16, 16), labels (k,), shifts (R, k, 2), keep
+        """Collects one chunk of the pass: x (k, r, r) (r = data.resolution), labels (k,), shifts (R, k, 2), keep
         (R, k, U). lr is unused: the schedule is the lr hook's. Training happens in end_pass()."""
         self.chunks.append((np.asarray(x, dtype=np.float32), np.asarray(labels),
                             None if shifts is None else np.asarray(shifts), None if keep is None else np.asarray(keep)))
@@ -245,7 +248,10 @@ class Population:
             return
         cat = lambda i, ax=0: None if self.chunks[0][i] is None else np.concatenate(  # noqa: E731
             [ch[i] for ch in self.chunks], ax)
-        x = torch.from_numpy(cat(0)).reshape(-1, 1, 16, 16)
+        x = torch.from_numpy(cat(0))
+        if x.shape[1:] not in ((self.side, self.side), (1, self.side, self.side)):
+            raise UserError(f"training images of {tuple(x.shape[1:])} pixels for data.resolution={self.side}")
+        x = x.reshape(-1, 1, self.side, self.side)
         labels, shifts, keep = torch.from_numpy(cat(1)).long(), cat(2, 1), cat(3, 1)
         self.chunks = []
         n = len(x)
@@ -263,15 +269,15 @@ class Population:
             kernel_shifts = None if shifts is None else shifts.astype(np.int8)
         else:
             xs = (torch.stack([shift_images(x, shifts[r]) for r in range(self.R)]) if shifts is not None
-                  else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))              # (R, n, 1, 16, 16)
+                  else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))              # (R, n, 1, r, r)
         keep = None if keep is None else torch.from_numpy(keep)
         self._train_pass(x, xs.to(self.device), labels.to(self.device),
                          None if keep is None else keep.to(self.device), kernel_shifts)
         self.passes_done += 1
 
     def train_batch(self, x, labels, total_steps, pass_idx=0, pass_x=None):
-        """One step on a batch the caller chose (a scaling cell's epoch sampler): x (B, 1, 16, 16)
-        shared by every replica and labels (B,), or x (R, B, 1, 16, 16) and labels (R, B), each
+        """One step on a batch the caller chose (a scaling cell's epoch sampler): x (B, 1, r, r)
+        shared by every replica and labels (B,), or x (R, B, 1, r, r) and labels (R, B), each
         replica its own batch (of the same size B; autograd and fused paths); total_steps the
         run's length (the schedules'), pass_idx the epoch the batch belongs to (it keys the random
         streams; the pass_start hooks run when it changes), pass_x the whole training set (input
@@ -296,9 +302,10 @@ class Population:
                 sw.pass_start(c)
         c.total_steps, c.shifts = int(total_steps), None
         if labels.dim() == 2:
-            xs = x.reshape(self.R, -1, 1, 16, 16)
+            xs = x.reshape(self.R, -1, 1, self.side, self.side)
         else:
-            xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, 16, 16).expand(self.R, -1, -1, -1, -1)
+            xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, self.side, self.side).expand(
+                self.R, -1, -1, -1, -1)
         self._step(xs.to(self.device), labels.to(self.device), None, c.base_lr)
 
     def _train_pass(self, x_raw, xs, labels, keep, kernel_shifts=None):
@@ -329,7 +336,7 @@ class Population:
         lr = self.ctx.base_lr + (end - self.ctx.base_lr) * frac
         return float(np.float32(lr)) if self.uniform_lr else lr.float().double()
 
-    def _step(self, x, labels, keep, lr):  # x (R, B, 1, 16, 16), labels (B,), keep (R, B, U) bool, lr float or (R, 1)
+    def _step(self, x, labels, keep, lr):  # x (R, B, 1, r, r), labels (B,), keep (R, B, U) bool, lr float or (R, 1)
         c = self.ctx
         c.step, c.lr = self.t, lr
         for sw in self._hook("lr"):
@@ -491,9 +498,12 @@ class Population:
 
     @torch.no_grad()
     def outputs(self, x) -> torch.Tensor:
-        """x (B, 1, 16, 16) -> (R, B, 10) in eval mode, with the evaluated weights; an eval_outputs
+        """x (B, 1, r, r) -> (R, B, 10) in eval mode, with the evaluated weights; an eval_outputs
         method (test-time shifts) decides which inputs are presented and how outputs combine."""
-        x = torch.as_tensor(x, dtype=torch.float32).reshape(-1, 1, 16, 16).to(self.device)
+        x = torch.as_tensor(x, dtype=torch.float32)
+        if x.dim() > 1 and x.shape[-1] not in (self.side, self.side * self.side):
+            raise UserError(f"images of {tuple(x.shape[1:])} pixels for data.resolution={self.side}")
+        x = x.reshape(-1, 1, self.side, self.side).to(self.device)
         avg = self.eval_weights()
         with self._swapped(avg, self.eval_buffers):
             for m in self.models:
@@ -567,7 +577,7 @@ class Population:
 
 
 def train_passes(eng, x, labels, passes: int, label: str = "pass") -> None:
-    """Train population `eng` for `passes` passes over (x (n, 16, 16) numpy, labels) with train()'s
+    """Train population `eng` for `passes` passes over (x (n, r, r) numpy, labels) with train()'s
     (seed, pass) shift and dropout streams, a progress bar of the passes on a terminal, and no
     evaluation or checkpoints: for studies that keep their populations in memory (prune, transfer)."""
     from ..data import pass_randomness

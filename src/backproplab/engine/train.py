@@ -176,7 +176,11 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
         log = progress = None
     torch.set_num_threads(cfg.train.threads)
     out = prepare_out(out)
-    data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
+    data = data or load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test, cfg.data.resolution)
+    side = cfg.data.resolution
+    if tuple(data.train_x.shape[-2:]) != (side, side):
+        raise UserError(f"the data's images are {data.train_x.shape[-2]}x{data.train_x.shape[-1]} pixels; "
+                        f"data.resolution={side}")
     if cfg.data.val and data.val_x is None:
         data = data.with_validation(cfg.data.val)
     seeds = [cfg.train.seed + k for k in range(cfg.train.seeds)]
@@ -214,7 +218,7 @@ def train(cfg: Config, out=None, resume: bool = False, log=None, progress=None, 
     elif resume and out is not None:
         from ..report.progress import note
         note(f"no checkpoint in {out}: starting fresh")
-    x = data.train_x.reshape(-1, 16, 16).numpy()
+    x = data.train_x.reshape(-1, side, side).numpy()
     labels = data.train_labels.numpy()
     n, m, t = len(x), cfg.model, cfg.train
     for p in range(start, t.passes):

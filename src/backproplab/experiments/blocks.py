@@ -8,30 +8,25 @@ Cells: every block type (plain, separable, inverted_residual) at each compound l
   level 0: size 2 (no extra layer), width 2 (w 8),  16x16 input
   level 1: size 3 (one extra),      width 3 (w 12), 20x20 input
   level 2: size 5 (two extra),      width 4 (w 16), 28x28 input
-Inputs at side r come from the embedded set's 28x28 sources through the 1989
-preprocessing at that size (data/preprocess.preprocess_1989(size=r): bilinear resize of
-uint8/127.5 - 1; r = 28 is the source itself), canonical split, the last 1,000 training
-digits held out as the validation split (reported beside test; nothing here is chosen on
-either).
-
-The engine's data path is 16x16 (engine/population.py reshapes to 16x16), so the cells train
-here, every one with the same loop: AdamW (weight decay 0.01), cross-entropy, batches of 32
-in a seeded order, lr 3e-3 -> 1e-4 linearly per step, `passes` passes, one thread; seeds one
-after another. `backproplab train modern model.name=convnet model.block=...` trains the
-16x16 members on the engine.
+Each cell is one run of the population engine (engine/train.train, the call `backproplab
+train` makes): its seeds are the replicas of one population, its inputs the embedded set's
+28x28 sources through the 1989 preprocessing at the cell's side (data.resolution), canonical
+split, the last 1,000 training digits held out as the validation split (reported beside
+test; nothing here is chosen on either; the test split is evaluated after the last pass only).
+The recipe is the modern preset's (AdamW, weight decay 0.01, cross-entropy, batches of 32 in
+the engine's fixed order, lr linearly to 1e-4 per step) with the study's own settings: peak
+lr 3e-3, no dropout, no shifts, `passes` passes. Every run is checkpointed and stored in the
+results store of --out (kind "blocks"); a cell already finished there is read back, a stopped
+one resumes.
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from ..data.preprocess import preprocess_1989
-from ..data.sources import canonical_split, load_mnist10k
+from ..config import apply_overrides, preset
 from ..errors import UserError
 from ..jsonout import emit_json
 from ..models import convnet as cn
@@ -39,65 +34,64 @@ from ..models import convnet as cn
 LEVELS = [{"size": 2, "width": 2, "resolution": 16}, {"size": 3, "width": 3, "resolution": 20},
           {"size": 5, "width": 4, "resolution": 28}]
 VAL = 1000
+KIND = "blocks"
+# the modern preset with the study's settings (what the cells trained with before they ran on the engine)
+RECIPE = ["model.name=convnet", "model.dropout=0", "train.shift=0", "optim.lr=3e-3", "optim.lr_end=1e-4"]
 
 
-def digits_at(side: int, smoke: bool = False):
-    """-> dict of (x, labels) for train / val / test at side x side pixels."""
-    images, labels = load_mnist10k()
-    tr, te = canonical_split()
-    x, _, lab = preprocess_1989(images[tr], labels[tr], size=side)
-    tx, _, tlab = preprocess_1989(images[te], labels[te], size=side)
-    if smoke:
-        return {"train": (x[:200], lab[:200]), "val": (x[200:260], lab[200:260]), "test": (tx[:100], tlab[:100])}
-    k = len(x) - VAL
-    return {"train": (x[:k], lab[:k]), "val": (x[k:], lab[k:]), "test": (tx, tlab)}
+def cell_config(block: str, level: dict, seeds: int, passes: int, smoke: bool = False):
+    """The engine config of one cell: the modern preset, RECIPE, the cell's block and level."""
+    sizes = ["data.n_train=260", "data.n_test=100", "data.val=60"] if smoke else [f"data.val={VAL}"]
+    cfg = apply_overrides(preset("modern"), RECIPE + sizes + [
+        f"model.block={block}", f"model.depth={level['size']}", f"model.width={level['width']}",
+        f"data.resolution={level['resolution']}", f"train.passes={passes}", f"train.seeds={seeds}",
+        f"train.eval_every={passes}", "train.eval_train=false", "train.eval_test=false"])
+    cfg.name = KIND
+    return cfg
 
 
-def train_cell(block, level, seed, passes, data, lr=3e-3, lr_end=1e-4, batch=32):
-    net = cn.ConvNet(seed, size=level["size"], block=block, width=level["width"], resolution=level["resolution"])
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    x, lab = data["train"]
-    steps = passes * math.ceil(len(x) / batch)
-    g = torch.Generator().manual_seed(1000 + seed)
-    t, t0 = 0, time.perf_counter()
-    for _ in range(passes):
-        order = torch.randperm(len(x), generator=g)
-        for a in range(0, len(x), batch):
-            for group in opt.param_groups:
-                group["lr"] = lr + (lr_end - lr) * t / max(steps - 1, 1)
-            i = order[a:a + batch]
-            loss = F.cross_entropy(net(x[i]), lab[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            t += 1
-    seconds = time.perf_counter() - t0
-    net.eval()
-    with torch.no_grad():
-        err = {sp: 100.0 * float((net(data[sp][0]).argmax(1) != data[sp][1]).float().mean()) for sp in ("val", "test")}
-    return err, seconds
+def train_cell(cfg, out: Path, label: str = "pass"):
+    """Train (or read back, or resume) one cell in `out` and record it in out's store once ->
+    (Result, run id)."""
+    from ..engine.checkpoint import has_checkpoint
+    from ..engine.train import checkpoint_path, environment, train
+    from ..report.progress import ProgressBar
+    from ..store import add_run, recorded_run
+    bar = ProgressBar(cfg.train.passes, label=label)
+    try:
+        res = train(cfg, out=out, resume=has_checkpoint(checkpoint_path(cfg, out)), progress=bar)
+    finally:
+        bar.clear()
+    s = res.summary()
+    run_id = recorded_run(out, KIND, s["config_digest"], res.status)
+    if run_id is None:
+        run_id = add_run(out, KIND, cfg.name, res.status, res.config, s, res.history, environment())
+    return res, run_id
 
 
-def run(seeds: int, passes: int, smoke: bool = False, blocks=cn.BLOCKS, log=print) -> list[dict]:
+def run(seeds: int, passes: int, out, smoke: bool = False, blocks=cn.BLOCKS, log=print) -> list[dict]:
+    from ..engine.train import prepare_out
+    from ..store import check_store
+    out = prepare_out(out)
+    check_store(out)  # a foreign or damaged runs.db is refused before training, not after
     rows = []
     for li, level in enumerate(LEVELS):
-        data = digits_at(level["resolution"], smoke)
         for block in blocks:
-            errs, secs = [], 0.0
-            for s in range(seeds):
-                e, dt = train_cell(block, level, s, passes, data)
-                errs.append(e)
-                secs += dt
-            val, test = np.array([e["val"] for e in errs]), np.array([e["test"] for e in errs])
+            cfg = cell_config(block, level, seeds, passes, smoke)
+            res, run_id = train_cell(cfg, out, label=f"L{li} {block}: pass")
+            val = np.array([f["val_error"] for f in res.final])
+            test = np.array([f["test_error"] for f in res.final])
+            r = level["resolution"]
             row = {"block": block, "level": li, **level, "seeds": seeds, "passes": passes,
-                   "params": cn.conv_params(level["size"], block, level["width"], level["resolution"]),
-                   "macs": cn.conv_macs(level["size"], block, level["width"], level["resolution"]),
+                   "params": cn.conv_params(level["size"], block, level["width"], r),
+                   "macs": cn.conv_macs(level["size"], block, level["width"], r),
                    "val_error": float(val.mean()), "val_error_std": float(val.std(ddof=1)) if seeds > 1 else 0.0,
                    "test_error": float(test.mean()), "test_error_std": float(test.std(ddof=1)) if seeds > 1 else 0.0,
-                   "per_seed_test": test.tolist(), "seconds": round(secs, 1)}
+                   "per_seed_test": test.tolist(), "seconds": round(res.seconds, 1), "status": res.status,
+                   "path": res.path, "config_digest": cfg.digest(), "run_id": run_id}
             rows.append(row)
             log(f"level {li} {block}: {row['params']} params, {row['macs']} MACs, test {row['test_error']:.2f}% "
-                f"({secs:.0f} s)")
+                f"({res.seconds:.0f} s, run {run_id}{'' if res.status == 'finished' else ', ' + res.message})")
     return rows
 
 
@@ -114,6 +108,10 @@ def plot(rows, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {out}: {e.strerror}") from None
     paths = []
     for key, label in (("macs", "multiply-adds per image"), ("params", "parameters")):
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -159,18 +157,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
-    torch.set_num_threads(1)
     try:
         if a.seeds < 2 or a.passes < 1:
             raise UserError("--seeds must be >= 2 (a spread) and --passes >= 1")
-        out = Path(a.out) / "blocks"
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create {out}: {e.strerror}") from None
         t0 = time.perf_counter()
-        rows = run(a.seeds, 1 if a.smoke else a.passes, a.smoke, log=(lambda s: None) if a.json else print)
-        plots = plot(rows, out)
+        rows = run(a.seeds, 1 if a.smoke else a.passes, a.out, a.smoke, log=(lambda s: None) if a.json else print)
+        plots = plot(rows, Path(a.out) / "blocks")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Model registry: name -> constructor from a ModelCfg and a seed.
 
-Every model takes forward(x (B, 1, 16, 16), keep=None) -> (B, 10), where keep is a
+Every model takes forward(x (B, 1, 16, 16), keep=None) -> (B, 10) (the convnet family also
+(B, 1, r, r) at r = data.resolution: build_model(..., resolution=r)), where keep is a
 (B, dropout_units(cfg)) boolean mask drawn by the training loop (shared random
 streams, exact resume) and the model scales kept units by 1/(1-p).
 """
@@ -21,8 +22,9 @@ def _vit(m, seed):
                out_act=m.out_act, dropout=m.dropout)
 
 
-def _convnet(m, seed):  # the scaling family: model.depth is its size knob, model.width and model.block
-    return ConvNet(seed, size=m.depth, dropout=m.dropout, block=m.block, width=m.width)  # (models/convnet.py)
+def _convnet(m, seed, resolution=16):  # the scaling family: model.depth is its size knob, model.width and
+    return ConvNet(seed, size=m.depth, dropout=m.dropout, block=m.block, width=m.width,  # model.block
+                   resolution=resolution)                                               # (models/convnet.py)
 
 
 def _ssm(m, seed):  # models/ssm.py: model.dim channels, model.depth layers, model.seq the pixel order
@@ -37,27 +39,38 @@ def list_models():
     return sorted(MODELS)
 
 
-def build_model(cfg_model, seed: int) -> nn.Module:
+def _check_resolution(cfg_model, resolution):
+    if resolution != 16 and cfg_model.name != "convnet":
+        raise UserError(f"model.name={cfg_model.name} takes 16x16 inputs only, not data.resolution={resolution}")
+
+
+def build_model(cfg_model, seed: int, resolution: int = 16) -> nn.Module:
+    """resolution: the input side (data.resolution); only the convnet family takes other than 16."""
     if cfg_model.name not in MODELS:
         raise UserError(f"unknown model {cfg_model.name!r}; known: {', '.join(list_models())}")
+    _check_resolution(cfg_model, resolution)
+    if resolution != 16:
+        return _convnet(cfg_model, int(seed), resolution)
     return MODELS[cfg_model.name](cfg_model, int(seed))
 
 
-def dropout_units(cfg_model) -> int:
+def dropout_units(cfg_model, resolution: int = 16) -> int:
     """Width of the keep masks the model takes: 192 H2 outputs for net1989, dim for the ViT."""
+    _check_resolution(cfg_model, resolution)
     if cfg_model.name == "convnet":
-        return layer_specs(cfg_model.depth, cfg_model.block, cfg_model.width)[-1]["cin"]
+        return layer_specs(cfg_model.depth, cfg_model.block, cfg_model.width, resolution)[-1]["cin"]
     if cfg_model.name == "ssm":
         return cfg_model.dim
     return cfg_model.dim if cfg_model.name == "vit" else 192
 
 
-def model_macs(cfg_model) -> int:
+def model_macs(cfg_model, resolution: int = 16) -> int:
     """Multiply-adds of one forward pass of one image."""
+    _check_resolution(cfg_model, resolution)
     if cfg_model.name == "vit":
         return vit_macs_from_cfg(cfg_model)
     if cfg_model.name == "convnet":
-        return conv_macs(cfg_model.depth, cfg_model.block, cfg_model.width)
+        return conv_macs(cfg_model.depth, cfg_model.block, cfg_model.width, resolution)
     if cfg_model.name == "ssm":
         from .ssm import ssm_macs
         return ssm_macs(cfg_model.dim, cfg_model.depth)
@@ -67,9 +80,9 @@ def model_macs(cfg_model) -> int:
 REFERENCE = {"params": N_PARAMS, "macs": MACS}  # the 1989 net every model is compared with
 
 
-def model_card(cfg_model) -> dict:
+def model_card(cfg_model, resolution: int = 16) -> dict:
     """Size of the model against the 1989 net: parameters, multiply-adds per image, ratios."""
-    n = sum(p.numel() for p in build_model(cfg_model, 0).parameters())
-    macs = model_macs(cfg_model)
-    return {"model": cfg_model.name, "params": n, "macs": macs, "dropout_units": dropout_units(cfg_model),
+    n = sum(p.numel() for p in build_model(cfg_model, 0, resolution).parameters())
+    macs = model_macs(cfg_model, resolution)
+    return {"model": cfg_model.name, "params": n, "macs": macs, "dropout_units": dropout_units(cfg_model, resolution),
             "params_vs_1989": n / REFERENCE["params"], "macs_vs_1989": macs / REFERENCE["macs"]}
