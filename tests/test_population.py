@@ -116,7 +116,8 @@ def test_fast_path_equals_autograd_for_every_fast_method(name, path):
     torch.testing.assert_close(w_fast[live], w_ref[live], rtol=1e-4, atol=atol)
 
 
-ADAPTIVE = ("adagrad", "rmsprop", "adam", "adamw", "adam_sgd", "adadelta", "lion", "muon", "schedule_free")
+ADAPTIVE = ("adagrad", "rmsprop", "adam", "adamw", "adam_sgd", "adadelta", "lion", "muon", "schedule_free",
+            "adopt")
 
 
 @pytest.mark.parametrize("path", FAST_PATHS + ["autograd"])

@@ -459,3 +459,28 @@ register(Method(
     interactions="warmup allowed (it multiplies gamma_t); a decaying schedule or optim.lr_end is refused.",
     paper="Defazio et al. 2024, 'The Road Less Scheduled' (Schedule-Free AdamW, Algorithm 1)",
     oracle="Algorithm 1 written out in plain torch with warmup: same y (trained) and x (evaluated) after 6 steps"))
+
+
+# -- 2024: ADOPT (registered by methods/optimizers_late.py, a family after every other one) -------
+def adopt_update(w, g, st, lr, beta1=0.9, beta2=0.9999, eps=1e-6, clip=True, weight_decay=0.0):
+    """ADOPT: the gradient is normalized by the second moment of the steps BEFORE it (so g_t and
+    v_{t-1} are independent), clipped to +-t^(1/4), and only then averaged into the momentum.
+    The first call only sets v_0 = g_0^2 and leaves w as it is."""
+    t = st.get("step", 0)
+    st["step"] = t + 1
+    if t == 0:
+        st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(w), g * g
+        return
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    if weight_decay:
+        w.mul_(1 - _col(lr, w) * weight_decay)
+    normed = g / v.sqrt().clamp_(min=eps)                   # g_t / max(sqrt(v_{t-1}), eps)
+    if clip:
+        normed.clamp_(-t ** 0.25, t ** 0.25)
+    m.lerp_(normed, 1 - beta1)
+    _descend(w, m, lr)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)           # v_t, used by the next step
+
+
+class ADOPT(_Optimizer):
+    fn = staticmethod(adopt_update)
