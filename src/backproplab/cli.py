@@ -77,6 +77,8 @@ def build_parser():
     doc = sub.add_parser("doctor", help="check the environment, the data and an output folder")
     _add_common(doc)
     doc.add_argument("--data", help="also check this folder of IDX files")
+    doc.add_argument("--store", help="check this results store instead of --out's: a folder or "
+                                     "postgresql+psycopg://USER@HOST:PORT/DB (read only)")
     s = sub.add_parser("runs", help="list the results store, one line per run (--csv, --json: every field)")
     _add_common(s)
     s.add_argument("--csv", nargs="?", const="-", metavar="FILE",
@@ -260,7 +262,7 @@ def cmd_datascale(args):
 def cmd_doctor(args):
     from .doctor import run_doctor
     from .report.console import render, table
-    checks = run_doctor(args.out, data=args.data)
+    checks = run_doctor(args.out, data=args.data, store=args.store)
     print(render(table(["", "check", "detail"], [["ok" if c["ok"] else "FAIL", c["check"], c["detail"]]
                                                  for c in checks])))
     if args.json:

@@ -125,6 +125,22 @@ def _store(out: Path):
     return True, f"results store {db}: {total} run{'' if total == 1 else 's'} ({by or 'none'}), integrity ok"
 
 
+def _store_url(url: str):
+    """A results store on a server: reachable, ours, how many runs (one read-only query)."""
+    from .errors import UserError
+    from .store_pg import describe, normalize_url, status_counts
+    try:
+        counts = status_counts(normalize_url(url))
+    except UserError as e:
+        return False, str(e)
+    where = describe(normalize_url(url))
+    if counts is None:
+        return True, f"results store at {where}: reachable, no runs recorded yet"
+    total = sum(counts.values())
+    by = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return True, f"results store at {where}: {total} run{'' if total == 1 else 's'} ({by or 'none'})"
+
+
 def _checkpoints(out: Path):
     from .engine.checkpoint import prev_path, read_checkpoint
     from .errors import UserError
@@ -150,11 +166,17 @@ def _checkpoints(out: Path):
     return True, f"{verified} checkpoint files verified (checksums and safe loading){tail}"
 
 
-def run_doctor(out, data=None) -> list[dict]:
+def run_doctor(out, data=None, store=None) -> list[dict]:
+    """store: the results store when it is not out's runs.db (another folder, or a server URL)."""
     out = Path(out)
+    from .store import is_url
+    if is_url(store):
+        store_check = _check("results store", lambda: _store_url(store))
+    else:
+        store_check = _check("results store", lambda: _store(Path(store) if store else out))
     checks = [_check("torch", _torch), _check("threads", _threads), _check("fast engine", _fast_engine),
               _check("embedded data", _embedded)]
     if data:
         checks.append(_check("data folder", lambda: _data_folder(data)))
-    return checks + [_check("output folder", lambda: _writable(out)), _check("results store", lambda: _store(out)),
+    return checks + [_check("output folder", lambda: _writable(out)), store_check,
                      _check("checkpoints", lambda: _checkpoints(out))]

@@ -147,3 +147,17 @@ def recorded_run(url: str, kind: str, digest: str, status: str) -> int | None:
                 continue
         return None
     return _run(url, fn, "read")
+
+
+def status_counts(url: str) -> dict | None:
+    """status -> runs, read with one query (no run's columns loaded); None when no runs table exists
+    yet; a foreign runs table or an unreachable server is one UserError. For `doctor --store URL`."""
+    def fn(con, sa):
+        reason = _foreign_reason(con, sa)
+        if reason:
+            raise UserError(f"{describe(url)} is not a backproplab results store ({reason})")
+        if not _has_table(con, sa):
+            return None
+        runs = _table(sa, sa.MetaData())
+        return dict(con.execute(sa.select(runs.c.status, sa.func.count()).group_by(runs.c.status)).all())
+    return _run(url, fn, "reach")
