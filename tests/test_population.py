@@ -53,21 +53,27 @@ def test_kernel_gradients_equal_autograd():
     dropout masks and shifts, shared inputs (kernel-side shifts) and per-replica inputs."""
     if not HAVE_KERNELS:
         pytest.skip("no AVX-512: the kernel path is not available on this CPU")
-    R, B = 3, 24
+    R = 13          # shared inputs: one population-kernel block of 13 lanes; per replica: the solo kernel
     models = [Net1989(s, act="relu", out_act="none", dropout=0.25) for s in range(R)]
     W = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
-    x, y = D.train_x[:B].reshape(B, 16, 16), D.train_labels[:B].long()
     rng = np.random.default_rng(1)
-    sh = rng.integers(-1, 2, (R, B, 2)).astype(np.int8)
-    keep = rng.random((R, B, 192)) >= 0.25
-    shifted = torch.stack([shift_images(x.reshape(B, 1, 16, 16), sh[r]).reshape(B, 16, 16) for r in range(R)])
-    for per_replica in (False, True):
-        kg = KernelGrad(R, "relu", "none", "ce", 0.25, per_replica_inputs=per_replica)
-        G = kg.grad(W, shifted if per_replica else x, y, None if per_replica else sh, keep)
-        for r, m in enumerate(models):
-            loss = F.cross_entropy(m(shifted[r].reshape(B, 1, 16, 16), torch.from_numpy(keep[r])), y)
-            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(m.parameters()))])
-            assert float((G[r] - g).norm() / g.norm()) < 1e-5
+    for B in (5, 24):
+        x, y = D.train_x[:B].reshape(B, 16, 16), D.train_labels[:B].long()
+        sh = rng.integers(-1, 2, (R, B, 2)).astype(np.int8)
+        keep = rng.random((R, B, 192)) >= 0.25
+        shifted = torch.stack([shift_images(x.reshape(B, 1, 16, 16), sh[r]).reshape(B, 16, 16) for r in range(R)])
+        for per_replica in (False, True):
+            kg = KernelGrad(R, "relu", "none", "ce", 0.25, per_replica_inputs=per_replica)
+            G = kg.grad(W, shifted if per_replica else x, y, None if per_replica else sh, keep)
+            for r, m in enumerate(models):
+                loss = F.cross_entropy(m(shifted[r].reshape(B, 1, 16, 16), torch.from_numpy(keep[r])), y)
+                g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(m.parameters()))])
+                assert float((G[r] - g).norm() / g.norm()) < 1e-5, (B, per_replica, r)
+                # the same gradient, bit for bit, as a population of one (the solo kernel)
+                solo = KernelGrad(1, "relu", "none", "ce", 0.25, per_replica_inputs=per_replica).grad(
+                    W[r:r + 1], shifted[r:r + 1] if per_replica else x, y,
+                    None if per_replica else sh[r:r + 1], keep[r:r + 1])
+                assert torch.equal(G[r], solo[0]), (B, per_replica, r)
 
 
 # every method that declares the fast paths, on each fast path that can run it
