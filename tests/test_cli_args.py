@@ -58,3 +58,16 @@ def test_fetch_into_a_folder_it_cannot_write_is_one_line(tmp_path, capsys):
     assert len(err) == 2 and all(e.startswith("error: ") and "internal error" not in e for e in err)
     assert "cannot write into" in err[0] and "not a folder" in err[1]
     assert blocker.read_text() == "x"
+
+
+def test_train_smoke_is_the_presets_test_size(tmp_path, capsys):
+    from backproplab.commands.methods import train_config
+    own = train_config("modern", [], smoke=True)             # a preset with its own smoke preset
+    assert (own.name, own.data.n_train, own.train.passes) == ("modern_smoke", 500, 2)
+    made = train_config("rung7", ["train.seeds=2"], smoke=True)   # one without: made at test size, overrides kept
+    full = train_config("rung7", ["train.seeds=2"])
+    assert (made.name, made.data.n_train, made.data.n_test, made.train.passes) == ("rung7_smoke", 500, 200, 2)
+    assert made.methods == full.methods and made.train.seeds == 2 and made.digest() != full.digest()
+    assert main(["train", "rung7", "--smoke", "train.seeds=1", "--quiet", "--json", "--out", str(tmp_path)]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["passes"] == 2 and 0.0 <= rec["test_error"] <= 100.0

@@ -297,6 +297,17 @@ def preset(name: str) -> Config:
     return PRESETS[name]()
 
 
+def smoke_preset(name: str) -> Config:
+    """A preset at test size: its own `NAME_smoke` preset where there is one, else the preset with
+    500 training and 200 test digits and 2 passes (named NAME_smoke)."""
+    if f"{name}_smoke" in PRESETS:
+        return preset(f"{name}_smoke")
+    c = preset(name)
+    c.name += "_smoke"
+    c.data.n_train, c.data.n_test, c.train.passes = 500, 200, 2
+    return c
+
+
 def _base_type(tp):
     """int | None -> (int, True); float -> (float, False)."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:

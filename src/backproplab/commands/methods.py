@@ -14,6 +14,8 @@ def register(sub, add_common):
     t.add_argument("--seeds", type=int, help="replicas trained at once (train.seeds)")
     t.add_argument("--resume", action="store_true", help="continue the stopped run with this config in --out")
     t.add_argument("--quiet", action="store_true", help="no per-pass lines")
+    t.add_argument("--smoke", action="store_true",
+                   help="test size: the preset's own NAME_smoke preset, else 500/200 digits and 2 passes")
 
 
 
@@ -43,11 +45,11 @@ def _record(m) -> dict:
             "incompatible_with": sorted(m.incompatible_with), "requires": list(m.requires), "paper": m.paper}
 
 
-def train_config(preset_name, items, seeds=None):
-    """A validated config from a preset, +method=... items and key=value overrides; methods put the
-    run on the population engine unless train.engine is given."""
-    from ..config import apply_overrides, preset
-    cfg = preset(preset_name)
+def train_config(preset_name, items, seeds=None, smoke=False):
+    """A validated config from a preset (at test size with smoke), +method=... items and key=value
+    overrides; methods put the run on the population engine unless train.engine is given."""
+    from ..config import apply_overrides, preset, smoke_preset
+    cfg = smoke_preset(preset_name) if smoke else preset(preset_name)
     items = list(items)
     if any(i.startswith("+method=") for i in items) and cfg.train.engine != "population":
         items.insert(0, "train.engine=population")
@@ -57,7 +59,7 @@ def train_config(preset_name, items, seeds=None):
 
 
 def cmd_train(args):
-    cfg = train_config(args.preset, args.items, args.seeds)  # config errors before torch is busy
+    cfg = train_config(args.preset, args.items, args.seeds, args.smoke)  # config errors before torch is busy
     from ..cli import train_and_record
     if not args.quiet:
         names = [s.name + (":" + ",".join(f"{k}={v}" for k, v in s.options.items()) if s.options else "")

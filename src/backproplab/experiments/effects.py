@@ -50,14 +50,8 @@ def default_eval_every(passes: int) -> int:
 
 
 def base_config(base: str, seeds: int, smoke: bool, passes=None, eval_every=None, val=None):
-    from ..config import PRESETS
-    if smoke and f"{base}_smoke" in PRESETS:
-        cfg = preset(f"{base}_smoke")
-    else:
-        cfg = preset(base)
-        if smoke:  # test size for a base without its own smoke preset
-            cfg.name += "_smoke"
-            cfg.data.n_train, cfg.data.n_test, cfg.train.passes = 500, 200, 2
+    from ..config import smoke_preset
+    cfg = smoke_preset(base) if smoke else preset(base)
     if passes is not None:
         cfg.train.passes = passes
     cfg.train.engine = "population"  # methods run on the population engine; the base runs there too
