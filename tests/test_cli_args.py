@@ -71,3 +71,11 @@ def test_train_smoke_is_the_presets_test_size(tmp_path, capsys):
     assert main(["train", "rung7", "--smoke", "train.seeds=1", "--quiet", "--json", "--out", str(tmp_path)]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["passes"] == 2 and 0.0 <= rec["test_error"] <= 100.0
+
+
+def test_repro_smoke_is_the_smoke_preset(tmp_path, capsys):
+    from backproplab.config import preset, smoke_preset
+    assert smoke_preset("lecun1989").digest() == preset("smoke").digest()
+    assert main(["repro", "--smoke", "--quiet", "--json", "--out", str(tmp_path)]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["config_digest"] == preset("smoke").digest() and rec["passes"] == 2

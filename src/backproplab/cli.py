@@ -51,6 +51,8 @@ def build_parser():
     r.add_argument("--device", help="cpu or cuda; cuda needs --engine eager (train.device)")
     r.add_argument("--resume", action="store_true", help="continue the stopped run with this config in --out")
     r.add_argument("--quiet", action="store_true", help="no per-pass lines")
+    r.add_argument("--smoke", action="store_true", help="test size: the preset's smoke preset (lecun1989: smoke, "
+                                                        "500/200 digits, 2 passes)")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
     lad = sub.add_parser("ladder", help="the 1989 -> 2022 ladder, every rung on several seeds")
     _add_common(lad)
@@ -105,8 +107,8 @@ def _command_modules():
 
 
 def cmd_repro(args):
-    from .config import apply_overrides, preset
-    cfg = preset(args.preset)
+    from .config import apply_overrides, preset, smoke_preset
+    cfg = smoke_preset(args.preset) if args.smoke else preset(args.preset)
     flags = {"train.seeds": args.seeds, "train.seed": args.seed, "train.engine": args.engine,
              "train.passes": args.passes, "data.source": args.data, "train.device": args.device}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
