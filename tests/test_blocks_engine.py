@@ -116,8 +116,8 @@ def test_the_default_resolution_keeps_every_digest():
 def test_a_blocks_cell_is_an_engine_run_in_the_store(tmp_path):
     from backproplab.experiments import blocks
     from backproplab.store import list_runs
-    cfg = blocks.cell_config("separable", blocks.LEVELS[1], seeds=2, passes=1, smoke=True)
-    assert (cfg.data.resolution, cfg.model.block, cfg.model.depth, cfg.model.width) == (20, "separable", 3, 3)
+    cfg = blocks.cell_config("separable", 1, seeds=2, passes=1, smoke=True)
+    assert cfg.name == "blocks-L1-separable" and (cfg.data.resolution, cfg.model.block, cfg.model.depth, cfg.model.width) == (20, "separable", 3, 3)
     assert (cfg.optim.name, cfg.optim.lr, cfg.train.batch, cfg.model.dropout, cfg.train.shift) == \
         ("adamw", 3e-3, 32, 0.0, 0)
     res, run_id = blocks.train_cell(cfg, tmp_path)

@@ -39,14 +39,16 @@ KIND = "blocks"
 RECIPE = ["model.name=convnet", "model.dropout=0", "train.shift=0", "optim.lr=3e-3", "optim.lr_end=1e-4"]
 
 
-def cell_config(block: str, level: dict, seeds: int, passes: int, smoke: bool = False):
-    """The engine config of one cell: the modern preset, RECIPE, the cell's block and level."""
+def cell_config(block: str, li: int, seeds: int, passes: int, smoke: bool = False):
+    """The engine config of one cell (named blocks-L<li>-<block>): the modern preset, RECIPE, the
+    cell's block and compound level LEVELS[li]."""
+    level = LEVELS[li]
     sizes = ["data.n_train=260", "data.n_test=100", "data.val=60"] if smoke else [f"data.val={VAL}"]
     cfg = apply_overrides(preset("modern"), RECIPE + sizes + [
         f"model.block={block}", f"model.depth={level['size']}", f"model.width={level['width']}",
         f"data.resolution={level['resolution']}", f"train.passes={passes}", f"train.seeds={seeds}",
         f"train.eval_every={passes}", "train.eval_train=false", "train.eval_test=false"])
-    cfg.name = KIND
+    cfg.name = f"{KIND}-L{li}-{block}"
     return cfg
 
 
@@ -77,7 +79,7 @@ def run(seeds: int, passes: int, out, smoke: bool = False, blocks=cn.BLOCKS, log
     rows = []
     for li, level in enumerate(LEVELS):
         for block in blocks:
-            cfg = cell_config(block, level, seeds, passes, smoke)
+            cfg = cell_config(block, li, seeds, passes, smoke)
             res, run_id = train_cell(cfg, out, label=f"L{li} {block}: pass")
             val = np.array([f["val_error"] for f in res.final])
             test = np.array([f["test_error"] for f in res.final])
