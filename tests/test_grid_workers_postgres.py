@@ -20,7 +20,7 @@ from backproplab.errors import UserError
 from conftest import ROOT
 from conftest_postgres import _free_port, postgres_db, postgres_server  # noqa: F401
 
-EFFECTS = ["effects", "--smoke", "--seeds", "2", "--top-pairs", "0", "--passes", "8", "--json"]
+EFFECTS = ["effects", "--smoke", "--seeds", "2", "--top-pairs", "0", "--passes", "4", "--json"]
 SCALE = ["scale", "run", "--smoke", "--sizes", "1,2", "--n-train", "3000", "--epochs", "1", "--json"]
 DETERMINISTIC = ("method", "status", "seeds", "test_error", "test_error_std", "diff", "ci_low", "ci_high", "p_value",
                  "passes_to_base", "val_error", "base_error")
@@ -69,7 +69,7 @@ def test_postgres_effects_grid_with_a_killed_worker_runs_each_point_once(tmp_pat
 
     code, stdout, stderr, victim = _run_and_kill(
         EFFECTS + ["--storage", postgres_db, "--store", postgres_db, "--study", "fx", "--jobs", "3",
-                   "--heartbeat", "1", "--out", str(out)], postgres_db, "fx", out, has_checkpoint)
+                   "--heartbeat", "0.5", "--out", str(out)], postgres_db, "fx", out, has_checkpoint)
     assert victim is not None, "no point was caught mid-run"
     assert code == 0, stderr
     grid = json.loads(stdout.strip().splitlines()[-1])
@@ -98,7 +98,7 @@ def test_postgres_effects_grid_with_a_killed_worker_runs_each_point_once(tmp_pat
 def test_postgres_scale_grid_with_a_killed_worker_records_each_cell_once(tmp_path, postgres_db):
     out = tmp_path / "w"
     code, stdout, stderr, victim = _run_and_kill(
-        SCALE + ["--storage", postgres_db, "--store", postgres_db, "--study", "sc", "--jobs", "2", "--heartbeat", "1",
+        SCALE + ["--storage", postgres_db, "--store", postgres_db, "--study", "sc", "--jobs", "2", "--heartbeat", "0.5",
                  "--out", str(out)], postgres_db, "sc", out, lambda t: True)
     assert victim is not None, "no cell was caught mid-run"
     assert code == 0, stderr

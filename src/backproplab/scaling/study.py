@@ -263,6 +263,7 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
     -> their records: how the cells are trained (default: here, `jobs` at a time; search/grid.py
     hands them to Optuna workers)."""
     from ..engine.train import environment
+    to_store = {} if store is None else {"store": store}     # run_cell's default: the store in out
     store = out if store is None else store
     check_store(store)                                        # a foreign or unreachable store: refuse first
     if not is_url(store):
@@ -318,7 +319,7 @@ def run_study(study: Study, out, *, jobs=1, budget=None, plan_only=False, log=pr
     elif jobs <= 1:
         with one_thread():          # torch's default, every core, would oversubscribe a shared machine
             for c in order:
-                records.append(run_cell(c, spec, data, out, store=store))
+                records.append(run_cell(c, spec, data, out, **to_store))
                 report(records[-1])
     else:
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=worker_init,

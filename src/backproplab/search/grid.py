@@ -99,7 +99,7 @@ class EffectsRunner:
             rec = by_id.get(done[s].user_attrs.get("run_id"))
             if rec is None:
                 raise UserError(f"grid point {s}: its run {done[s].user_attrs.get('run_id')} is not in the results "
-                                f"store {self._where()} (the workers wrote to another store?)")
+                                f"store {_where(self.store)} (the workers wrote to another store?)")
             out[k] = stored_result(rec)
         return out
 
@@ -107,12 +107,13 @@ class EffectsRunner:
     def slot(key) -> str:
         return key if isinstance(key, str) else f"{key[0]}@{key[1]}"
 
-    def _where(self):
-        from ..store import is_url
-        if is_url(self.store):
-            from ..store_pg import describe
-            return describe(self.store)
-        return self.store
+
+def _where(store) -> str:
+    from ..store import is_url
+    if is_url(store):
+        from ..store_pg import describe
+        return describe(store)
+    return str(store)
 
 
 class ScaleRunner:
@@ -129,4 +130,8 @@ class ScaleRunner:
         points = {c["key"]: {"cell": c, "spec": shared, "fingerprint": self.fingerprint} for c in cells}
         run_grid(self.study, self.storage, points, GridObjective(SCALE, self.out, self.store), self.jobs, self.log)
         recs = cell_records(self.store)
+        missing = [c["key"] for c in cells if c["key"] not in recs]
+        if missing:
+            raise UserError(f"grid study {self.study.study_name}: cell {missing[0]} finished but is not in the results "
+                            f"store {_where(self.store)} (the workers wrote to another store?)")
         return [recs[c["key"]] for c in cells]

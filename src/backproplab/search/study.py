@@ -25,6 +25,7 @@ objective(trial) -> float is a picklable callable (worker processes start from a
 import multiprocessing
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,6 @@ class StorageSpec:
         kw = {}
         if self.url.startswith("postgresql"):
             kw = {"connect_args": {"connect_timeout": 10}}
-        import warnings
         try:
             with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5.0
                 warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
@@ -245,7 +245,9 @@ def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = 
             continue
         if storage.is_journal or not running:
             return ran
-        o.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried as WAITING
+        with warnings.catch_warnings():  # marked experimental in Optuna 5.0
+            warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+            o.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried as WAITING
         time.sleep(min(1.0, storage.heartbeat / 2))
 
 
