@@ -16,6 +16,10 @@ are worth less than D fresh ones, which L(N, D) cannot express. The repeated-dat
   D_eff = U_s (1 + R* (1 - exp(-R / R*))),  U_s = min(D, U),  R = max(D / U - 1, 0),
 so repeats beyond the first pass count less and less (at most R* passes' worth); a sixth
 parameter log R* is fitted with the other five. With R = 0 (no repeats) it is the plain form.
+
+The overfitting form (below fit_chinchilla) adds a penalty growing with the passes over the
+data, G epochs^omega with epochs = D / U, to the repeated-data form: 8 parameters. Which form
+to trust is chosen on a validation fold of the fitted cells (choose_form), never on held-out ones.
 """
 import os
 from dataclasses import dataclass, field
@@ -128,7 +132,8 @@ SCREEN_ITER, POLISH = 50, 8    # grid search: every start for 50 iterations, the
 TIGHT = {"ftol": 1e-15, "gtol": 1e-10, "maxiter": 2000}
 
 
-def _minimize_from(starts, logN, logD, logL, delta, details=False, reps=None):
+def _minimize_from(starts, logN, logD, logL, delta, details=False, reps=None, objective=None, extra=(),
+                   bounds="auto"):
     """Best (theta, objective) over L-BFGS-B runs from each start; with details also the
     per-start objectives (S,) and function-evaluation counts (S,).
 
@@ -144,9 +149,11 @@ def _minimize_from(starts, logN, logD, logL, delta, details=False, reps=None):
         from scipy.optimize import minimize
     except ImportError:
         raise UserError("the Chinchilla fit needs scipy: pip install scipy") from None
-    args = (logN, logD, logL, delta, reps)
-    # Only log R* is bounded (a flat direction once R* is far beyond the repeats in the data).
-    bounds = [(None, None)] * 5 + [LOG_R_STAR_BOUNDS] if np.shape(starts)[1] == 6 else None
+    args = (logN, logD, logL, delta, reps) + tuple(extra)
+    objective = chinchilla_objective if objective is None else objective
+    if isinstance(bounds, str):
+        # Only log R* is bounded (a flat direction once R* is far beyond the repeats in the data).
+        bounds = [(None, None)] * 5 + [LOG_R_STAR_BOUNDS] if np.shape(starts)[1] == 6 else None
     # Tolerances are absolute in scipy and the summed objective is ~1e-3 here: the
     # defaults stop early (alpha off by ~0.006 on the synthetic check), so set them tight.
     screen = len(starts) > POLISH
@@ -155,13 +162,13 @@ def _minimize_from(starts, logN, logD, logL, delta, details=False, reps=None):
     xs = np.array(starts, dtype=float)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for i, x0 in enumerate(starts):
-            res = minimize(chinchilla_objective, x0, args=args, jac=True, method="L-BFGS-B", options=opts,
+            res = minimize(objective, x0, args=args, jac=True, method="L-BFGS-B", options=opts,
                            bounds=bounds)
             fs[i], nfev[i], xs[i] = res.fun, res.nfev, res.x
         if screen:
             fin = np.flatnonzero(np.isfinite(fs))
             for i in fin[np.argsort(fs[fin], kind="stable")][:POLISH]:
-                res = minimize(chinchilla_objective, xs[i], args=args, jac=True, method="L-BFGS-B", options=TIGHT,
+                res = minimize(objective, xs[i], args=args, jac=True, method="L-BFGS-B", options=TIGHT,
                                bounds=bounds)
                 if np.isfinite(res.fun) and res.fun <= fs[i]:
                     fs[i], xs[i] = res.fun, res.x
@@ -389,3 +396,181 @@ def frontier(C, L, *, n_boot=1000, seed=0) -> dict:
 
 def frontier_predict(fr: dict, C):
     return np.exp(fr["intercept"] + fr["slope"] * np.log(np.asarray(C, dtype=float)))
+
+
+# -- the overfitting form ------------------------------------------------------------------
+# Repeated data does more than saturate: past a few passes over a small training set the
+# validation loss of a large net stops falling and rises (on the embedded digits, N = 78.7k
+# on 1,573 digits: 0.288 at 4 epochs, 0.291 at 8; on 3,146: 0.206 -> 0.220). D_eff can only
+# flatten the curve, never lift it. The overfitting form adds a penalty that grows with the
+# number of passes, epochs = D / U:
+#   L = E + A/N^alpha + B/D_eff^beta + G epochs^omega,   G = e^g, omega >= 0,
+#   log L_hat = LSE(a - alpha log N, b - beta log D_eff, e, g + omega log epochs),
+# with D_eff of the repeated-data form (8 parameters). G -> 0 gives the repeated-data form back.
+OVERFIT_PARAMS = ("log_G", "omega")               # entries 7 and 8 of theta in the overfitting form
+OMEGA_BOUNDS = (0.0, 8.0)                         # a penalty that grows with passes, at most as epochs^8
+LOG_G_BOUNDS = (-40.0, 10.0)
+OVERFIT_STARTS = {"log_G": (-8.0, -5.0, -3.0), "omega": (0.5, 1.0, 2.0, 4.0)}   # crossed with the
+                                                  # repeated-data optimum; the grid gets (-5, 1)
+OVERFIT_GRID_START = (-5.0, 1.0)
+MIN_EPOCH_BUDGETS = 3                             # omega needs >= 3 distinct pass counts
+
+
+def overfit_log_pred(theta, logN, logUs, reps, logEp):
+    """log L_hat (R,) of the overfitting form; theta = (a, b, e, alpha, beta, log R*, log G, omega),
+    logUs / reps as in the repeated-data form, logEp = log(D / U) (-inf: no penalty)."""
+    base = chinchilla_log_pred(np.asarray(theta[:6], dtype=float), logN, logUs, reps)
+    with np.errstate(invalid="ignore"):
+        pen = np.where(np.isfinite(logEp), theta[6] + theta[7] * logEp, -np.inf)
+    return np.logaddexp(base, pen)
+
+
+def overfit_objective(theta, logN, logUs, logL, delta=HUBER_DELTA, reps=None, logEp=None):
+    """(sum_i Huber(log L_hat_i - log L_i), gradient (8,)) of the overfitting form."""
+    a, b, e, alpha, beta, lrs, g, omega = theta
+    logD, dlogD = log_effective_data(logUs, reps, lrs)
+    t1, t2, t4 = a - alpha * logN, b - beta * logD, g + omega * logEp
+    m = np.maximum(np.maximum(t1, t2), np.maximum(e, t4))
+    s1, s2, s3, s4 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m), np.exp(t4 - m)
+    tot = s1 + s2 + s3 + s4
+    r = m + np.log(tot) - logL
+    ar = np.abs(r)
+    f = np.where(ar <= delta, 0.5 * r * r, delta * (ar - 0.5 * delta)).sum()
+    gh = np.clip(r, -delta, delta) / tot
+    g1, g2, g4 = gh * s1, gh * s2, gh * s4
+    grad = [g1.sum(), g2.sum(), (gh * s3).sum(), -(g1 @ logN), -(g2 @ logD), -beta * (g2 @ dlogD),
+            g4.sum(), g4 @ logEp]
+    return float(f), np.array(grad)
+
+
+@dataclass
+class OverfitFit(ChinchillaFit):
+    """The overfitting form: theta (8,) = (a, b, e, alpha, beta, log R*, log G, omega)."""
+    boot: np.ndarray = field(default_factory=lambda: np.zeros((0, 8)))
+
+    @property
+    def repeated(self) -> bool:
+        return True
+
+    @property
+    def constant_names(self) -> tuple:
+        return ("E", "A", "B", "alpha", "beta", "R_star", "G", "omega")
+
+    def predict(self, N, D, theta=None, U=None):
+        """Predicted loss; without U the examples are all fresh and the penalty is 0."""
+        N, D, U = np.broadcast_arrays(np.asarray(N, dtype=float), np.asarray(D, dtype=float),
+                                      np.asarray(np.inf if U is None else U, dtype=float))
+        Us, reps = repeats(D.ravel(), U.ravel())
+        with np.errstate(divide="ignore"):
+            logEp = np.log(D.ravel() / U.ravel())
+        lp = overfit_log_pred(self.theta if theta is None else theta, np.log(N.ravel()), np.log(Us), reps, logEp)
+        with np.errstate(over="ignore"):
+            return np.exp(lp).reshape(N.shape)
+
+    def _derived(self, theta):
+        d = super()._derived(np.asarray(theta[:6], dtype=float))
+        with np.errstate(over="ignore"):
+            d.update({"G": np.exp(theta[6]), "omega": theta[7]})
+        return d
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "form": "L = E + A/N^alpha + B/D_eff^beta + G epochs^omega, "
+                                             "D_eff = U_s (1 + R_star (1 - exp(-R/R_star))), epochs = D/U"}
+
+
+def overfit_problem(D, U) -> str | None:
+    """Why the overfitting form cannot be fitted to these runs (beyond chinchilla_problem), or None."""
+    with np.errstate(all="ignore"):
+        ep = np.asarray(D, dtype=float) / np.asarray(U, dtype=float)
+    if not np.isfinite(ep).all():
+        return "the overfitting form needs every run's training-set size"
+    n = len(np.unique(np.round(ep, 9)))
+    if n < MIN_EPOCH_BUDGETS:
+        return (f"the overfitting form needs >= {MIN_EPOCH_BUDGETS} distinct pass counts (epochs = D/U) "
+                f"to fit its exponent; got {n}")
+    return None
+
+
+def fit_overfit(N, D, L, U, *, grid="coarse", n_boot=1000, seed=0, k=6.0, gamma=1.0, delta=HUBER_DELTA,
+                boot_starts=2) -> OverfitFit:
+    """Fit the overfitting form (see above). Starts: the repeated-data optimum crossed with
+    OVERFIT_STARTS (the form nests it at G -> 0), and the repeated-data start grid with
+    OVERFIT_GRID_START; bootstrap refits warm-start from the optimum, as fit_chinchilla's."""
+    logN, logD, logL = _logs(N, D, L)
+    why = chinchilla_problem(logN, logD)
+    U = np.broadcast_to(np.asarray(U, dtype=float).ravel(), logD.shape)
+    why = why or ("the overfitting form needs every run's training-set size (finite, positive)"
+                  if (~np.isfinite(U) | (U <= 0)).any() else overfit_problem(np.exp(logD), U))
+    if why:
+        raise UserError(f"too few runs to fit: {why}")
+    Us, reps = repeats(np.exp(logD), U)
+    logUs, logEp = np.log(Us), logD - np.log(U)
+    base = fit_chinchilla(N, D, L, grid=grid, n_boot=0, k=k, gamma=gamma, delta=delta, U=U).theta
+    warm = np.array([np.r_[base, g, w] for g in OVERFIT_STARTS["log_G"] for w in OVERFIT_STARTS["omega"]])
+    cold = np.hstack([start_grid(grid, repeated=True), np.tile(OVERFIT_GRID_START, (len(start_grid(grid, True)), 1))])
+    starts = np.vstack([warm, cold])
+    bounds = [(None, None)] * 5 + [LOG_R_STAR_BOUNDS, LOG_G_BOUNDS, OMEGA_BOUNDS]
+    kw = {"objective": overfit_objective, "bounds": bounds}
+    theta, f, fs, nfev = _minimize_from(starts, logN, logUs, logL, delta, details=True, reps=reps,
+                                        extra=(logEp,), **kw)
+    if theta is None:
+        raise UserError("the overfitting fit failed from every start (non-finite objective)")
+    good = np.flatnonzero(fs <= f + 1e-9 * max(f, 1e-12) + 1e-15)
+    boot_x0 = np.vstack([theta[None], starts[good[np.argsort(nfev[good], kind="stable")][:boot_starts]]])
+    rng = np.random.default_rng(seed)
+    R = len(logL)
+    boot = np.full((n_boot, 8), np.nan)
+    for i in range(n_boot):
+        idx = rng.integers(0, R, R)
+        if (len(np.unique(logN[idx])) < MIN_DISTINCT or len(np.unique(logD[idx])) < MIN_DISTINCT
+                or len(np.unique(np.round(logEp[idx], 9))) < MIN_EPOCH_BUDGETS):
+            continue
+        bt, _ = _minimize_from(boot_x0, logN[idx], logUs[idx], logL[idx], delta, reps=reps[idx],
+                               extra=(logEp[idx],), **kw)
+        if bt is not None:
+            boot[i] = bt
+    return OverfitFit(theta=theta, objective=f, n_runs=R, n_starts=len(starts), k=k, gamma=gamma, boot=boot)
+
+
+# -- the forms, by name, and choosing one without the held-out cells ------------------------
+FORMS = {"chinchilla": "L(N, D)", "chinchilla_repeated": "repeated data", "chinchilla_overfit": "overfitting"}
+
+
+def fit_form(name, N, D, L, U=None, **kw) -> ChinchillaFit:
+    """Fit the named form (FORMS) to runs; U is the training-set size the last two need."""
+    if name == "chinchilla":
+        return fit_chinchilla(N, D, L, **kw)
+    if name == "chinchilla_repeated":
+        return fit_chinchilla(N, D, L, U=U, **kw)
+    if name == "chinchilla_overfit":
+        return fit_overfit(N, D, L, U, **kw)
+    raise ValueError(f"unknown form {name!r}; forms: {', '.join(FORMS)}")
+
+
+def choose_form(N, D, C, L, U, forms, *, frac=0.1, grid="coarse", k=6.0, gamma=1.0) -> dict:
+    """Choose a form on the cells it may be fitted on, never on the held-out ones: a validation
+    fold made like the held-out cells (the top `frac` of THESE cells by compute C) is predicted
+    by each form fitted to the rest; the lowest mean |relative error| on the fold is chosen.
+    Returns per form the fold's mean and max |error| (or why it could not be fitted), 'chosen'."""
+    order = np.argsort(np.asarray(C, dtype=float).ravel(), kind="stable")
+    N, D, L = (np.asarray(x, dtype=float).ravel()[order] for x in (N, D, L))
+    U = np.broadcast_to(np.asarray(np.nan if U is None else U, dtype=float).ravel(), order.shape)[order]
+    R = len(L)
+    n_val = max(1, int(np.ceil(frac * R)))
+    fit_i, val_i = np.arange(R - n_val), np.arange(R - n_val, R)
+    out = {"rule": (f"fit each form on the {R - n_val} fitted cells of lowest compute, predict the next "
+                    f"{n_val} (the fitted cells' top {frac:.0%} by compute); choose the lowest mean |error|"),
+           "n_fit": int(R - n_val), "n_validation": int(n_val), "forms": {}}
+    for name in forms:
+        try:
+            fit = fit_form(name, N[fit_i], D[fit_i], L[fit_i], U[fit_i], n_boot=0, grid=grid, k=k, gamma=gamma)
+        except UserError as e:
+            out["forms"][name] = {"why_no_fit": str(e)}
+            continue
+        rel = fit.predict(N[val_i], D[val_i], U=None if name == "chinchilla" else U[val_i]) / L[val_i] - 1
+        out["forms"][name] = {"mean_abs_rel_err": float(np.abs(rel).mean()), "max_abs_rel_err": float(np.abs(rel).max()),
+                              "objective_on_fit_cells": fit.objective}
+    ok = {n: f["mean_abs_rel_err"] for n, f in out["forms"].items() if "mean_abs_rel_err" in f
+          and np.isfinite(f["mean_abs_rel_err"])}
+    out["chosen"] = min(ok, key=ok.get) if ok else None
+    return out

@@ -6,9 +6,12 @@ import math
 from pathlib import Path
 
 from ..engine.checkpoint import atomic_write_bytes
+import numpy as np
+
 from ..errors import UserError
 from ..report.console import render, table
 from ..store import DB_NAME, add_run
+from .fit import FORMS as FORM_LABELS
 from .report import fit_report, jsonable
 from .runs import load_runs_from_store
 
@@ -29,9 +32,9 @@ def summarize(rep: dict) -> dict:
                                "compute_optimal": ch["compute_optimal"], "n_boot": ch["n_boot"]}
         else:
             s["chinchilla"] = ch
-        if "chinchilla_repeated" in f:
-            cr = f["chinchilla_repeated"]
-            s["chinchilla_repeated"] = {k: cr[k] for k in ("form", "constants", "intervals", "n_boot")}
+        for form in ("chinchilla_repeated", "chinchilla_overfit"):
+            if form in f:
+                s[form] = {k: f[form][k] for k in ("form", "constants", "intervals", "n_boot")}
         s["isoflop"] = {name: {"exponent": p["exponent"], "exponent_ci": p["exponent_ci"],
                                "n_valid_bins": p["n_valid_bins"], "why_no_fit": p["why_no_fit"]}
                         for name, p in iso["profiles"].items()}
@@ -43,17 +46,20 @@ def summarize(rep: dict) -> dict:
                      "comparisons": rep["comparisons"], "plots": rep["plots"], "seconds": rep["seconds"]})
 
 
-def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None) -> dict:
+def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None, by_seed=False) -> dict:
     path = Path(db)
     if path.is_dir():
         path = path / DB_NAME
     runs = load_runs_from_store(path, require_chinchilla=True, recipe=recipe)
+    by_seed = heldout_by_seed(path, recipe=recipe) if by_seed else None   # first: it refuses a 1-seed store
     out = Path(out) if out else path.parent / "scaling"
     rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
     summary = summarize(rep)
     summary["seeds_per_run"] = {str(k): v for k, v in sorted(runs.info.get("seeds", {}).items())}
     summary["seed_spread"] = seed_spread_summary(runs.info.get("seed_spread") or [], summary)
     summary["validation"] = runs.info.get("validation")
+    if by_seed:
+        summary["by_seed"] = by_seed
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
     if path.name == DB_NAME:                                  # the summary table goes into the store too
@@ -78,6 +84,121 @@ def fit_csv(csv_path, out=None, *, n_boot=1000, seed=0) -> dict:
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
     return summary
+
+
+def _seed_counts(S: int):
+    """Every resample of S seeds with replacement, as (counts per seed, probability): the exact
+    bootstrap distribution (10 distinct resamples of 3 seeds, not 27 draws)."""
+    def parts(n, k):
+        if k == 1:
+            yield (n,)
+            return
+        for i in range(n, -1, -1):
+            for rest in parts(n - i, k - 1):
+                yield (i,) + rest
+    for c in parts(S, S):
+        yield c, math.factorial(S) / math.prod(math.factorial(x) for x in c) / S ** S
+
+
+def _weighted_ci(values, probs):
+    """2.5% and 97.5% quantiles of a discrete distribution (values with probabilities)."""
+    v, p = np.asarray(values, dtype=float), np.asarray(probs, dtype=float)
+    o = np.argsort(v, kind="stable")
+    cum = np.cumsum(p[o]) / p.sum()
+    return [float(v[o][np.searchsorted(cum, q - 1e-12)]) for q in (0.025, 0.975)]
+
+
+def heldout_by_seed(db, *, recipe=None, holdout_frac=0.1, grid="coarse") -> dict:
+    """The extrapolation check with seeds as the unit. A study of S seeds per cell is fitted
+    (every form, n_boot = 0) on each seed alone (fit seed k's cells, predict seed k's held-out
+    cells) and on every resample of the seeds with replacement, each resample's cells being the
+    mean of its seeds (the exact bootstrap distribution over seeds, with its probabilities).
+    Per family and form: the error on the seed mean, each seed's, their mean with a t interval,
+    and the bootstrap's 95% interval; the same for the form each fit chooses on its own
+    validation fold (fit.choose_form), which never sees the held-out cells."""
+    from scipy.stats import t as student_t
+    from .report import extrapolation_check, flops_model
+    from .runs import best_per_cell
+    path = Path(db)
+    if path.is_dir():
+        path = path / DB_NAME
+    base = load_runs_from_store(path, require_chinchilla=True, recipe=recipe)
+    seeds = set(base.info.get("seeds", {}))
+    if len(seeds) != 1 or min(seeds) < 2:
+        raise UserError(f"--by-seed needs every cell trained with the same number (>= 2) of seeds; "
+                        f"{path} has runs of {', '.join(str(k) for k in sorted(seeds))} seed(s)")
+    S = seeds.pop()
+    rows = []                                             # (counts, probability, family -> extrapolation)
+    for counts, prob in _seed_counts(S):
+        runs = load_runs_from_store(path, require_chinchilla=True, recipe=recipe, seed_weights=counts)
+        per = {}
+        for fam in runs.families():
+            sub = runs.take(np.flatnonzero(runs.family == fam))
+            fm = flops_model(best_per_cell(sub))
+            try:
+                per[fam] = extrapolation_check(sub, holdout_frac, n_boot=0, grid=grid, k=fm["k"], gamma=fm["gamma"])
+            except UserError as e:
+                per[fam] = {"why_no_fit": str(e)}
+        rows.append((counts, prob, per))
+    one = [r for r in rows if max(r[0]) == S]             # each seed alone, in seed order
+    one.sort(key=lambda r: r[0].index(S))
+    mean_row = next(r for r in rows if set(r[0]) == {1}) if S > 1 else one[0]
+    tq = float(student_t.ppf(0.975, S - 1))
+    out = {"n_seeds": S, "n_resamples": len(rows), "holdout_frac": holdout_frac,
+           "what": "mean |relative error| on the held-out cells of a fit on the other cells, n_boot 0 per fit",
+           "families": {}}
+    for fam in rows[0][2]:
+        if "n_holdout" not in rows[0][2][fam]:
+            out["families"][fam] = {"why_no_fit": rows[0][2][fam].get("why_no_fit")}
+            continue
+        forms = [k for k in ("chinchilla", "chinchilla_repeated", "chinchilla_overfit") if k in rows[0][2][fam]]
+        fam_out = {"n_holdout": rows[0][2][fam]["n_holdout"], "forms": {}}
+
+        def stats(err_of):
+            per_seed = [err_of(r[2][fam]) for r in one]
+            m, sd = float(np.mean(per_seed)), float(np.std(per_seed, ddof=1))
+            return {"seed_mean_fit": err_of(mean_row[2][fam]), "per_seed": per_seed, "per_seed_mean": m,
+                    "per_seed_sd": sd, "per_seed_t_ci": [m - tq * sd / math.sqrt(S), m + tq * sd / math.sqrt(S)],
+                    "bootstrap_ci": _weighted_ci([err_of(r[2][fam]) for r in rows], [r[1] for r in rows])}
+        for form in forms:
+            fam_out["forms"][form] = {
+                "mean_abs_rel_err": stats(lambda ex, f=form: ex[f]["mean_abs_rel_err"]),
+                "max_abs_rel_err": stats(lambda ex, f=form: ex[f]["max_abs_rel_err"])}
+        if "form_choice" in rows[0][2][fam]:
+            chosen = lambda ex: ex["form_choice"]["chosen"]          # noqa: E731
+            fam_out["chosen_form"] = {"per_seed": [chosen(r[2][fam]) for r in one],
+                                      "seed_mean_fit": chosen(mean_row[2][fam]),
+                                      "mean_abs_rel_err": stats(lambda ex: ex[chosen(ex)]["mean_abs_rel_err"])}
+        out["families"][fam] = fam_out
+    return jsonable(out)
+
+
+def by_seed_lines(b: dict) -> list[str]:
+    lines = [f"\nheld-out error with seeds as the unit ({b['n_seeds']} seeds; fits on the seed mean, on each seed "
+             f"alone, and on the {b['n_resamples']} resamples of the seeds with replacement):"]
+    for fam, f in b["families"].items():
+        if "forms" not in f:
+            lines.append(f"  {fam}: {f.get('why_no_fit')}")
+            continue
+        rows = []
+        entries = [(FORM_LABELS[k], v["mean_abs_rel_err"], v["max_abs_rel_err"]) for k, v in f["forms"].items()]
+        if "chosen_form" in f:
+            entries.append(("chosen on validation", f["chosen_form"]["mean_abs_rel_err"], None))
+        for label, m, w in entries:
+            rows.append([label, f"{100 * m['seed_mean_fit']:.1f}%",
+                         " ".join(f"{100 * v:.1f}" for v in m["per_seed"]),
+                         f"{100 * m['per_seed_mean']:.1f}% [{100 * m['per_seed_t_ci'][0]:.1f}, "
+                         f"{100 * m['per_seed_t_ci'][1]:.1f}]",
+                         f"[{100 * m['bootstrap_ci'][0]:.1f}, {100 * m['bootstrap_ci'][1]:.1f}]",
+                         "" if w is None else f"{100 * w['seed_mean_fit']:.1f}%"])
+        lines.append(f"  {fam}: {f['n_holdout']} held-out cells; mean |error| of")
+        lines += _indented(table(["form", ("seed mean", "right"), "each seed", "per-seed mean [t 95%]",
+                                  "bootstrap 95%", ("worst (seed mean)", "right")], rows))
+        if "chosen_form" in f:
+            c = f["chosen_form"]
+            lines.append(f"    chosen on the validation fold: {c['seed_mean_fit']} (seed mean), "
+                         f"{', '.join(c['per_seed'])} (each seed)")
+    return lines
 
 
 def seed_spread_summary(cells: list, summary: dict) -> dict:
@@ -154,6 +275,11 @@ def fit_text(s: dict) -> str:
             lines.append("  repeated data  L = E + A/N^alpha + B/D_eff^beta, D_eff = U_s (1 + R* (1 - exp(-R/R*))):")
             lines.append("    " + "  ".join(f"{k} {_with_ci(c[k], ci.get(k))}"
                                            for k in ("E", "A", "B", "alpha", "beta", "R_star")))
+        if "chinchilla_overfit" in f:
+            c, ci = f["chinchilla_overfit"]["constants"], f["chinchilla_overfit"]["intervals"]
+            lines.append("  overfitting  L = E + A/N^alpha + B/D_eff^beta + G epochs^omega (D_eff as above):")
+            lines.append("    " + "  ".join(f"{k} {_with_ci(c[k], ci.get(k))}"
+                                           for k in ("E", "A", "B", "alpha", "beta", "R_star", "G", "omega")))
         iso = "  ".join(f"{k}_opt ~ C^{_with_ci(p['exponent'], p['exponent_ci'], '.3f')}" if p["exponent"] is not None
                         else f"{k}_opt: {p['why_no_fit']}" for k, p in f["isoflop"].items())
         lines.append(f"  IsoFLOP profiles:  {iso}")
@@ -185,6 +311,8 @@ def fit_text(s: dict) -> str:
         r, ci = c["loss_ratio_b_over_a"][1], c["loss_ratio_ci"][1]
         lines.append(f"\n{b} vs {a} at equal compute (C = {c['C'][1]:.3g}): loss ratio {_with_ci(r, ci, '.3f')}; "
                      f"{c['verdict']}")
+    if s.get("by_seed"):
+        lines += by_seed_lines(s["by_seed"])
     if s["plots"]:
         lines.append("\nplots: " + ", ".join(v for v in s["plots"].values() if v))
     if s.get("report"):
@@ -197,13 +325,20 @@ def _extrapolation_lines(ex: dict) -> list[str]:
         return [f"  extrapolation: {ex.get('why_no_fit') or ex.get('chinchilla', {}).get('why_no_fit')}"]
     lines = [f"  extrapolation: fit on {ex['n_fit']} cells, predict the {ex['n_holdout']} of largest "
              f"compute (C >= {ex['C_threshold']:.3g})"]
-    forms = [("L(N, D)", "chinchilla"), ("repeated data", "chinchilla_repeated")]
+    forms = [("L(N, D)", "chinchilla"), ("repeated data", "chinchilla_repeated"), ("overfitting", "chinchilla_overfit")]
     e = {key: ex[key] for _, key in forms if "runs" in ex.get(key, {})}
+    choice = ex.get("form_choice") or {}
     for label, key in forms:
         if key in e:
+            v = (choice.get("forms") or {}).get(key, {}).get("mean_abs_rel_err")
             lines.append(f"    {label + ':':15s}mean |error| {100 * e[key]['mean_abs_rel_err']:.1f}%, max "
-                         f"{100 * e[key]['max_abs_rel_err']:.1f}% ({'within' if e[key]['within_5pct'] else 'outside'} 5%)")
+                         f"{100 * e[key]['max_abs_rel_err']:.1f}% ({'within' if e[key]['within_5pct'] else 'outside'} 5%)"
+                         + ("" if v is None else f"; on the validation fold {100 * v:.1f}%")
+                         + ("  <- chosen" if choice.get("chosen") == key else ""))
+    if choice.get("chosen"):
+        lines.append(f"    chosen without the held-out cells: {choice['rule']}")
     rep = e.get("chinchilla_repeated")
+    ovf = e.get("chinchilla_overfit")
     for i, r in enumerate(e["chinchilla"]["runs"]):
         ep = f"  epochs {r['epochs']:g}" if r.get("epochs") is not None else ""
         line = (f"    N {r['N']:8.0f}  D {r['D']:8.0f}{ep}  loss {r['loss']:.4f}  predicted "
@@ -211,6 +346,9 @@ def _extrapolation_lines(ex: dict) -> list[str]:
         if rep:
             q = rep["runs"][i]
             line += f"  repeated-data form {_with_ci(q['pred'], q['pred_ci'])} ({100 * q['rel_err']:+.1f}%)"
+        if ovf:
+            q = ovf["runs"][i]
+            line += f"  overfitting form {_with_ci(q['pred'], q['pred_ci'])} ({100 * q['rel_err']:+.1f}%)"
         lines.append(line)
     return lines
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .fit import (MIN_FRONTIER_RUNS, _percentile_ci, chinchilla_problem, fit_chinchilla, frontier,
-                  frontier_boot, frontier_indices, frontier_predict)
+from .fit import (MIN_FRONTIER_RUNS, _percentile_ci, chinchilla_problem, choose_form, fit_chinchilla, fit_form,
+                  fit_overfit, frontier, frontier_boot, frontier_indices, frontier_predict, overfit_problem)
 from .profiles import best_lr_table, isoflop_profiles
 from .runs import as_runs, best_per_cell
 
@@ -67,12 +67,14 @@ def extrapolation_check(runs, holdout_frac=0.1, *, n_boot=200, seed=0, grid="coa
     forms = [("chinchilla", None)]
     if cells.take(tr).repeats_data():          # the repeated-data form too, when the fit part repeats data
         forms.append(("chinchilla_repeated", cells.U))
+        if overfit_problem(cells.D[tr], cells.U[tr]) is None:     # and the overfitting form (fit.py)
+            forms.append(("chinchilla_overfit", cells.U))
     for name, U in forms:
         if why:
             out[name] = {"why_no_fit": why}
             continue
-        fit = fit_chinchilla(cells.N[tr], cells.D[tr], cells.loss[tr], n_boot=n_boot, seed=seed, grid=grid,
-                             k=k, gamma=gamma, U=None if U is None else U[tr])
+        fit = fit_form(name, cells.N[tr], cells.D[tr], cells.loss[tr], None if U is None else U[tr],
+                       n_boot=n_boot, seed=seed, grid=grid, k=k, gamma=gamma)
         Uh = None if U is None else U[ho]
         pred = fit.predict(cells.N[ho], cells.D[ho], U=Uh)
         bp = np.array([fit.predict(cells.N[ho], cells.D[ho], t, U=Uh) if np.isfinite(t).all()
@@ -86,6 +88,9 @@ def extrapolation_check(runs, holdout_frac=0.1, *, n_boot=200, seed=0, grid="coa
                      for i, p, lo, hi, r in zip(ho, pred, ci[0], ci[1], rel)],
             "mean_abs_rel_err": float(np.abs(rel).mean()), "max_abs_rel_err": float(np.abs(rel).max()),
             "within_5pct": bool(np.abs(rel).max() <= 0.05)}
+    if len(forms) > 1 and not why:             # which form to trust, chosen without the held-out cells
+        out["form_choice"] = choose_form(cells.N[tr], cells.D[tr], cells.C[tr], cells.loss[tr], cells.U[tr],
+                                         [name for name, _ in forms], frac=holdout_frac, grid=grid, k=k, gamma=gamma)
     fr = frontier(cells.C[tr], cells.loss[tr], n_boot=0)
     on_env = np.intersect1d(frontier_indices(cells.C, cells.loss), ho)
     if fr["why_no_fit"] or not len(on_env):
@@ -157,6 +162,9 @@ def _family_report(runs, out, tag, *, n_boot, seed, grid, holdout_frac, k, gamma
             rep["chinchilla_repeated"] = fit_chinchilla(cells.N, cells.D, cells.loss, n_boot=n_boot, seed=seed,
                                                         grid=grid, k=fm["k"], gamma=fm["gamma"],
                                                         U=cells.U).to_dict()
+            if overfit_problem(cells.D, cells.U) is None:
+                rep["chinchilla_overfit"] = fit_overfit(cells.N, cells.D, cells.loss, cells.U, n_boot=n_boot,
+                                                        seed=seed, grid=grid, k=fm["k"], gamma=fm["gamma"]).to_dict()
     iso = isoflop_profiles(cells, n_boot=n_boot, seed=seed)
     rep["isoflop"] = iso
     try:

@@ -118,10 +118,12 @@ def _open_readonly(path: Path) -> sqlite3.Connection:
         raise UserError(f"{path} is not an SQLite results store ({e})") from None
 
 
-def _expand_sweep(rec: dict, summary: dict, status: str) -> list[dict]:
+def _expand_sweep(rec: dict, summary: dict, status: str, seed_weights=None) -> list[dict]:
     """A study cell's record holds its whole learning-rate sweep (summary['sweep']: lr,
     val_loss, status per rate; val_loss is the mean over the cell's seeds, val_loss_seeds
-    the seeds' own); each rate becomes one run. Other records are one run of one seed."""
+    the seeds' own); each rate becomes one run. Other records are one run of one seed.
+    seed_weights (one weight per position of val_loss_seeds): the loss is that weighted mean
+    of the seeds' losses instead (one seed alone, or a resample of the seeds)."""
     sweep = summary.get("sweep")
     if not isinstance(sweep, list) or not sweep:
         return [{**rec, "status": status, "n_seeds": 1}]
@@ -129,6 +131,12 @@ def _expand_sweep(rec: dict, summary: dict, status: str) -> list[dict]:
     for r in sweep:
         loss = r.get("val_loss")
         per = r.get("val_loss_seeds")
+        if seed_weights is not None:
+            w = np.asarray(seed_weights, dtype=float)
+            if not isinstance(per, list) or len(per) != len(w) or any(v is None for v in per):
+                raise UserError(f"a cell's record has {len(per) if isinstance(per, list) else 0} seeds' losses, "
+                                f"not the {len(w)} the seed weights need")
+            loss = float(np.dot(w, per) / w.sum())
         out.append({**rec, "lr": float(r["lr"]), "loss": np.nan if loss is None else float(loss),
                     "status": r.get("status", status), "n_seeds": len(per) if isinstance(per, list) and per else 1})
     return out
@@ -218,7 +226,7 @@ def store_recipes(db_path, kind: str = "scale") -> dict:
 
 
 def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
-                         require_chinchilla: bool = False, recipe: str | None = None) -> Runs:
+                         require_chinchilla: bool = False, recipe: str | None = None, seed_weights=None) -> Runs:
     """Scale runs (records of `kind`) from a results store file (or a folder holding runs.db).
 
     Each record's summary holds N, D, C, loss, lr, epochs, family (lr/epochs/family may
@@ -228,6 +236,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
     require_chinchilla, when no family has enough distinct runs for the Chinchilla form.
     recipe: only that recipe's records (recipe_of); without it a store holding several recipes
     is refused (their cells would be averaged together as one).
+    seed_weights: each study cell's loss is this weighted mean of its seeds' (see _expand_sweep).
     """
     path, rows = _store_rows(db_path)
     recs, kinds, skipped, spread, splits, recipes = [], {}, {"diverged": 0, "malformed": 0}, [], {}, set()
@@ -255,7 +264,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         sp = _seed_spread(s)
         if sp:
             spread.append({**sp, "family": rec["family"]})
-        for r in _expand_sweep(rec, s, status):
+        for r in _expand_sweep(rec, s, status, seed_weights):
             if r["status"] == "diverged" or not np.isfinite(r["loss"]):
                 skipped["diverged"] += 1
             elif any(not np.isfinite(r[f]) or r[f] <= 0 for f in REQUIRED):

@@ -30,7 +30,7 @@ LR_MODEL = {"lr0": 1.6, "p_epochs": -0.3, "p_N": -0.1, "curvature": 0.05, "width
 def synthetic_runs(E=BESIROGLU["E"], A=BESIROGLU["A"], B=BESIROGLU["B"], alpha=BESIROGLU["alpha"],
                    beta=BESIROGLU["beta"], *, noise=DEFAULT_NOISE, N_range=(1e7, 1e11), D_range=(1e8, 1e12),
                    n_N=9, n_D=9, k=6.0, n_train=None, lr_sweep=False, lr_model=None, family="synthetic",
-                   R_star=None, seed=0) -> Runs:
+                   R_star=None, G=None, omega=None, seed=0) -> Runs:
     """One run per (N, D) grid point with L = (E + A/N^alpha + B/D^beta) * exp(noise * z).
 
     n_train: the training-set size, so epochs = D / n_train (default D_range[0] / 0.25:
@@ -38,7 +38,11 @@ def synthetic_runs(E=BESIROGLU["E"], A=BESIROGLU["A"], B=BESIROGLU["B"], alpha=B
     around lr* of LR_MODEL (each with its own noise); otherwise one run at lr*.
     R_star: the repeated-data law instead (D replaced by D_eff with U = n_train, see
     fit.py); only then do the runs record U, so plain runs are fitted by the plain form.
+    G, omega (with R_star): the overfitting law, a penalty G * epochs^omega added to the loss
+    (written here from the formula, apart from fit.py's log-sum-exp, so the two check each other).
     """
+    if (G is None) != (omega is None) or (G is not None and R_star is None):
+        raise ValueError("the overfitting penalty needs G, omega and R_star together")
     rng = np.random.default_rng(seed)
     Ng, Dg = np.meshgrid(np.geomspace(*N_range, n_N), np.geomspace(*D_range, n_D), indexing="ij")
     N, D = Ng.ravel(), Dg.ravel()
@@ -61,11 +65,14 @@ def synthetic_runs(E=BESIROGLU["E"], A=BESIROGLU["A"], B=BESIROGLU["B"], alpha=B
         U = np.full(len(D), n_train)
         Us, reps = repeats(D, U)
         L = E + A / N ** alpha + B / np.exp(log_effective_data(np.log(Us), reps, np.log(R_star))[0]) ** beta
+        if G is not None:
+            L = L + G * epochs ** omega
     L = L * np.exp(m["curvature"] * np.log(lr / lr_star) ** 2 + noise * rng.standard_normal(L.size))
     return Runs(N=N, D=D, C=k * N * D, loss=L, lr=lr, epochs=epochs, U=U,
                 family=np.array([family] * len(L), dtype=object),
                 info={"source": "synthetic", "truth": {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta,
-                                                       **({} if R_star is None else {"R_star": R_star})},
+                                                       **({} if R_star is None else {"R_star": R_star}),
+                                                       **({} if G is None else {"G": G, "omega": omega})},
                       "noise_sigma_log": noise, "seed": seed})
 
 
