@@ -25,17 +25,22 @@ class DataCfg:
 
 @dataclass
 class ModelCfg:
-    name: str = "net1989"          # net1989 | vit (micro-ViT) | convnet (the scaling family)
+    name: str = "net1989"          # net1989 | vit (micro-ViT) | convnet (the scaling family) | ssm
+                                   # | deep (models/deep.py: residual MLP or conv stacks, the ReZero study)
     act: str = "tanh"              # tanh | relu | scaled_tanh
     out_act: str = "tanh"          # tanh (1989) | none (logits)
     dropout: float = 0.0           # net1989: on the 192 H2 outputs, before H3; vit: on the pooled class token
     dim: int = 18                  # vit: token width (defaults: 9,766 params, 62,748 MACs ~ the 1989 net)
-    depth: int = 2                 # vit: transformer blocks; convnet: the family's size knob (1-64)
+    depth: int = 2                 # vit: transformer blocks; convnet: the family's size knob (1-64);
+                                   # deep: residual layers
     heads: int = 2                 # vit: attention heads
     patch: int = 8                 # vit: patch side in pixels (16x16 input, padded with -1 to a multiple)
     block: str = "plain"           # convnet: plain | separable | inverted_residual (models/convnet.py)
-    width: int = 0                 # convnet: width 4 * width channels (0: 4 * depth, the family's default)
+    width: int = 0                 # convnet: width 4 * width channels (0: 4 * depth, the family's default);
+                                   # deep: the layers' width (0: 64 for mlp, 8 for conv)
     seq: str = "inorder"           # ssm: pixels read in order or in one fixed permutation (models/ssm.py)
+    stack: str = "mlp"             # deep: mlp | conv
+    norm: str = "rezero"           # deep: the residual block, none | batch | layer_pre | layer_post | rezero
 
 
 @dataclass
@@ -91,7 +96,8 @@ class Config:
             del d["data"]["val"]
         if d["data"]["resolution"] == 16:  # ... or at the 1989 input side
             del d["data"]["resolution"]
-        for key, default in (("block", "plain"), ("width", 0), ("seq", "inorder")):  # ... or without these keys
+        for key, default in (("block", "plain"), ("width", 0), ("seq", "inorder"), ("stack", "mlp"),
+                             ("norm", "rezero")):  # ... or without these keys
             if d["model"][key] == default:
                 del d["model"][key]
         if d["train"]["eval_train"]:  # ... and one that evaluates the training split every time
@@ -108,7 +114,9 @@ class Config:
 
 
 CHOICES = {
-    "model.name": ("net1989", "vit", "convnet", "ssm"),
+    "model.name": ("net1989", "vit", "convnet", "ssm", "deep"),
+    "model.stack": ("mlp", "conv"),
+    "model.norm": ("none", "batch", "layer_pre", "layer_post", "rezero"),
     "model.block": ("plain", "separable", "inverted_residual"),
     "model.seq": ("inorder", "permuted"),
     "model.act": ("tanh", "relu", "scaled_tanh"),
@@ -419,8 +427,14 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"model.name={cfg.model.name} needs train.engine=population")
     if cfg.model.name == "convnet" and (cfg.model.act != "relu" or cfg.model.out_act != "none"):
         raise UserError("model.name=convnet needs model.act=relu and model.out_act=none (ReLU convs, logits out)")
-    if (cfg.model.block != "plain" or cfg.model.width) and cfg.model.name != "convnet":
-        raise UserError(f"model.block and model.width are the convnet's; model.name={cfg.model.name}")
+    if (cfg.model.block != "plain" or cfg.model.width) and cfg.model.name != "convnet" and not (
+            cfg.model.name == "deep" and cfg.model.block == "plain"):
+        raise UserError(f"model.block and model.width are the convnet's (model.width also deep's); "
+                        f"model.name={cfg.model.name}")
+    if (cfg.model.stack != "mlp" or cfg.model.norm != "rezero") and cfg.model.name != "deep":
+        raise UserError(f"model.stack and model.norm are deep's; model.name={cfg.model.name}")
+    if cfg.model.name == "deep" and (cfg.model.act != "relu" or cfg.model.out_act != "none"):
+        raise UserError("model.name=deep needs model.act=relu and model.out_act=none (ReLU blocks, logits out)")
     if cfg.model.seq != "inorder" and cfg.model.name != "ssm":
         raise UserError(f"model.seq={cfg.model.seq} is the ssm's; model.name={cfg.model.name}")
     if cfg.model.name == "ssm" and cfg.model.out_act != "none":

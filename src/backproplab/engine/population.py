@@ -181,8 +181,8 @@ class Population:
                     self.stack.bufs[n][r].copy_(mod._buffers[n])
                     mod._buffers[n] = self.stack.bufs[n][r]
         self.eval_buffers = None  # per replica: BatchNorm statistics recomputed for averaged weights
-        if vmap is None:
-            vmap = cfg.model.name != "net1989" and self.R >= VMAP_FROM
+        if vmap is None:  # not with BatchNorm: its running statistics are each module's (models/deep.py)
+            vmap = cfg.model.name != "net1989" and self.R >= VMAP_FROM and not self._bn_buffers(0)
         self.vmapped = bool(vmap) and path == "autograd" and cfg.model.name != "net1989"
         if self.vmapped:  # vmap of the forward only: autograd then runs on the batched ops
             fwd = lambda prm, xb, kb: functional_call(self.models[0], prm, (xb, kb))  # noqa: E731
@@ -285,7 +285,8 @@ class Population:
         replica its own batch (of the same size B; autograd and fused paths); total_steps the
         run's length (the schedules'), pass_idx the epoch the batch belongs to (it keys the random
         streams; the pass_start hooks run when it changes), pass_x the whole training set (input
-        statistics). No train.shift or model.dropout masks: those come with train()'s passes."""
+        statistics). No train.shift or model.dropout masks: those come with train()'s passes.
+        -> (R,) the batch's loss at the weights before the step (None on the kernel path)."""
         c = self.ctx
         if self.cfg.train.shift or self.cfg.model.dropout:
             raise UserError("train.shift and model.dropout need train()'s passes, not train_batch()")
@@ -310,7 +311,7 @@ class Population:
         else:
             xs = torch.as_tensor(x, dtype=torch.float32).reshape(1, -1, 1, self.side, self.side).expand(
                 self.R, -1, -1, -1, -1)
-        self._step(xs.to(self.device), labels.to(self.device), None, c.base_lr)
+        return self._step(xs.to(self.device), labels.to(self.device), None, c.base_lr)
 
     def _train_pass(self, x_raw, xs, labels, keep, kernel_shifts=None):
         c, n = self.ctx, len(labels)
@@ -353,15 +354,18 @@ class Population:
         if self.replays and self.path == "autograd":  # the model noise of this batch, for the replay
             c.gen_states = [m.gen.get_state() for m in self.models]
         c.g, c._gv = self._closure(), None
+        loss = c.loss   # the batch's loss at the weights before the step (SAM's second closure overwrites c.loss)
         for hook in AFTER_BACKWARD:
             for sw in self._hook(hook):
                 getattr(sw, hook)(c)
         self.t += 1
+        return loss
 
     def _closure(self, second=False):
         """Forward, loss and backward on ctx's batch -> (R, P) gradient. second: SAM's pass at
         perturbed weights: the same noise, BatchNorm statistics not updated."""
         c = self.ctx
+        c.loss = None  # (R,) the batch's loss, detached: set by every path but the kernels'
         if self.path in ("kernel", "fused"):
             g = self._kernel_grad(c) if self.path == "kernel" else self._fused_grad(c)
             for sw in self._hook("loss", "penalty_grad"):  # a penalty's own gradient (the kernels' is the data term's)
@@ -381,6 +385,7 @@ class Population:
                 out = torch.stack([m(c.x[r], None if c.keep is None else c.keep[r])
                                    for r, m in enumerate(self.models)])             # (R, B, 10)
             value = self._loss(c, out)                                              # (R,)
+            c.loss = value.detach()
             flat_params = [p for ps in c.params for p in ps]
             grads = torch.autograd.grad(value.sum(), flat_params)  # replicas share nothing: row r = dL_r/dW_r
         finally:
@@ -405,7 +410,9 @@ class Population:
         try:
             with self._forward_ctx():
                 out = self._vfwd[c.keep is not None](leaves, c.x, c.keep)          # (R, B, 10)
-            grads = torch.autograd.grad(self._loss(c, out).sum(), list(leaves.values()))
+            value = self._loss(c, out)
+            c.loss = value.detach()
+            grads = torch.autograd.grad(value.sum(), list(leaves.values()))
         finally:
             c.params = params
         return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
@@ -419,7 +426,9 @@ class Population:
             with self._forward_ctx():
                 out = self.stack(leaves, c.x, c.keep, [m.gen for m in self.models],
                                  update_stats=not second)                       # (R, B, 10)
-            grads = torch.autograd.grad(self._loss(c, out).sum(), list(leaves.values()))
+            value = self._loss(c, out)
+            c.loss = value.detach()
+            grads = torch.autograd.grad(value.sum(), list(leaves.values()))
         finally:
             c.params = params
         return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
@@ -435,7 +444,8 @@ class Population:
         if c.keep is not None:
             keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.cfg.model.dropout))
         labels = c.labels.expand(self.R, -1)   # (B,) shared or (R, B) per replica
-        return fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, self.smooth)[1]
+        c.loss, g = fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, self.smooth)
+        return g
 
     # -- evaluation -------------------------------------------------------------------------
     def eval_weights(self):
@@ -451,8 +461,9 @@ class Population:
             x = sw.eval_batch(x, self.ctx)
         return x
 
-    def _bn_buffers(self, r):
-        return {n: b for n, b in self.models[r].named_buffers() if n.endswith(("_rm", "_rv"))}
+    def _bn_buffers(self, r):  # ModNet's _rm/_rv; torch's BatchNorm (models/deep.py) in a state too
+        return {n: b for n, b in self.models[r].named_buffers()
+                if n.endswith(("_rm", "_rv", "running_mean", "running_var", "num_batches_tracked"))}
 
     @contextlib.contextmanager
     def _swapped(self, weights, buffers):
@@ -464,7 +475,7 @@ class Population:
                 self.W.copy_(weights)
             for r, bufs in enumerate(buffers or []):
                 for n, v in bufs.items():
-                    getattr(self.models[r], n).copy_(v)
+                    self.models[r].get_buffer(n).copy_(v)
         try:
             yield
         finally:
@@ -472,7 +483,7 @@ class Population:
                 self.W.copy_(saved_w)
                 for r, bufs in enumerate(saved_b):
                     for n, v in bufs.items():
-                        getattr(self.models[r], n).copy_(v)
+                        self.models[r].get_buffer(n).copy_(v)
 
     @torch.no_grad()
     def _recompute_eval_buffers(self, x_raw):

@@ -14,6 +14,10 @@ A block with branch f (one Linear or one 3x3 convolution) and g = relu:
 For conv stacks LayerNorm normalizes each example over channels and positions (GroupNorm with
 one group, per-channel gain and bias). Every layer keeps PyTorch's default initialization
 (uniform in +-1/sqrt(fan_in)), the same for every variant, so only the block differs.
+
+On the population engine (models/registry.py, model.name=deep): model.stack, model.depth,
+model.width (0: DEFAULT_WIDTH of the stack) and model.norm pick the net; model.dropout drops
+the head's inputs (W for mlp, 64 W for conv) with the caller's keep mask, as the other models do.
 """
 import torch
 import torch.nn as nn
@@ -23,6 +27,7 @@ from ..errors import UserError
 
 NORMS = ("none", "batch", "layer_pre", "layer_post", "rezero")
 KINDS = ("mlp", "conv")
+DEFAULT_WIDTH = {"mlp": 64, "conv": 8}   # model.width=0 on the engine
 
 
 def rezero_residual(x: torch.Tensor, branch: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -55,10 +60,11 @@ class Block(nn.Module):
 
 
 class DeepNet(nn.Module):
-    def __init__(self, kind: str = "mlp", depth: int = 8, width: int = 64, norm: str = "rezero", seed: int = 0):
+    def __init__(self, kind: str = "mlp", depth: int = 8, width: int = 64, norm: str = "rezero", seed: int = 0,
+                 dropout: float = 0.0):
         super().__init__()
         check(kind, depth, width, norm)
-        self.kind, self.depth, self.width, self.norm = kind, depth, width, norm
+        self.kind, self.depth, self.width, self.norm, self.dropout = kind, depth, width, norm, float(dropout)
         g = torch.random.fork_rng(devices=[])  # seeded init without touching the caller's global stream
         with g:
             torch.manual_seed(int(seed))
@@ -69,11 +75,14 @@ class DeepNet(nn.Module):
             self.blocks = nn.ModuleList(Block(kind, norm, width) for _ in range(depth))
             self.head = nn.Linear(width if kind == "mlp" else 64 * width, 10)
 
-    def forward(self, x):  # x (B, 1, 16, 16) in [-1, 1] -> logits (B, 10)
+    def forward(self, x, keep=None):  # x (B, 1, 16, 16) in [-1, 1]; keep (B, head_units) or None -> logits (B, 10)
         h = self.stem(x.reshape(len(x), 256) if self.kind == "mlp" else x)  # (B, W) or (B, W, 8, 8)
         for b in self.blocks:
             h = b(h)
-        return self.head(h.flatten(1))                                       # (B, W) or (B, 64 W)
+        h = h.flatten(1)                                                     # (B, W) or (B, 64 W)
+        if keep is not None:  # the caller's mask: shared random stream, exact resume
+            h = h * keep.to(h.dtype) * (1.0 / (1.0 - self.dropout))
+        return self.head(h)
 
     def residual_weights(self) -> list[float]:
         return [float(b.a.detach()) for b in self.blocks] if self.norm == "rezero" else []
@@ -86,6 +95,11 @@ def check(kind, depth, width, norm):
         raise UserError(f"unknown normalization {norm!r}; choose {', '.join(NORMS)}")
     if not (1 <= int(depth) <= 1024) or not (1 <= int(width) <= 4096):
         raise UserError(f"depth {depth} and width {width} must be in 1..1024 and 1..4096")
+
+
+def head_units(kind: str, width: int) -> int:
+    """Inputs of the head: what model.dropout drops (the engine's keep masks are this wide)."""
+    return width if kind == "mlp" else 64 * width
 
 
 def stack_macs(kind: str, depth: int, width: int) -> int:

@@ -32,7 +32,12 @@ def _ssm(m, seed):  # models/ssm.py: model.dim channels, model.depth layers, mod
     return SSMNet(seed, dim=m.dim, depth=m.depth, dropout=m.dropout, permuted=m.seq == "permuted")
 
 
-MODELS = {"net1989": _net1989, "vit": _vit, "convnet": _convnet, "ssm": _ssm}
+def _deep(m, seed):  # models/deep.py: model.stack, model.depth residual layers of model.width (0: the stack's
+    from .deep import DEFAULT_WIDTH, DeepNet  # default), model.norm the block variant
+    return DeepNet(m.stack, m.depth, m.width or DEFAULT_WIDTH[m.stack], m.norm, seed, dropout=m.dropout)
+
+
+MODELS = {"net1989": _net1989, "vit": _vit, "convnet": _convnet, "ssm": _ssm, "deep": _deep}
 
 
 def list_models():
@@ -61,6 +66,9 @@ def dropout_units(cfg_model, resolution: int = 16) -> int:
         return layer_specs(cfg_model.depth, cfg_model.block, cfg_model.width, resolution)[-1]["cin"]
     if cfg_model.name == "ssm":
         return cfg_model.dim
+    if cfg_model.name == "deep":
+        from .deep import DEFAULT_WIDTH, head_units
+        return head_units(cfg_model.stack, cfg_model.width or DEFAULT_WIDTH[cfg_model.stack])
     return cfg_model.dim if cfg_model.name == "vit" else 192
 
 
@@ -74,6 +82,9 @@ def model_macs(cfg_model, resolution: int = 16) -> int:
     if cfg_model.name == "ssm":
         from .ssm import ssm_macs
         return ssm_macs(cfg_model.dim, cfg_model.depth)
+    if cfg_model.name == "deep":
+        from .deep import DEFAULT_WIDTH, stack_macs
+        return stack_macs(cfg_model.stack, cfg_model.depth, cfg_model.width or DEFAULT_WIDTH[cfg_model.stack])
     return MACS
 
 
