@@ -205,3 +205,9 @@ def test_postgres_stored_result_rebuilds_a_one_seed_run(tmp_path):
     back = stored_result(next(r for r in store.list_runs(tmp_path) if r["id"] == run_id))
     assert back.final == res.final and back.history == res.history and back.seeds == res.seeds
     assert back.summary() == res.summary()
+
+
+def test_postgres_scale_fit_refuses_a_server_url_in_one_line(capsys):
+    assert main(["scale", "fit", _unreachable()]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: scale fit reads a results store file") and "\n" not in err

@@ -191,6 +191,9 @@ def _fit(args):
         return 0
     if not args.db:
         raise UserError("scale fit: give the study's results store (RUNS.db), --csv FILE or --synthetic")
+    if "://" in args.db:
+        raise UserError("scale fit reads a results store file (DIR/runs.db), not a server URL; "
+                        "list a server's runs with `backproplab runs --out URL --json`")
     if args.compare:
         from ..scaling.compare import compare_store, compare_text, parse_compare
         labels = parse_compare(args.compare)
