@@ -97,7 +97,7 @@ class EffectsRunner:
         out = {}
         for s, k in slots.items():
             rec = by_id.get(done[s].user_attrs.get("run_id"))
-            if rec is None:
+            if rec is None or rec["kind"] != "effects-run" or rec["summary"].get("config_digest") != cfgs[k].digest():
                 raise UserError(f"grid point {s}: its run {done[s].user_attrs.get('run_id')} is not in the results "
                                 f"store {_where(self.store)} (the workers wrote to another store?)")
             out[k] = stored_result(rec)
