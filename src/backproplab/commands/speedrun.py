@@ -25,7 +25,8 @@ def register(sub, add_common):
                    help="methods and config overrides on the speedrun preset, e.g. +method=sam data.val=1000")
     r = sub.add_parser("rezero", help="ReZero vs none/BatchNorm/LayerNorm in deep residual MLP and conv stacks")
     add_common(r)
-    r.add_argument("--depths", default="8,32,64,128", help="residual layers, comma-separated (default 8,32,64,128)")
+    r.add_argument("--depths", default="8,32,64,128",
+                   help="residual layers, comma-separated, each 1..256 (default 8,32,64,128)")
     r.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     r.add_argument("--budget-steps", type=int, help="training steps per run (default 300 mlp, 150 conv)")
     r.add_argument("--stacks", default="mlp,conv", help="mlp, conv or both (default)")
@@ -165,7 +166,9 @@ def cmd_rezero(args):
     if png:
         print(f"wrote {png}")
     summary = {"rows": rows, "claims": claims, "plot": str(png) if png else None, "seeds": seeds,
-               "stacks": {k: rz.STACKS[k] for k in stacks}, "budget_steps": steps, "lr": rz.LR, "smoke": args.smoke}
+               "stacks": {k: rz.STACKS[k] for k in stacks}, "budget_steps": steps, "lr": rz.LR, "smoke": args.smoke,
+               "engine": "population", "optimizer": "adam",
+               "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1)}
     summary["run_id"] = add_run(out, "rezero", "rezero-smoke" if args.smoke else "rezero", "finished",
                                 {"depths": depths, "stacks": stacks, "norms": norms, "seeds": seeds, "steps": steps},
                                 summary, [{k: v for k, v in r.items()} for r in runs], environment())

@@ -1,13 +1,18 @@
 """The ReZero study at small scale: does x + a*F(x) (a = 0 at init) let deep residual stacks
 train without normalization, and do they converge faster?
 
-For each stack (mlp, conv), depth and block variant (models/deep.py) and seed: Adam at a
-fixed learning rate, no warm-up, no clipping, the same minibatches for every variant of a
-seed, a fixed budget of steps. Recorded per run:
+For each stack (mlp, conv), depth and block variant (models/deep.py) the seeds are the
+replicas of one population on the engine (engine/population.py, model.name=deep): the
+registry's Adam (+method=adam, torch's defaults) at a fixed learning rate, no schedule, no
+warm-up, no clipping, a fixed budget of steps. Each step is Population.train_batch on the
+batches the study draws: replica k takes the minibatches of seed k's own stream, the same
+for every variant of that seed (uniform with replacement). Recorded per run (= replica):
   final loss        cross-entropy on a fixed subset of the training digits after the last step
-  steps to target   first step at which the mean of the last WINDOW minibatch losses is <= target
+  steps to target   first step at which the mean of the last WINDOW minibatch losses (the
+                    engine's loss of each batch before its step) is <= target
   test error        on a fixed subset of the test digits after the last step
-  diverged          a non-finite minibatch loss (the run stops there)
+  diverged          a non-finite minibatch loss (its losses stop there; the other replicas go on)
+Nothing is chosen on any of these: the rate, budgets and targets are fixed in advance.
 """
 import math
 import time
@@ -17,19 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..models.deep import KINDS, NORMS, DeepNet, stack_macs
+from ..models.deep import KINDS, NORMS, stack_macs
 
 WINDOW = 10          # minibatch losses averaged for the steps-to-target test
 N_EVAL = 512         # training digits for the final loss, test digits for the test error
 # Per stack: width, batch, default step budget, target loss. The conv stack runs at 8x8 with
-# width 8 so that depth 128 stays affordable on one core (about 0.1 s a step).
+# width 8 so that depth 128 stays affordable on one core.
 STACKS = {"mlp": dict(width=64, batch=64, steps=300, target=0.5),
           "conv": dict(width=8, batch=32, steps=150, target=0.5)}
 DEFAULT_DEPTHS = (8, 32, 64, 128)
+MAX_DEPTH = 256      # the config's model.depth range
 LR = 1e-3
 
 
-def parse_ints(text, what, lo=1, hi=1024):
+def parse_ints(text, what, lo=1, hi=MAX_DEPTH):
     try:
         vals = [int(t) for t in str(text).split(",") if t.strip()]
     except ValueError:
@@ -47,41 +53,76 @@ def parse_names(text, known, what):
     return vals
 
 
-def run_one(data, kind, depth, norm, seed, steps, width, batch, target, lr=LR) -> dict:
-    model = DeepNet(kind, depth, width, norm, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(10_000 + int(seed))  # batches depend on the seed only, not the variant
-    n = len(data.train_x)
-    losses, reached, diverged = [], None, False
+def cell_config(kind, depth, norm, seeds, width, batch, lr=LR):
+    """The engine config of one cell: model.name=deep with the cell's stack, depth, width and
+    block; the registry's Adam at `lr`, constant; no shifts, no dropout, no weight decay."""
+    from ..config import apply_overrides, preset
+    cfg = apply_overrides(preset("modern"), [
+        "model.name=deep", f"model.stack={kind}", f"model.depth={depth}", f"model.width={width}",
+        f"model.norm={norm}", "model.dropout=0", "train.shift=0", f"train.batch={batch}",
+        f"train.seeds={len(seeds)}", f"train.seed={min(seeds)}", f"optim.lr={lr}", "optim.lr_end=none",
+        "optim.weight_decay=0", "+method=adam"])
+    cfg.name = f"rezero-{kind}{depth}-{norm}"
+    return cfg
+
+
+def seed_batches(seed, n, batch, steps) -> torch.Tensor:
+    """(steps, batch) indices into the n training digits from seed's own stream: the variant
+    does not enter, so every variant of a seed sees the same minibatches."""
+    g = torch.Generator().manual_seed(10_000 + int(seed))
+    return torch.stack([torch.randint(0, n, (batch,), generator=g) for _ in range(steps)])
+
+
+def run_cell(data, kind, depth, norm, seeds, steps, width, batch, target, lr=LR, vmap=None) -> list[dict]:
+    """One (stack, depth, variant) cell: its seeds as one population on the engine -> one record
+    per seed. vmap: the engine's choice by default (vmap of the stacked forward; the module loop
+    for BatchNorm, whose running statistics are each module's)."""
+    from ..engine.population import Population
+    seeds = [int(s) for s in seeds]
+    cfg = cell_config(kind, depth, norm, seeds, width, batch, lr)
+    pop = Population(cfg, seeds, path="autograd", vmap=vmap)
+    n, R = len(data.train_x), len(seeds)
+    x, y = data.train_x.reshape(n, 1, 16, 16), data.train_labels
+    idx = torch.stack([seed_batches(s, n, batch, steps) for s in seeds], 1)    # (steps, R, batch)
+    losses, reached, diverged = [[] for _ in seeds], [None] * R, [False] * R
     t0 = time.process_time()
-    model.train()
     for step in range(1, steps + 1):
-        idx = torch.randint(0, n, (batch,), generator=g)
-        loss = F.cross_entropy(model(data.train_x[idx]), data.train_labels[idx])
-        v = float(loss.detach())
-        if not math.isfinite(v):
-            diverged = True
+        i = idx[step - 1]
+        v = pop.train_batch(x[i], y[i], steps, 0, x)    # per-replica batches; (R,) losses before the step
+        for r, lv in enumerate(v.tolist()):
+            if diverged[r]:
+                continue
+            if not math.isfinite(lv):
+                diverged[r] = True
+                continue
+            losses[r].append(lv)
+            if reached[r] is None and len(losses[r]) >= WINDOW and np.mean(losses[r][-WINDOW:]) <= target:
+                reached[r] = step
+        if all(diverged):
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(v)
-        if reached is None and len(losses) >= WINDOW and np.mean(losses[-WINDOW:]) <= target:
-            reached = step
     cpu = time.process_time() - t0
-    final_loss, test_error = float("nan"), float("nan")
-    if not diverged:
-        model.eval()
-        with torch.no_grad():
-            fl = F.cross_entropy(model(data.train_x[:N_EVAL]), data.train_labels[:N_EVAL])
-            pred = model(data.test_x[:N_EVAL]).argmax(1)
-        final_loss = float(fl) if math.isfinite(float(fl)) else float("nan")
-        test_error = 100.0 * float((pred != data.test_labels[:N_EVAL]).float().mean())
-        diverged = not math.isfinite(final_loss)
-    return {"stack": kind, "depth": depth, "norm": norm, "seed": seed, "steps": steps, "final_loss": final_loss,
-            "test_error": test_error, "steps_to_target": reached, "target": target, "diverged": diverged,
-            "cpu_seconds": cpu, "losses": losses, "rezero_a": model.residual_weights(),
-            "macs": stack_macs(kind, depth, width)}
+    out_train = pop.outputs(data.train_x[:N_EVAL])                                # (R, N_EVAL, 10), eval mode
+    pred = pop.outputs(data.test_x[:N_EVAL]).argmax(-1)
+    runs = []
+    for r, s in enumerate(seeds):
+        final_loss, test_error = float("nan"), float("nan")
+        if not diverged[r]:
+            fl = float(F.cross_entropy(out_train[r], data.train_labels[:N_EVAL]))
+            final_loss = fl if math.isfinite(fl) else float("nan")
+            test_error = 100.0 * float((pred[r] != data.test_labels[:N_EVAL]).float().mean())
+            diverged[r] = not math.isfinite(final_loss)
+        runs.append({"stack": kind, "depth": depth, "norm": norm, "seed": s, "steps": steps,
+                     "final_loss": final_loss, "test_error": test_error, "steps_to_target": reached[r],
+                     "target": target, "diverged": diverged[r], "cpu_seconds": cpu / R, "cell_cpu_seconds": cpu,
+                     "losses": losses[r], "rezero_a": pop.models[r].residual_weights(),
+                     "macs": stack_macs(kind, depth, width), "path": pop.path,
+                     "vmap": pop.vmapped, "config_digest": cfg.digest()})
+    return runs
+
+
+def run_one(data, kind, depth, norm, seed, steps, width, batch, target, lr=LR) -> dict:
+    """One seed alone: a population of one."""
+    return run_cell(data, kind, depth, norm, [seed], steps, width, batch, target, lr)[0]
 
 
 def run_study(data, stacks, depths, norms, seeds, steps=None, log=print) -> list[dict]:
@@ -90,12 +131,14 @@ def run_study(data, stacks, depths, norms, seeds, steps=None, log=print) -> list
         p = STACKS[kind]
         for depth in depths:
             for norm in norms:
-                for s in range(seeds):
-                    r = run_one(data, kind, depth, norm, s, steps or p["steps"], p["width"], p["batch"], p["target"])
-                    runs.append(r)
+                cell = run_cell(data, kind, depth, norm, range(seeds), steps or p["steps"], p["width"], p["batch"],
+                                p["target"])
+                runs += cell
+                for s, r in enumerate(cell):
                     log(f"{kind:4s} depth {depth:3d} {norm:10s} seed {s}: final loss {r['final_loss']:.3f}"
                         f"{' DIVERGED' if r['diverged'] else ''}, target at "
-                        f"{r['steps_to_target'] if r['steps_to_target'] else '-'} ({r['cpu_seconds']:.1f} s cpu)")
+                        f"{r['steps_to_target'] if r['steps_to_target'] else '-'} "
+                        f"({r['cpu_seconds']:.1f} s cpu, its share of the cell)")
     return runs
 
 
