@@ -211,3 +211,22 @@ def test_postgres_scale_fit_refuses_a_server_url_in_one_line(capsys):
     assert main(["scale", "fit", _unreachable()]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: scale fit reads a results store file") and "\n" not in err
+
+
+def test_postgres_effects_point_read_back_only_from_the_store_its_worker_wrote(tmp_path):
+    # a journal study of one point run into store a; read through store b, whose run 1 is another
+    # run, it is one error naming the point, never that run's numbers
+    from backproplab.experiments.effects import base_config
+    from backproplab.search import grid
+    from backproplab.search import study as st
+    storage = st.storage_spec(str(tmp_path / "g.journal"), tmp_path)
+    cfgs = {"base": base_config("modern", 1, True, passes=1)}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    a = grid.EffectsRunner(storage, "one", {"t": 1}, 1, tmp_path / "w", tmp_path / "a", log=lambda s: None)
+    got = a(cfgs, "runs")
+    assert got["base"].final[0]["test_error"] == store.list_runs(tmp_path / "a")[0]["summary"]["test_error"]
+    store.add_run(tmp_path / "b", "effects-run", "other", "finished", {}, {"config_digest": "x"}, [], {})
+    b = grid.EffectsRunner(storage, "one", {"t": 1}, 1, tmp_path / "w", tmp_path / "b", log=lambda s: None)
+    with pytest.raises(UserError, match="grid point base: its run 1 is not in the results store"):
+        b(cfgs, "runs")
