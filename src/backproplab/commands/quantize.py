@@ -37,7 +37,7 @@ def _params_of(cfg, state: dict) -> list[dict]:
             from ..models.net1989 import PARAM_SHAPES
             shapes = [(n, PARAM_SHAPES[n]) for n in PARAM_NAMES]
         else:
-            shapes = [(n, tuple(p.shape)) for n, p in build_model(cfg.model, 0).named_parameters()]
+            shapes = [(n, tuple(p.shape)) for n, p in build_model(cfg.model, 0, cfg.data.resolution).named_parameters()]
         total = sum(int(np.prod(s)) for _, s in shapes)
         if w.shape[1] != total:
             raise UserError(f"the run's weights ({w.shape[1]} per replica) are not the plain {cfg.model.name}'s "
@@ -96,7 +96,7 @@ def cmd_quantize(args):
     out = args.out or args.dir
     check_store(out)
     torch.set_num_threads(cfg.train.threads)
-    data = load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test)
+    data = load_dataset(cfg.data.source, cfg.data.n_train, cfg.data.n_test, resolution=cfg.data.resolution)
     if cfg.data.val:
         data = data.with_validation(cfg.data.val)
     if args.smoke:
@@ -106,9 +106,9 @@ def cmd_quantize(args):
     rows = []
     t0 = time.perf_counter()
     for r, params in enumerate(reps):
-        fp32 = qz.deployable(cfg.model, params)
+        fp32 = qz.deployable(cfg.model, params, cfg.data.resolution)
         if args.qat_passes:
-            int8 = qz.qat(qz.deployable(cfg.model, params), data.train_x, data.train_labels, args.qat_passes,
+            int8 = qz.qat(qz.deployable(cfg.model, params, cfg.data.resolution), data.train_x, data.train_labels, args.qat_passes,
                           lr=args.qat_lr, seed=cfg.train.seed + r)
         else:
             int8 = qz.ptq(fp32, calib)

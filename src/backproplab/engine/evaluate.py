@@ -69,11 +69,12 @@ def evaluate(params, x, labels, act="tanh", out_act="tanh", loss="mse") -> list[
 
 @torch.no_grad()
 def predict(cfg_model, params: dict, x: torch.Tensor) -> torch.Tensor:
-    """One replica's outputs (B, 10) for any registered model."""
+    """One replica's outputs (B, 10) for any registered model; the model is built at x's side
+    (data.resolution)."""
     if cfg_model.name == "net1989":
         return population_outputs([params], x, cfg_model.act, cfg_model.out_act)[0]
     from ..models.registry import build_model
-    m = build_model(cfg_model, 0)
+    m = build_model(cfg_model, 0, int(x.shape[-1]))
     m.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()})
     m.eval()
     return m(x)

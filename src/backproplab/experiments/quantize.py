@@ -66,7 +66,7 @@ class Deploy1989(nn.Module):
         return self.out(self.act3(self.h3(x.flatten(1))))
 
 
-def deployable(cfg_model, params: dict) -> nn.Module:
+def deployable(cfg_model, params: dict, resolution: int = 16) -> nn.Module:
     """A trained replica's weights ({name: array}) -> the same net as torch.nn layers, eval mode."""
     if cfg_model.name == "net1989":
         if cfg_model.act != "relu" or cfg_model.out_act != "none":
@@ -80,7 +80,7 @@ def deployable(cfg_model, params: dict) -> nn.Module:
     if cfg_model.name == "convnet":
         from ..models.convnet import torch_layers
         from ..models.registry import build_model
-        net = build_model(cfg_model, 0)
+        net = build_model(cfg_model, 0, resolution)
         try:
             net.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in params.items()})
         except RuntimeError as e:

@@ -83,8 +83,7 @@ def _finished_run(folder: str):
 
 
 def _input_shape(cfg) -> tuple:
-    side = getattr(cfg.model, "resolution", None) or 16
-    return (cfg.data.source, int(side))
+    return (cfg.data.source, int(cfg.data.resolution))
 
 
 def check_teacher(cfg, opts) -> str | None:
@@ -106,7 +105,7 @@ def check_teacher(cfg, opts) -> str | None:
 
 
 class Teacher:
-    """The teacher run's evaluated function: x (B, 1, 16, 16) -> (B, 10) mean tempered softmax."""
+    """The teacher run's evaluated function: x (B, 1, r, r) -> (B, 10) mean tempered softmax."""
 
     def __init__(self, folder: str):
         from ..engine.checkpoint import to_numpy_state
@@ -138,13 +137,15 @@ class Distill:
     def pass_start(self, ctx):
         self.ctx = ctx  # the criterion reads the step's batch from it
         if self.cached and self.cache is None:
-            x = torch.as_tensor(np.asarray(ctx.pass_x), dtype=torch.float32).reshape(-1, 1, 16, 16)
+            x = torch.as_tensor(np.asarray(ctx.pass_x), dtype=torch.float32)
+            side = math.isqrt(x[0].numel())                  # the run's data.resolution
+            x = x.reshape(-1, 1, side, side)
             p = torch.cat([self.teacher.probs(x[a:a + 2048], self.T) for a in range(0, len(x), 2048)])
             keys = x.reshape(len(x), -1).numpy()
             self.cache = ({k.tobytes(): i for i, k in enumerate(keys)}, p)
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
-        """x (R, B, 1, 16, 16) -> (R or 1, B, 10) soft targets."""
+        """x (R, B, 1, r, r) -> (R or 1, B, 10) soft targets."""
         same = x.stride(0) == 0 or x.shape[0] == 1   # every replica sees one batch: one teacher pass
         xs = x[:1] if same else x
         if self.cached:

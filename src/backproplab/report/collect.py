@@ -101,16 +101,16 @@ class Context:
             self.memo[key] = make()
         return self.memo[key]
 
-    def dataset(self, source: str, n_train, n_test, val=0):
+    def dataset(self, source: str, n_train, n_test, val=0, resolution=16):
         """The run's data as training saw it (None if the source is gone: a deleted IDX folder)."""
         def load():
             from ..data import load_dataset
             try:
-                d = load_dataset(source, n_train, n_test)
+                d = load_dataset(source, n_train, n_test, resolution=resolution)
                 return d.with_validation(val) if val else d
             except (UserError, OSError, ValueError):
                 return None
-        return self.cached(("data", source, n_train, n_test, val), load)
+        return self.cached(("data", source, n_train, n_test, val, resolution), load)
 
 
 # How the runs of a kind were made: the command, filled in from the record.

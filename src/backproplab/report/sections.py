@@ -50,7 +50,8 @@ def _newest_per(runs, key):
 def _n_train(ctx, run):
     """Training examples the run trained on (the data re-read; None when its source is gone)."""
     d = (run.config.get("data") or {})
-    data = ctx.dataset(d.get("source", "mnist10k"), d.get("n_train"), d.get("n_test"), d.get("val") or 0)
+    data = ctx.dataset(d.get("source", "mnist10k"), d.get("n_train"), d.get("n_test"), d.get("val") or 0,
+                       d.get("resolution", 16))
     return None if data is None else len(data.train_labels)
 
 
@@ -231,7 +232,7 @@ def _replay(ctx, run):
         if weights_sha256(params) != per[0].get("weights_sha256"):
             return None
         d = cfg.data
-        data = ctx.dataset(d.source, d.n_train, d.n_test, d.val or 0)
+        data = ctx.dataset(d.source, d.n_train, d.n_test, d.val or 0, d.resolution)
         if data is None:
             return None
         pred = predict(cfg.model, params, data.test_x).argmax(1)
