@@ -1,5 +1,7 @@
-"""`backproplab quantize DIR`: int8 (PT2E post-training quantization, or QAT with --qat-passes)
-and bf16 versions of a finished run in DIR; test error and weight bytes against fp32, per seed.
+"""`backproplab quantize DIR`: int8 (PT2E post-training quantization; with --qat-passes N, after N
+passes of quantization-aware fine-tuning on the engine with +method=qat) and bf16 versions of a
+finished run in DIR; test error and weight bytes against fp32, per seed. A run trained with
++method=qat is quantized by PTQ (its stored float weights are those it fake-quantized).
 
 The run is read, never written: its checkpoint and store record stay as they are. Results
 go to the store of --out (default: DIR) as a run of kind `quantize`.
@@ -19,8 +21,10 @@ def register(sub, add_common):
     q.add_argument("dir", help="output folder of a finished run (its runs.db and checkpoints/)")
     q.add_argument("--run", type=int, help="run id in DIR's store (default: the latest finished train/repro run)")
     q.add_argument("--qat-passes", type=int, default=0,
-                   help="quantization-aware fine-tuning for this many passes before converting (default 0: PTQ)")
-    q.add_argument("--qat-lr", type=float, default=3e-4, help="AdamW rate of the QAT fine-tuning (default 3e-4)")
+                   help="fine-tune the run's weights on the engine with +method=qat (its own recipe) for this "
+                        "many passes before converting (default 0: PTQ)")
+    q.add_argument("--qat-lr", type=float, default=3e-4,
+                   help="constant rate of the QAT fine-tuning, for the run's optimizer (default 3e-4)")
     q.add_argument("--smoke", action="store_true", help="test size: the first replica, 300 test digits")
     q.set_defaults(out=None)
 
@@ -103,24 +107,35 @@ def cmd_quantize(args):
         reps = reps[:1]
         data.test_x, data.test_labels = data.test_x[:300], data.test_labels[:300]
     calib = data.train_x[:qz.CAL_DIGITS]
-    rows = []
+    seeds = [cfg.train.seed + r for r in range(len(reps))]
+    fp32s = [qz.deployable(cfg.model, p, cfg.data.resolution) for p in reps]  # refuses nets with no int8 path
+    rows, path = [], None
     t0 = time.perf_counter()
-    for r, params in enumerate(reps):
-        fp32 = qz.deployable(cfg.model, params, cfg.data.resolution)
-        if args.qat_passes:
-            int8 = qz.qat(qz.deployable(cfg.model, params, cfg.data.resolution), data.train_x, data.train_labels, args.qat_passes,
-                          lr=args.qat_lr, seed=cfg.train.seed + r)
-        else:
-            int8 = qz.ptq(fp32, calib)
-        row = {"seed": cfg.train.seed + r}
-        for name, m, dt in (("fp32", fp32, torch.float32), ("int8", int8, torch.float32),
-                            ("bf16", qz.bf16(fp32), torch.bfloat16)):
+    tuned = reps
+    if args.qat_passes:
+        side = cfg.data.resolution
+        tuned, path = qz.qat_finetune(cfg, reps, data.train_x.reshape(-1, side, side).numpy(),
+                                      data.train_labels.numpy(), args.qat_passes, args.qat_lr, seeds)
+    for r, fp32 in enumerate(fp32s):
+        row = {"seed": seeds[r]}
+        forms = [("fp32", fp32, torch.float32)]
+        if args.qat_passes:  # the fine-tuned float net: what the extra passes did before int8
+            forms.append(("qat_fp32", qz.deployable(cfg.model, tuned[r], cfg.data.resolution), torch.float32))
+        int8 = qz.ptq(forms[-1][1], calib)
+        forms += [("int8", int8, torch.float32), ("bf16", qz.bf16(fp32), torch.bfloat16)]
+        for name, m, dt in forms:
             row[f"{name}_test_error"] = qz.error(m, data.test_x, data.test_labels, dt)
             row[f"{name}_bytes"] = qz.weight_bytes(m)
         rows.append(row)
     seconds = time.perf_counter() - t0
     summary = {"source_run": rec["id"], "source_dir": str(args.dir), "method": "qat" if args.qat_passes else "ptq",
+               "source_methods": [m["name"] if isinstance(m, dict) else m.name for m in cfg.methods],
                "qat_passes": args.qat_passes, "seeds": len(rows), "seconds": round(seconds, 2), "per_seed": rows}
+    if args.qat_passes:
+        summary.update(qat_lr=args.qat_lr, qat_path=path)
+        e = [row["qat_fp32_test_error"] for row in rows]
+        summary["qat_fp32_test_error"] = float(np.mean(e))
+        summary["qat_fp32_test_error_std"] = float(np.std(e, ddof=1)) if len(e) > 1 else 0.0
     for name in ("fp32", "int8", "bf16"):
         e = [row[f"{name}_test_error"] for row in rows]
         summary[f"{name}_test_error"] = float(np.mean(e))
@@ -155,8 +170,11 @@ def _paired_ci(diffs) -> list:
 
 def _print(cfg, rec, s):
     b32, b8, b16 = (s["per_seed"][0][f"{k}_bytes"] for k in ("fp32", "int8", "bf16"))
-    print(f"run {rec['id']} ({cfg.name}, {cfg.model.name}), {s['seeds']} seeds, {s['method']}"
-          + (f" ({s['qat_passes']} passes)" if s["qat_passes"] else ""))
+    trained = f", trained with {'+'.join(s['source_methods'])}" if s["source_methods"] else ""
+    print(f"run {rec['id']} ({cfg.name}, {cfg.model.name}{trained}), {s['seeds']} seeds, {s['method']}"
+          + (f" ({s['qat_passes']} passes of +method=qat on the {s['qat_path']} path, rate {s['qat_lr']:g};"
+             f" the fine-tuned fp32 net: {s['qat_fp32_test_error']:.2f} +- {s['qat_fp32_test_error_std']:.2f}%)"
+             if s["qat_passes"] else ""))
     print(f"{'':6s} {'test error':>16s} {'- fp32 [95% CI, paired]':>28s} {'weight bytes':>13s} {'other bytes':>12s}")
     for k, b in (("fp32", b32), ("int8", b8), ("bf16", b16)):
         line = f"{k:6s} {s[f'{k}_test_error']:7.2f} +- {s[f'{k}_test_error_std']:4.2f}%"

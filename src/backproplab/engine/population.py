@@ -59,7 +59,7 @@ EVAL_CHUNK = 2048    # images per forward pass at evaluation and BatchNorm recom
 NOISE_TAG = 1        # generator tag of the model's noise (data methods use 100 + rank)
 AFTER_BACKWARD = HOOKS[HOOKS.index("after_backward"):HOOKS.index("after_step") + 1]
 HOOK_ATTR = {"build": "build", "pass_start": "pass_start", "lr": "lr", "batch": "batch",
-             "forward": "forward_context", "loss": ("criterion", "loss"), "after_backward": "after_backward",
+             "forward": ("forward_context", "forward_weights"), "loss": ("criterion", "loss"), "after_backward": "after_backward",
              "before_step": "before_step", "step": "step", "after_step": "after_step", "pass_end": "pass_end",
              "eval": ("eval_batch", "eval_weights", "eval_outputs")}
 PATHS = ("kernel", "fused", "autograd")   # fastest first: the automatic choice is the first that can run
@@ -229,7 +229,7 @@ class Population:
     @contextlib.contextmanager
     def _forward_ctx(self):
         with contextlib.ExitStack() as stack:
-            for sw in self._hook("forward"):
+            for sw in self._hook("forward", "forward_context"):
                 stack.enter_context(sw.forward_context())
             yield
 
@@ -363,7 +363,27 @@ class Population:
 
     def _closure(self, second=False):
         """Forward, loss and backward on ctx's batch -> (R, P) gradient. second: SAM's pass at
-        perturbed weights: the same noise, BatchNorm statistics not updated."""
+        perturbed weights: the same noise, BatchNorm statistics not updated. A forward_weights
+        method (QAT's fake quantization) gives the (R, P) weights the forward pass sees, or None;
+        W holds them during the forward and backward and is restored after, so the gradient taken
+        there is applied to W's own values (the straight-through estimator), on every path."""
+        saved = None
+        for sw in self._hook("forward", "forward_weights"):
+            w = sw.forward_weights(self.ctx)   # reads ctx.w: the weights the previous one left
+            if w is not None:
+                if saved is None:
+                    saved = self.W.clone()
+                with torch.no_grad():
+                    self.W.copy_(w)
+        if saved is None:
+            return self._gradient(second)
+        try:
+            return self._gradient(second)
+        finally:
+            with torch.no_grad():
+                self.W.copy_(saved)
+
+    def _gradient(self, second):
         c = self.ctx
         c.loss = None  # (R,) the batch's loss, detached: set by every path but the kernels'
         if self.path in ("kernel", "fused"):

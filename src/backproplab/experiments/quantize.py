@@ -18,9 +18,11 @@ multiplies with @, so it is exported through `deployable`, the same function wri
 nn.Conv2d and nn.Linear (the table's zeros stay exact zeros in int8: the weight scale is
 symmetric, zero point 0), and the convnet family through models/convnet.torch_layers.
 
-QAT: prepare_qat_pt2e with the quantizer's QAT config puts fake quantizers on the weights
-and activations; the net is fine-tuned with them (AdamW at a small rate on the training
-split) and converted as PTQ is.
+QAT: the run's weights are fine-tuned on the population engine with the registered method qat
+(methods/qat.py: the conv and linear weights fake-quantized per output channel with the
+quantizer's own weight scheme, straight-through gradients; on the numba kernel path where the
+run's net allows it), with the run's own recipe at a small constant rate, then converted as PTQ
+is: the int8 weights PT2E stores are the fake-quantized weights the fine-tuning trained at.
 
 The converted graph is evaluated eagerly (its quantize / dequantize pairs reproduce the
 int8 numbers in float32 arithmetic); benchmarks/bench_quantize.py times it compiled.
@@ -126,29 +128,29 @@ def ptq(model: nn.Module, calib: torch.Tensor) -> nn.Module:
         return convert_pt2e(prepared)
 
 
-def qat(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, passes: int, lr: float = 3e-4, batch: int = 32,
-        seed: int = 0) -> nn.Module:
-    """Quantization-aware fine-tuning: fake quantizers in the graph, `passes` passes of AdamW
-    (cross-entropy, batches of `batch` in a seeded order) over (x, labels), then convert."""
-    q = _quantizer(True)
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
-    gm = _export(model, x[:batch])
-    prepared = prepare_qat_pt2e(gm, q)
-    move_exported_model_to_train(prepared)
-    opt = torch.optim.AdamW([p for p in prepared.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(passes):
-        order = torch.randperm(len(x), generator=g)
-        for a in range(0, len(x), batch):
-            i = order[a:a + batch]
-            loss = nn.functional.cross_entropy(prepared(x[i]), labels[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    move_exported_model_to_eval(prepared)
+def qat_finetune(cfg, reps: list, x: np.ndarray, labels: np.ndarray, passes: int, lr: float,
+                 seeds: list) -> tuple[list, str]:
+    """Quantization-aware fine-tuning on the engine: a population of the run's replicas (`reps`,
+    per replica {name: array}, seeds `seeds`) starting from their weights, the run's recipe and
+    methods plus +method=qat, `passes` passes over (x (n, r, r), labels) at the constant rate lr
+    (AdamW's or the run's optimizer's state starts afresh). -> (per replica {name: array} of the
+    fine-tuned float weights, the engine path that ran)."""
+    from ..config import validate
+    from ..engine.population import Population, train_passes
+    from ..methods.registry import with_method
+    c = with_method(cfg, "qat")
+    c.train.passes, c.train.seeds, c.optim.lr, c.optim.lr_end = int(passes), len(reps), float(lr), None
+    validate(c)
+    torch.set_num_threads(c.train.threads)
+    eng = Population(c, seeds)
+    missing = sorted(set(eng.names) - set(reps[0]))
+    if missing:
+        raise UserError(f"the run's weights lack {', '.join(missing)} of the engine's {c.model.name}")
     with torch.no_grad():
-        return convert_pt2e(prepared)
+        eng.W.copy_(torch.stack([torch.cat([torch.as_tensor(np.asarray(p[n], dtype=np.float32)).reshape(-1)
+                                            for n in eng.names]) for p in reps]))
+    train_passes(eng, np.ascontiguousarray(x, dtype=np.float32), np.asarray(labels), int(passes), label="qat pass")
+    return eng.params(), eng.path
 
 
 @torch.no_grad()

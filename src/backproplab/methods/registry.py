@@ -39,7 +39,7 @@ KINDS = ("optimizer", "schedule", "averaging", "regularizer", "augmentation", "n
          "precision", "pruning", "compression", "distillation")
 # new families go at the end: a method's rank keys its random streams, so earlier ranks never move
 FAMILIES = ("optimizers", "gradients", "schedules", "averaging", "regularizers", "augment", "structure",
-            "distill", "pruning", "optimizers_late")
+            "distill", "pruning", "optimizers_late", "qat")
 
 
 @dataclass(frozen=True)
