@@ -116,7 +116,6 @@ def heldout_by_seed(db, *, recipe=None, holdout_frac=0.1, grid="coarse") -> dict
     Per family and form: the error on the seed mean, each seed's, their mean with a t interval,
     and the bootstrap's 95% interval; the same for the form each fit chooses on its own
     validation fold (fit.choose_form), which never sees the held-out cells."""
-    from scipy.stats import t as student_t
     from .report import extrapolation_check, flops_model
     from .runs import best_per_cell
     path = Path(db)
@@ -143,6 +142,9 @@ def heldout_by_seed(db, *, recipe=None, holdout_frac=0.1, grid="coarse") -> dict
     one = [r for r in rows if max(r[0]) == S]             # each seed alone, in seed order
     one.sort(key=lambda r: r[0].index(S))
     mean_row = next(r for r in rows if set(r[0]) == {1}) if S > 1 else one[0]
+    # scipy.stats only now: imported before the fits it loads a threaded BLAS ahead of the fit's
+    # OPENBLAS_NUM_THREADS=1 (fit._minimize_from), and the fits ran ~3x slower on a busy machine
+    from scipy.stats import t as student_t
     tq = float(student_t.ppf(0.975, S - 1))
     out = {"n_seeds": S, "n_resamples": len(rows), "holdout_frac": holdout_frac,
            "what": "mean |relative error| on the held-out cells of a fit on the other cells, n_boot 0 per fit",
