@@ -896,6 +896,7 @@ SIGNATURES = {
     "bf16": sig_bf16, "tta": lambda tiny: sig_tta(tiny),
     "lion": sig_lion, "muon": sig_muon, "schedule_free": sig_schedule_free,
     "adopt": lambda tiny: __import__("test_adopt").sig_adopt(tiny),  # late: test_adopt imports this file
+    "qat": lambda tiny: __import__("test_qat").sig_qat(tiny),  # late: test_qat imports this file
     "distill": lambda tiny: __import__("test_distill").sig_distill(tiny),  # late: test_distill imports this file
     "lwf": lambda tiny: __import__("test_distill").sig_lwf(tiny),
     **{n: (lambda tiny, n=n: __import__("test_pruning").SIGNATURES_PRUNING[n](tiny))

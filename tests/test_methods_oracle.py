@@ -25,6 +25,7 @@ from test_methods_oracle_model import ORACLES_MODEL
 from test_distill import ORACLES_DISTILL
 from test_pruning import ORACLES_PRUNING
 from test_adopt import ORACLES_ADOPT
+from test_qat import ORACLES_QAT
 
 # -- optimizers: the same trajectory as torch.optim over 6 steps -------------------------------
 TORCH_OPT = {"sgd": (0.05, lambda p, lr: torch.optim.SGD(p, lr)), **TORCH_OPTIM}  # test_methods: one rate table
@@ -276,7 +277,7 @@ ORACLES = {**{n: oracle_torch_optim for n in TORCH_OPT}, "adam_sgd": oracle_adam
            "swa": oracle_swa, "ema": oracle_ema, "l1": oracle_l1, "l2": oracle_l2, "wd": oracle_wd,
            "label_smoothing": oracle_label_smoothing,
            "lion": oracle_lion, "muon": oracle_muon, "schedule_free": oracle_schedule_free,
-           **ORACLES_DISTILL, **ORACLES_PRUNING, **ORACLES_ADOPT}
+           **ORACLES_DISTILL, **ORACLES_PRUNING, **ORACLES_ADOPT, **ORACLES_QAT}
 
 
 def test_every_method_has_an_oracle():

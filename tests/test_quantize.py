@@ -65,7 +65,8 @@ def test_cli_ptq_and_qat_leave_the_run_alone(run_dir, capsys):
     assert s["weights_ratio"] == 4.0 and abs(s["int8_test_error"] - s["fp32_test_error"]) <= 5.0
     assert main(["quantize", str(run_dir), "--smoke", "--qat-passes", "1", "--json"]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert s["method"] == "qat" and np.isfinite(s["int8_test_error"])
+    assert s["method"] == "qat" and np.isfinite(s["int8_test_error"]) and np.isfinite(s["qat_fp32_test_error"])
+    assert s["qat_path"] in ("kernel", "fused") and s["qat_passes"] == 1   # +method=qat keeps the fast path
     assert ckpt.read_bytes() == before
     assert [r["kind"] for r in list_runs(run_dir)] == ["train", "quantize", "quantize"]
 
@@ -87,3 +88,22 @@ def test_models_without_an_int8_path_are_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["quantize", str(tmp_path)]) == 2
     assert "model.name=ssm" in capsys.readouterr().err
+
+
+def test_qat_fine_tunes_the_stored_weights_on_the_engine(run_dir, digits):
+    """quantize --qat-passes: a population of the run's replicas starts from their stored weights and
+    trains with +method=qat (a vanishing rate leaves them; a real one moves them), and PT2E then stores
+    the fine-tuned weights fake-quantized."""
+    from backproplab.methods.qat import fake_quantize
+    _, cfg, reps = load_trained(run_dir)
+    x, y = digits.train_x[:64].reshape(-1, 16, 16).numpy(), digits.train_labels[:64].numpy()
+    still, path = qz.qat_finetune(cfg, reps, x, y, 1, 1e-12, [0, 1])
+    moved, _ = qz.qat_finetune(cfg, reps, x, y, 1, 3e-3, [0, 1])
+    assert path in ("kernel", "fused")
+    for r in range(2):
+        assert max(float(np.abs(still[r][n] - reps[r][n]).max()) for n in reps[r]) < 1e-8
+        assert float(np.abs(moved[r]["h3_w"] - reps[r]["h3_w"]).max()) > 1e-4
+    stored = qz._stored(qz.ptq(qz.deployable(cfg.model, moved[0]), digits.train_x[:64]))
+    q = [t for t in stored.values() if t.dtype == torch.int8 and t.shape == (30, 192)][0]
+    s = [t for k, t in stored.items() if "scale" in k and t.numel() == 30][0]
+    assert torch.equal(q.float() * s[:, None], fake_quantize(torch.as_tensor(moved[0]["h3_w"])[None])[0])
