@@ -279,14 +279,18 @@ def rung7() -> Config:
 
 
 def ssm() -> Config:
-    """a diagonal state-space model (models/ssm.py: dim 24, 28 states, depth 2, 9,706 parameters) reading each
-    digit as 256 pixels in row order, on the modern recipe without shifts (AdamW, cross-entropy,
-    batch 32, dropout 0.1 on the pooled features) for 10 passes, lr 3e-3 -> 1e-4."""
+    """a diagonal state-space model (models/ssm.py: dim 32, 18 states, depth 2, S4D-Lin eigenvalues, 9,610
+    parameters) reading each digit as 256 pixels in row order, on the modern recipe without shifts
+    (AdamW, cross-entropy, batch 32) for 10 passes, lr 2e-2 -> 1e-4, no dropout. Chosen on data.val=1000
+    (2,000 training digits, 3 passes, 2 seeds; `python scripts/ssm_variants.py`, never the test set):
+    the earlier preset (LRU ring 0.9-0.999, phases up to pi/8, dim 24, 28 states, lr 3e-3, dropout 0.1)
+    53.9% validation error; lr 1e-2 30.0%, 2e-2 24.8%; with S4D-Lin 17.0%; no dropout 16.3%; dim 32 with
+    18 states 12.5% (docs/cheaper-nets.md has the whole table)."""
     c = modern()
     c.name = "ssm"
-    c.model.name, c.model.dim, c.model.depth, c.model.dropout = "ssm", 24, 2, 0.1
+    c.model.name, c.model.dim, c.model.depth, c.model.dropout = "ssm", 32, 2, 0.0
     c.train.shift, c.train.passes = 0, 10
-    c.optim.lr = 3e-3
+    c.optim.lr = 2e-2
     return c
 
 

@@ -1,13 +1,13 @@
 """Digits as 256-pixel sequences: the diagonal SSM (in order and permuted) against a tiny
 transformer on the same pixel sequence and the 1989 convnet, all at about 10k parameters,
-each on the same recipe (the `ssm` preset's: AdamW, cross-entropy, batch 32, no shifts) and
-the same passes, n seeds, validation split data.val carved from the training set.
+each on the same recipe (the `ssm` preset's: AdamW lr 2e-2 -> 1e-4, cross-entropy, batch 32,
+no shifts, no dropout) and the same passes, n seeds, validation split data.val carved from the training set.
 
   python -m backproplab.experiments.sequence --seeds 2 --passes 3 --n-train 3000 --out DIR [--json] [--smoke]
 
 The default trains on the first 3,000 training digits (2,500 after the last 500 are held
-out): the SSM costs about 3 M multiply-adds an image and the pixel transformer 6 M, 50 and
-90 times the convnet, and the study has to fit beside others on two shared cores.
+out): the SSM costs about 2.9 M multiply-adds an image and the pixel transformer 5.9 M, 46 and
+93 times the convnet, and the study has to fit beside others on two shared cores.
 
 Each model's error (validation and test, mean and spread over seeds), training seconds, and
 the difference from the convnet with its 95% CI (Welch). The transformer is models/vit.py

@@ -1,5 +1,6 @@
 """A tiny diagonal state-space model (S4D: Gu et al. 2022, with the LRU's parametrization of the
-eigenvalues: Orvieto et al. 2023) reading a 16x16 digit as a sequence of 256 pixels.
+eigenvalues and input normalization: Orvieto et al. 2023) reading a 16x16 digit as a sequence of
+256 pixels.
 
   u: the 256 pixels in row order (model.seq=inorder) or in one fixed permutation (permuted,
      PERM: torch.randperm(256) from a generator seeded 0), one scalar per step
@@ -12,8 +13,18 @@ single output, as in S4D):
   x_k = lam * x_(k-1) + gamma * B v_k,   y_k = Re(sum_n C_n x_k,n) + D v_k
 with lam = exp(-exp(nu) + i exp(theta)) (|lam| < 1 for any real nu: stable by
 construction), gamma = sqrt(1 - |lam|^2) (the input normalization that keeps a state's
-variance independent of |lam|), B and C complex (H, N), D real (H,). |lam|^2 starts uniform
-in [R_MIN^2, R_MAX^2], the phase uniform in [0, MAX_PHASE].
+variance independent of |lam|), B and C complex (H, N), D real (H,).
+
+Eigenvalue initialization (`eigen_init`): init="s4d" (the default) is S4D-Lin discretized by a
+zero-order hold, lam_n = exp(dt A_n) with A_n = -1/2 + i pi n, n = 0..N-1, and one step dt per
+channel drawn log-uniform in [DT_MIN, DT_MAX] = [1e-3, 1e-1]: |lam| in [0.951, 0.9995] and a
+ladder of frequencies pi n dt in each channel. init="lru" is the LRU ring: |lam|^2 uniform in
+[r_min^2, r_max^2], the phase uniform in [0, max_phase]. On validation digits S4D-Lin beat the
+ring (0.9-0.999, phases up to pi/8 or 2 pi) by far (docs/cheaper-nets.md; scripts/ssm_variants.py).
+Options kept for that comparison (off by default; the counts below are for the default block):
+a_lr scales nu and theta (stored divided by a_lr, used times a_lr: an Adam step moves them a_lr
+times as far, the SSM papers' lower rate for A), enc_bias (a random encoder bias), final_norm (a
+LayerNorm on the pooled features), glu (mixing H -> 2 H, then a GLU).
 
 Two forms compute the same y: the recurrence (`recurrent_form`, a loop over the 256 steps,
 what the model means) and the parallel form used for training (`parallel_form`: y is the
@@ -22,8 +33,8 @@ per channel, computed once a batch, and the convolution done with real FFTs of l
 512). tests/test_ssm.py checks they agree.
 
 Parameters per layer: 6 H N + H^2 + 4 H (nu, theta, B and C: 6 H N real numbers; mixing
-H^2 + H; LayerNorm 2 H; D H); with dim 24, 28 states and depth 2: 9,706 in all (the 1989
-net: 9,760). Multiply-adds per image (ssm_macs) count the recurrent form's real
+H^2 + H; LayerNorm 2 H; D H); with dim 32 (the ssm preset), 18 states and depth 2: 9,610 in all
+(the 1989 net: 9,760). Multiply-adds per image (ssm_macs) count the recurrent form's real
 multiply-adds: per step, layer and channel 8 N (lam x: 4 N, B v: 2 N, Re C x: 2 N), 1 (D v)
 and H (mixing); the FFT's own count is lower and is not the model's.
 """
@@ -36,9 +47,10 @@ import torch.nn.functional as F
 from ..errors import UserError
 
 L = 256                    # steps: 16 x 16 pixels
-STATES = 28                # N complex states per channel
-R_MIN, R_MAX = 0.9, 0.999  # initial |lam|: memories of about 10 to 1,000 steps
-MAX_PHASE = math.pi / 8    # initial phases: slow rotations suit a 256-step image
+STATES = 18                # N complex states per channel
+R_MIN, R_MAX = 0.9, 0.999  # init=lru: initial |lam|, memories of about 10 to 1,000 steps
+MAX_PHASE = math.pi / 8    # init=lru: initial phases up to this
+DT_MIN, DT_MAX = 1e-3, 1e-1  # S4D-Lin's range of discretization steps
 _PERM_SEED = 0
 
 
@@ -53,6 +65,22 @@ def ssm_params(dim: int, depth: int, states: int = STATES) -> int:
 
 def ssm_macs(dim: int, depth: int, states: int = STATES) -> int:
     return L * dim + depth * L * dim * (8 * states + 1 + dim) + 10 * dim
+
+
+def eigen_init(h: int, n: int, g: torch.Generator, init: str = "lru", r_min: float = R_MIN, r_max: float = R_MAX,
+               max_phase: float = MAX_PHASE):
+    """(nu, theta), each (h, n), with lam = exp(-exp(nu) + i exp(theta)).
+    lru (Orvieto et al. 2023): |lam|^2 uniform in [r_min^2, r_max^2], phase uniform in [0, max_phase].
+    s4d (S4D-Lin, Gu et al. 2022): lam = exp(dt A_n), A_n = -1/2 + i pi n (n = 0..N-1), one step dt per
+    channel log-uniform in [1e-3, 1e-1] (zero-order hold): |lam| = exp(-dt / 2), phase pi n dt."""
+    if init == "lru":
+        mod = torch.rand(h, n, generator=g) * (r_max ** 2 - r_min ** 2) + r_min ** 2           # |lam|^2 uniform
+        phase = torch.rand(h, n, generator=g) * max_phase
+        return torch.log(-0.5 * torch.log(mod)), torch.log(phase.clamp_min(1e-4))
+    dt = torch.exp(torch.rand(h, 1, generator=g) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN))
+    dt = dt.expand(h, n)
+    phase = math.pi * torch.arange(n, dtype=torch.float32) * dt
+    return torch.log(0.5 * dt), torch.log(phase.clamp_min(1e-4))
 
 
 def recurrent_form(lam, bg, c, d, v):
@@ -86,11 +114,17 @@ def parallel_form(lam, bg, c, d, v):
 
 class SSMNet(nn.Module):
     def __init__(self, seed: int = 0, dim: int = 24, depth: int = 2, dropout: float = 0.0, permuted: bool = False,
-                 states: int = STATES):
+                 states: int = STATES, init: str = "s4d", r_min: float = R_MIN, r_max: float = R_MAX,
+                 max_phase: float = MAX_PHASE, enc_bias: bool = False, final_norm: bool = False,
+                 a_lr: float = 1.0, glu: bool = False):
         super().__init__()
         if dim < 1 or depth < 1 or states < 1:
             raise UserError(f"ssm needs model.dim >= 1 and model.depth >= 1, not {dim} and {depth}")
+        if init not in ("lru", "s4d") or not 0.0 < r_min < r_max < 1.0 or not 0.0 < a_lr <= 1.0:
+            raise UserError(f"ssm: init lru|s4d, 0 < r_min < r_max < 1, 0 < a_lr <= 1; not {init}, {r_min}, "
+                            f"{r_max}, {a_lr}")
         self.dim, self.depth, self.states, self.dropout, self.permuted = dim, depth, states, dropout, permuted
+        self.final_norm, self.a_scale, self.glu = final_norm, float(a_lr), glu
         self.dropout_units = dim
         self.recurrent = False    # True: the loop over steps instead of the FFT convolution (tests)
         g = torch.Generator().manual_seed(int(seed))
@@ -102,26 +136,29 @@ class SSMNet(nn.Module):
         def normal(shape, std):
             return nn.Parameter(torch.randn(shape, generator=g) * std)
 
-        self.enc_w, self.enc_b = uni((h,), 1.0), nn.Parameter(torch.zeros(h))
+        self.enc_w = uni((h,), 1.0)
+        self.enc_b = uni((h,), 1.0) if enc_bias else nn.Parameter(torch.zeros(h))
         for i in range(depth):
-            mod = torch.rand(h, n, generator=g) * (R_MAX ** 2 - R_MIN ** 2) + R_MIN ** 2   # |lam|^2 uniform
-            phase = torch.rand(h, n, generator=g) * MAX_PHASE
+            nu, theta = eigen_init(h, n, g, init, r_min, r_max, max_phase)
             p = {"ln_w": nn.Parameter(torch.ones(h)), "ln_b": nn.Parameter(torch.zeros(h)),
-                 "nu": nn.Parameter(torch.log(-0.5 * torch.log(mod))),
-                 "theta": nn.Parameter(torch.log(phase.clamp_min(1e-4))),
+                 "nu": nn.Parameter(nu / self.a_scale), "theta": nn.Parameter(theta / self.a_scale),
                  "b_re": normal((h, n), 1 / math.sqrt(2)), "b_im": normal((h, n), 1 / math.sqrt(2)),
                  "c_re": normal((h, n), 1 / math.sqrt(2 * n)), "c_im": normal((h, n), 1 / math.sqrt(2 * n)),
-                 "d": normal((h,), 1.0), "mix_w": uni((h, h), 1 / math.sqrt(h)), "mix_b": nn.Parameter(torch.zeros(h))}
+                 "d": normal((h,), 1.0), "mix_w": uni(((1 + glu) * h, h), 1 / math.sqrt(h)),
+                 "mix_b": nn.Parameter(torch.zeros((1 + glu) * h))}
             for k, v in p.items():
                 setattr(self, f"l{i}_{k}", v)
+        if final_norm:
+            self.out_ln_w, self.out_ln_b = nn.Parameter(torch.ones(h)), nn.Parameter(torch.zeros(h))
         self.head_w, self.head_b = uni((10, h), 1 / math.sqrt(h)), nn.Parameter(torch.zeros(10))
         self.register_buffer("perm", permutation(), persistent=False)
 
     def ssm(self, i: int):
         """Layer i's (lam, gamma B, C, D)."""
         p = lambda k: getattr(self, f"l{i}_{k}")  # noqa: E731
-        lam = torch.exp(torch.complex(-torch.exp(p("nu")), torch.exp(p("theta"))))
-        gamma = torch.sqrt(1.0 - torch.exp(-2.0 * torch.exp(p("nu"))))                   # sqrt(1 - |lam|^2)
+        nu, theta = p("nu") * self.a_scale, p("theta") * self.a_scale
+        lam = torch.exp(torch.complex(-torch.exp(nu), torch.exp(theta)))
+        gamma = torch.sqrt(1.0 - torch.exp(-2.0 * torch.exp(nu)))                         # sqrt(1 - |lam|^2)
         return lam, torch.complex(p("b_re"), p("b_im")) * gamma, torch.complex(p("c_re"), p("c_im")), p("d")
 
     def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
@@ -132,7 +169,8 @@ class SSMNet(nn.Module):
         var = ((h - mu) ** 2).mean(1, keepdim=True)
         v = (h - mu) * torch.rsqrt(var + 1e-5) * p("ln_w")[:, None] + p("ln_b")[:, None]   # LayerNorm over H
         y = (recurrent_form if self.recurrent else parallel_form)(*self.ssm(i), v)
-        return h + p("mix_w") @ F.gelu(y) + p("mix_b")[:, None]
+        z = p("mix_w") @ F.gelu(y) + p("mix_b")[:, None]
+        return h + (F.glu(z, dim=1) if self.glu else z)
 
     def forward(self, x, keep=None):  # x (B, 1, 16, 16) in [-1, 1]; keep (B, dim) dropout mask
         u = x.reshape(x.shape[0], L)
@@ -142,6 +180,8 @@ class SSMNet(nn.Module):
         for i in range(self.depth):
             h = self.layer(i, h)
         z = h.mean(-1)                                                        # (B, H)
+        if self.final_norm:
+            z = F.layer_norm(z, (self.dim,), self.out_ln_w, self.out_ln_b)
         if keep is not None:
             z = z * keep.to(z.dtype) * (1.0 / (1.0 - self.dropout))
         elif self.dropout > 0:
