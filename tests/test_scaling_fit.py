@@ -167,6 +167,9 @@ def test_best_lr_table_recovers_epoch_exponent():
     assert f["epochs_exponent"] == pytest.approx(-0.3, abs=0.06)     # LR_MODEL p_epochs
     assert f["epochs_exponent_ci"][0] < f["epochs_exponent"] < f["epochs_exponent_ci"][1]
     assert "N_exponent" in f
+    # without bootstrap refits (scale fit --n-boot 0) the same point estimate, and no interval
+    f0 = best_lr_table(r, n_boot=0)["fit"]
+    assert f0["epochs_exponent"] == f["epochs_exponent"] and all(np.isnan(f0["epochs_exponent_ci"]))
 
 
 def test_extrapolation_on_noiseless_data_is_exact():

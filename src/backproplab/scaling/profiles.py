@@ -167,7 +167,7 @@ def _lr_fit(table, n_boot, seed):
 
     coef = solve(np.arange(len(y)))
     rng = np.random.default_rng(seed)
-    boot = np.array([solve(rng.integers(0, len(y), len(y))) for _ in range(n_boot)]).reshape(n_boot, -1)
+    boot = np.array([solve(rng.integers(0, len(y), len(y))) for _ in range(n_boot)]).reshape(n_boot, X.shape[1])
     ci = _percentile_ci(boot) if n_boot else np.full((2, X.shape[1]), np.nan)
     out = {"intercept": float(coef[0]), "lr_at_unit": float(np.exp(coef[0])), "n_cells_fit": len(use),
            "n_at_edge": sum(r["at_edge"] for r in rows), "edge_cells_excluded": excluded,
