@@ -61,6 +61,27 @@ def test_fake_quantize_is_the_observers_per_channel_fake_quant(bits):
         assert float(err.max()) > 0 and bool((err <= step / 2 + 1e-6 * amax).all())
 
 
+@pytest.mark.parametrize("bits", [8, 3])
+def test_the_compiled_loop_is_fake_quantize(bits):
+    """forward_weights on a CPU population (numba, one loop over W's channel segments) gives
+    fake_quantize's weights bit for bit, quantizes only the *_w weights, and leaves W alone."""
+    from backproplab.methods.qat import quantized_names
+    eng = Population(tiny_cfg(f"qat:bits={bits}"), [0, 1, 2])
+    c = eng.ctx
+    c.step, c.total_steps = 0, 4
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        eng.W.copy_(torch.randn(eng.W.shape, generator=gen) * torch.rand(3, 1, generator=gen))
+        eng.views["h3_w"][1, 7] = 0.0
+    before = eng.W.clone()
+    got = c.views_of(dict(eng.switches)["qat"].forward_weights(c))
+    assert torch.equal(eng.W, before)
+    assert quantized_names(c) == ["h1_w", "h2_w", "h3_w", "out_w"]
+    for n in c.param_names:
+        want = fake_quantize(c.views[n], bits) if n.endswith("_w") else c.views[n]
+        assert torch.equal(got[n], want), n
+
+
 def test_pt2e_stores_exactly_the_fake_quantized_weights():
     """PTQ of a net with int8 weights per channel (convert_pt2e) keeps what qat trains at."""
     from backproplab.config import preset

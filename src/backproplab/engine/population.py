@@ -26,7 +26,7 @@ Inputs are (1, r, r) images, r = data.resolution: 16 (every model), 20 or 28 (th
 family, whose modules take `resolution`; the fast paths are Net1989's, 16x16 only).
 
 Per pass, in the order methods/registry.HOOKS fixes (and, inside one hook, rank order):
-  pass_start; per batch: lr -> batch -> forward (autocast, model noise) -> loss ->
+  pass_start; per batch: lr -> batch -> forward (autocast, model noise, the weights it sees: QAT) -> loss ->
   backward -> after_backward (SAM, AGC) -> before_step (decoupled decay) -> step (the one
   optimizer) -> after_step (EMA); pass_end (SWA), then BatchNorm statistics recomputed
   for averaged weights. Evaluation runs the eval hooks (standardization, averaged weights).

@@ -15,6 +15,8 @@ qat  fake-quantizes the convolution and linear weights (every parameter named *_
      (for 8 bits s_c = max|w_c| / 127.5: the largest weight lands on 127.5, rounded to 128 and
      clamped to 127 when positive, -128 when negative). Activations stay float during training.
 """
+import numba
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -43,6 +45,39 @@ def fake_quantize(w: torch.Tensor, bits: int = 8, lead: int = 1) -> torch.Tensor
     return torch.clamp(torch.round(w * (1.0 / s)), qmin, qmax) * s
 
 
+@numba.njit(cache=True)
+def _fake_quantize_rows(w, starts, lengths, qmin, qmax, eps):
+    """In place on w (R, P) float32: each segment [start, start + length) of every row is one output
+    channel; the same float32 operations, in the same order, as fake_quantize."""
+    half = (qmax - qmin) / np.float32(2.0)
+    one = np.float32(1.0)
+    for r in range(w.shape[0]):
+        for c in range(starts.shape[0]):
+            a, b = starts[c], starts[c] + lengths[c]
+            m = np.float32(0.0)
+            for i in range(a, b):
+                m = max(m, abs(w[r, i]))
+            s = max(m / half, eps)
+            inv = one / s
+            for i in range(a, b):
+                w[r, i] = min(max(np.rint(w[r, i] * inv), qmin), qmax) * s
+
+
+def channel_segments(ctx, names) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) in W's columns of every output channel of the parameters `names`: a
+    (out, ...) parameter's channel is a contiguous run of its columns."""
+    starts, lengths, a = [], [], 0
+    for n in ctx.param_names:
+        shp = tuple(ctx.views[n].shape[1:])
+        size = int(np.prod(shp))
+        if n in names:
+            k = size // shp[0]
+            starts += range(a, a + size, k)
+            lengths += [k] * shp[0]
+        a += size
+    return np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+
+
 def quantized_names(ctx) -> list:
     """The parameters QAT quantizes: the convolution and linear weights of the population's model."""
     return [n for n in ctx.param_names if n.endswith(("_w", "weight")) and ctx.views[n].ndim >= 3]
@@ -66,7 +101,12 @@ class QAT:
             if not self.names:
                 raise UserError(f"method qat: model.name={ctx.cfg.model.name} has no convolution or linear "
                                 f"weights to quantize")
+            self.segments = channel_segments(ctx, self.names)
         w = ctx.w.clone()
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():  # one compiled loop
+            qmin, qmax = qrange(self.bits)
+            _fake_quantize_rows(w.numpy(), *self.segments, np.float32(qmin), np.float32(qmax), np.float32(EPS))
+            return w
         views = ctx.views_of(w)
         for n in self.names:
             views[n].copy_(fake_quantize(views[n], self.bits))
