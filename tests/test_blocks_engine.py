@@ -98,8 +98,10 @@ def test_net1989_at_20_is_refused_in_one_line(tmp_path, capsys):
 
 
 # digests of the presets computed by the config module before data.resolution existed (commit 7a15834)
+# digests computed by config.py before data.resolution existed (7a15834); the ssm preset was
+# re-chosen since (its own change of recipe), so it is checked only for the missing key below
 OLD_DIGESTS = {"lecun1989": "955f8dcc80a5", "modern": "d8498638b886", "speedrun": "c07d7e3832e3",
-               "rung6": "37dc2962e673", "ssm": "761fc326563d"}
+               "rung6": "37dc2962e673"}
 
 
 def test_the_default_resolution_keeps_every_digest():

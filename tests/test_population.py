@@ -112,6 +112,12 @@ def test_fast_path_equals_autograd_for_every_fast_method(name, path):
         # 6th-step gradient differed by one example's share): the weights agree to a fifth of a
         # step (0.2 lr).
         atol = 0.2 * cfg.optim.lr
+    if name == "qat":
+        # Fake quantization rounds each weight to its channel's grid: a float difference between the
+        # paths that moves one weight across a rounding boundary changes its forward value by a whole
+        # step (max|w| / 127.5), and that spreads over the pass (seen: 0.0053 after 6 steps at lr 0.05).
+        # The first gradient above is still checked to 1e-5; the weights agree to a fifth of a step.
+        atol = 0.2 * cfg.optim.lr
     if path == "fused" and name in ADAPTIVE:
         # The fused products move H1/H2's -1 padding into a subtracted sum of weights, so a gradient
         # that is exactly 0 (a dead unit) comes out as ~1e-9, and a per-weight normalizing optimizer
