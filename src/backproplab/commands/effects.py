@@ -1,5 +1,6 @@
 """`backproplab effects`: each training method alone on top of a base recipe, with error bars,
 a significance test, time to the base's error, a Pareto plot and a composition table."""
+from . import add_grid_args
 from ..jsonout import emit_json, json_safe as _finite
 
 
@@ -29,15 +30,7 @@ def register(sub, add_common):
     e.add_argument("--resume", action="store_true", help="skip finished runs, continue stopped ones")
     e.add_argument("--smoke", action="store_true",
                    help="test size: the base's smoke preset (500/200 digits, 2 passes), 2 methods, <= 2 seeds")
-    e.add_argument("--store", help="results store: a folder or postgresql+psycopg://USER@HOST:PORT/DB "
-                                   "(default --out); the table is read back from it")
-    e.add_argument("--storage", help="hand the runs to Optuna workers: a study journal file (one machine) or "
-                                     "postgresql+psycopg://... (many machines: `backproplab search worker "
-                                     "--storage URL --study NAME` on each); each run trains exactly once")
-    e.add_argument("--study", help="with --storage: the grid study's name (default effects-<hash of the grid>)")
-    e.add_argument("--heartbeat", type=float, default=10.0,
-                   help="with a database --storage: seconds between a worker's heartbeats; a run silent for 3x "
-                        "this is retried by another worker (default 10)")
+    add_grid_args(e, "run", "effects-<hash of the grid>", "default --out; the table is read back from it")
 
 
 

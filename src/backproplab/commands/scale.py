@@ -5,6 +5,7 @@
   scale fit --synthetic                the fitter on runs made from known constants
   scale fit --csv FILE                 anyone's runs: columns N, loss, D or C (family, epochs, U, lr)
 """
+from . import add_grid_args
 import os
 import sys
 from pathlib import Path
@@ -38,15 +39,7 @@ def register(sub, add_common):
                                    "loss is the mean over its seeds")
     r.add_argument("--seed", type=int, help="one seed only (the same as --seeds SEED)")
     r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
-    r.add_argument("--store", help="results store: a folder or postgresql+psycopg://USER@HOST:PORT/DB (default "
-                                   "--out, which keeps the cells' scratch files either way)")
-    r.add_argument("--storage", help="hand the cells to Optuna workers: a study journal file (one machine) or "
-                                     "postgresql+psycopg://... (many machines: `backproplab search worker "
-                                     "--storage URL --study NAME` on each); each cell runs exactly once")
-    r.add_argument("--study", help="with --storage: the grid study's name (default scale-<the study's digest>)")
-    r.add_argument("--heartbeat", type=float, default=10.0,
-                   help="with a database --storage: seconds between a worker's heartbeats; a cell silent for 3x "
-                        "this is retried by another worker (default 10)")
+    add_grid_args(r, "cell", "scale-<the study's digest>", "default --out, which keeps the cells' scratch files either way")
     r.add_argument("methods", nargs="*", metavar="+method=NAME[:k=v,...]",
                    help="registered methods every cell adds to its recipe (their own cells, keys and records)")
     f = ss.add_parser("fit", help="fit scaling laws to a study's runs (frontier, Chinchilla, IsoFLOP, lr)")
