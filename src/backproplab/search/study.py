@@ -33,6 +33,7 @@ from ..errors import UserError
 
 SLOT = "slot"
 SURPLUS = "surplus"
+STARTED = "started"  # the attempt's own trial number, set once its objective ran (after its first heartbeat)
 HEARTBEAT_S = 10.0
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "asha", "hyperband")
@@ -200,7 +201,13 @@ def enqueue_points(study, points: dict) -> int:
 
 class SlotObjective:
     """Wraps an objective: a trial without a slot (drawn after the last slot was taken) is pruned
-    and marked surplus instead of run. Records the worker's pid on the trial (tests kill by it)."""
+    and marked surplus instead of run. Records the worker's pid on the trial (tests kill by it).
+
+    On a heartbeat storage the first heartbeat is written here, before the pid: Optuna's own
+    heartbeat thread races with the objective, and a trial whose worker dies before that thread's
+    first write has no heartbeat at all, so Optuna never finds it stale (it would stay RUNNING and
+    the other workers would wait for it forever). A trial with a pid therefore always has a
+    heartbeat; one without a pid that stays RUNNING is handled by fail_unstarted_trials."""
 
     def __init__(self, objective):
         self.objective = objective
@@ -210,8 +217,37 @@ class SlotObjective:
         if SLOT not in trial.user_attrs:
             trial.set_user_attr(SURPLUS, True)
             raise o.TrialPruned("no slot left")
+        storage = trial.study._storage
+        interval = getattr(storage, "get_heartbeat_interval", None)
+        if interval is not None and interval() is not None:
+            storage.record_heartbeat(trial._trial_id)
+        trial.set_user_attr(STARTED, trial.number)  # this attempt's number: a retry copies the attrs
         trial.set_user_attr("pid", os.getpid())
         return self.objective(trial)
+
+
+UNSTARTED_GRACE_S = 60.0
+
+
+def fail_unstarted_trials(study, grace: float) -> int:
+    """RUNNING trials whose objective never started (no pid, hence no heartbeat: the worker died
+    between taking the trial and its first heartbeat) for longer than `grace` seconds: marked FAIL
+    and enqueued again with their parameters and slot, as the stale-trial callback does -> how many."""
+    import datetime as dt
+    o = optuna()
+    S = o.trial.TrialState
+    storage = study._storage
+    now = dt.datetime.now()
+    retry = o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
+        if t.user_attrs.get(STARTED) == t.number or t.datetime_start is None:
+            continue
+        if (now - t.datetime_start.replace(tzinfo=None)).total_seconds() > grace:
+            if storage.set_trial_state_values(t._trial_id, state=S.FAIL):
+                retry(study, storage.get_trial(t._trial_id))
+                n += 1
+    return n
 
 
 def _counts(study):
@@ -248,6 +284,7 @@ def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = 
         with warnings.catch_warnings():  # marked experimental in Optuna 5.0
             warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
             o.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried as WAITING
+        fail_unstarted_trials(study, max(UNSTARTED_GRACE_S, 6 * storage.heartbeat))
         time.sleep(min(1.0, storage.heartbeat / 2))
 
 
