@@ -208,10 +208,28 @@ def test_postgres_stored_result_rebuilds_a_one_seed_run(tmp_path):
     assert back.summary() == res.summary()
 
 
-def test_postgres_scale_fit_refuses_a_server_url_in_one_line(capsys):
+def test_postgres_scale_fit_reads_a_server_store_as_it_reads_a_folder(tmp_path, postgres_db, capsys):
+    from backproplab.scaling.synthetic import synthetic_runs
+    runs = synthetic_runs(n_N=4, n_D=4, seed=3, family="convnet")
+    (tmp_path / "folder").mkdir()
+    for target in (tmp_path / "folder", postgres_db):
+        for i, rec in enumerate(runs.records()):
+            store.add_run(target, "scale", f"r{i}", "finished", {"family": rec.pop("family")}, rec, [], {})
+    fits = []
+    for target, out in ((tmp_path / "folder", tmp_path / "fa"), (postgres_db, tmp_path / "fb")):
+        assert main(["scale", "fit", str(target), "--n-boot", "0", "--out", str(out), "--json"]) == 0
+        fits.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+        assert (out / "scaling_report.json").is_file()
+    a, b = (f["families"]["convnet"]["chinchilla"]["constants"] for f in fits)
+    assert a == b and a["alpha"] > 0                                 # the same fit from either store
+    assert [r["kind"] for r in store.list_runs(postgres_db)].count("scale_fit") == 1  # recorded in the server store
+    assert fits[1]["store_record"] == max(r["id"] for r in store.list_runs(postgres_db))
+
+
+def test_postgres_scale_fit_of_an_unreachable_server_is_one_line(capsys):
     assert main(["scale", "fit", _unreachable()]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: scale fit reads a results store file") and "\n" not in err
+    assert err.startswith("error: ") and "127.0.0.1" in err and "secret" not in err and "\n" not in err
 
 
 def test_postgres_effects_point_read_back_only_from_the_store_its_worker_wrote(tmp_path):

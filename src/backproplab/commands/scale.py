@@ -45,7 +45,7 @@ def register(sub, add_common):
     f = ss.add_parser("fit", help="fit scaling laws to a study's runs (frontier, Chinchilla, IsoFLOP, lr)")
     add_common(f)
     f.set_defaults(out=None)
-    f.add_argument("db", nargs="?", help="the study's results store (DIR/runs.db, or DIR)")
+    f.add_argument("db", nargs="?", help="the study's results store: DIR/runs.db, DIR, or postgresql+psycopg://USER@HOST:PORT/DB")
     f.add_argument("--synthetic", action="store_true", help="check the fitter on runs made from known constants")
     f.add_argument("--csv", metavar="FILE", help="fit anyone's runs from a CSV file: a header row, columns N, loss "
                                                  "and D or C (C = 6 N D when one is missing); optional family, "
@@ -184,9 +184,6 @@ def _fit(args):
         return 0
     if not args.db:
         raise UserError("scale fit: give the study's results store (RUNS.db), --csv FILE or --synthetic")
-    if "://" in args.db:
-        raise UserError("scale fit reads a results store file (DIR/runs.db), not a server URL; "
-                        "list a server's runs with `backproplab runs --out URL --json`")
     if args.compare:
         from ..scaling.compare import compare_store, compare_text, parse_compare
         labels = parse_compare(args.compare)

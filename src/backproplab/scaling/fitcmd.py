@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..report.console import render, table
-from ..store import DB_NAME, add_run
+from ..store import DB_NAME, add_run, is_url
 from .fit import FORMS as FORM_LABELS
 from .report import fit_report, jsonable
 from .runs import load_runs_from_store
@@ -46,13 +46,30 @@ def summarize(rep: dict) -> dict:
                      "comparisons": rep["comparisons"], "plots": rep["plots"], "seconds": rep["seconds"]})
 
 
-def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None, by_seed=False) -> dict:
+def _source(db):
+    """A store argument -> (what to read: runs.db's path or the URL; the folder plots go to by default)."""
+    if is_url(db):
+        return db, Path("scaling")                 # a server store: ./scaling unless --out
     path = Path(db)
     if path.is_dir():
         path = path / DB_NAME
+    return path, path.parent / "scaling"
+
+
+def _where(src) -> str:
+    if is_url(src):
+        from ..store_pg import describe
+        return describe(src)
+    return str(src)
+
+
+def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None, by_seed=False) -> dict:
+    """`scale fit STORE`: STORE a folder, its runs.db, or a server store's URL (the summary is
+    recorded in that store as a 'scale_fit' run; plots and the full report go to out)."""
+    path, default_out = _source(db)
     runs = load_runs_from_store(path, require_chinchilla=True, recipe=recipe)
     by_seed = heldout_by_seed(path, recipe=recipe) if by_seed else None   # first: it refuses a 1-seed store
-    out = Path(out) if out else path.parent / "scaling"
+    out = Path(out) if out else default_out
     rep = fit_report(runs, out, n_boot=n_boot, seed=seed)
     summary = summarize(rep)
     summary["seeds_per_run"] = {str(k): v for k, v in sorted(runs.info.get("seeds", {}).items())}
@@ -62,8 +79,9 @@ def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None, by_seed=False) 
         summary["by_seed"] = by_seed
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
-    if path.name == DB_NAME:                                  # the summary table goes into the store too
-        summary["store_record"] = add_run(path.parent, "scale_fit", "scale-fit", "finished",
+    if is_url(path) or path.name == DB_NAME:                  # the summary table goes into the store too
+        where = path if is_url(path) else path.parent
+        summary["store_record"] = add_run(where, "scale_fit", "scale-fit", "finished",
                                           {"n_boot": n_boot, "seed": seed, "out": str(out)}, summary, [], {})
     return summary
 
@@ -118,14 +136,12 @@ def heldout_by_seed(db, *, recipe=None, holdout_frac=0.1, grid="coarse") -> dict
     validation fold (fit.choose_form), which never sees the held-out cells."""
     from .report import extrapolation_check, flops_model
     from .runs import best_per_cell
-    path = Path(db)
-    if path.is_dir():
-        path = path / DB_NAME
+    path = _source(db)[0]
     base = load_runs_from_store(path, require_chinchilla=True, recipe=recipe)
     seeds = set(base.info.get("seeds", {}))
     if len(seeds) != 1 or min(seeds) < 2:
         raise UserError(f"--by-seed needs every cell trained with the same number (>= 2) of seeds; "
-                        f"{path} has runs of {', '.join(str(k) for k in sorted(seeds))} seed(s)")
+                        f"{_where(path)} has runs of {', '.join(str(k) for k in sorted(seeds))} seed(s)")
     S = seeds.pop()
     rows = []                                             # (counts, probability, family -> extrapolation)
     for counts, prob in _seed_counts(S):

@@ -189,9 +189,16 @@ def recipe_of(config) -> str:
     return "+".join(parts)
 
 
-def _store_rows(db_path) -> tuple[Path, list]:
-    """(path of runs.db, [(kind, status, config, summary)] in id order); one-line errors for a
-    missing, unreadable or foreign store."""
+def _store_rows(db_path) -> tuple:
+    """(where: the path of runs.db, or a server store's host:port/db; [(kind, status, config,
+    summary)] in id order, config and summary as JSON text); one-line errors for a missing,
+    unreadable or foreign store. db_path: a folder, its runs.db, or a store URL."""
+    from ..store import is_url
+    if is_url(db_path):
+        from ..store import list_runs
+        from ..store_pg import describe
+        return describe(db_path), [(r["kind"], r["status"], json.dumps(r["config"]), json.dumps(r["summary"]))
+                                   for r in list_runs(db_path)]
     path = Path(db_path)
     if path.is_dir():
         path = path / "runs.db"
@@ -227,7 +234,8 @@ def store_recipes(db_path, kind: str = "scale") -> dict:
 
 def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONTIER_RUNS,
                          require_chinchilla: bool = False, recipe: str | None = None, seed_weights=None) -> Runs:
-    """Scale runs (records of `kind`) from a results store file (or a folder holding runs.db).
+    """Scale runs (records of `kind`) from a results store file (a folder holding runs.db, or a
+    store URL: postgresql+psycopg://...).
 
     Each record's summary holds N, D, C, loss, lr, epochs, family (lr/epochs/family may
     also come from its config). Runs that diverged or have a non-finite loss are skipped
@@ -278,7 +286,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         raise UserError(f"{path} holds {kind} runs of {len(recipes)} recipes ({', '.join(sorted(recipes))}): "
                         f"fit them apart with `scale fit DIR --compare A,B`")
     if recipe is not None and not recs and kinds.get(kind):
-        known = ", ".join(sorted(store_recipes(path, kind))) or "none"
+        known = ", ".join(sorted(store_recipes(db_path, kind))) or "none"
         raise UserError(f"no {kind} runs of recipe {recipe!r} in {path} (recipes there: {known})")
     if len(recs) < min_runs:
         extra = f" ({skipped['diverged']} diverged, {skipped['malformed']} malformed skipped)" \
