@@ -73,12 +73,43 @@ def compute_to_reach(tr, target):
     return None
 
 
+def prune_row(seed, t_none, t_asha, w_none, w_asha, trials):
+    """One search seed: the pruned search's compute until it first reaches the unpruned one's best."""
+    best = min(v for _, v in t_none if v is not None)
+    total_none = sum(p for p, _ in t_none)
+    reach_none = compute_to_reach(t_none, best)
+    reach = compute_to_reach(t_asha, best)
+    return {"seed": seed, "unpruned_best_val_error": best, "unpruned_passes": total_none,
+            "asha_passes_first_trials": sum(p for p, _ in t_asha[:trials]),
+            "asha_best_first_trials": min((v for _, v in t_asha[:trials] if v is not None), default=None),
+            "unpruned_passes_to_its_best": reach_none, "asha_passes": sum(p for p, _ in t_asha),
+            "asha_best_val_error": min((v for _, v in t_asha if v is not None), default=None),
+            "asha_finished": sum(v is not None for _, v in t_asha),
+            "asha_pruned": sum(v is None for _, v in t_asha), "asha_passes_to_reach": reach,
+            "fraction_of_unpruned_total": None if reach is None else reach / total_none,
+            "fraction_of_unpruned_to_best": None if reach is None else reach / reach_none,
+            "wall_unpruned": w_none, "wall_asha": w_asha}
+
+
+def summarize_prune(per_seed):
+    fr = [r["fraction_of_unpruned_total"] for r in per_seed]
+    reached = [f for f in fr if f is not None]
+    return {"per_seed": per_seed, "reached": len(reached),
+            "fraction_mean": statistics.mean(reached) if reached else None,
+            "fraction_sd": statistics.stdev(reached) if len(reached) > 1 else None,
+            "fraction_min": min(reached) if reached else None,
+            "fraction_max": max(reached) if reached else None}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the 1- and 2-worker runs")
     ap.add_argument("--seeds", type=int, default=3, help="search seeds for the pruning comparison")
     ap.add_argument("--quick", action="store_true", help="a tiny check that the script runs (not a result)")
     ap.add_argument("--asha-trials", type=int, default=120, help="trials the ASHA search may run (default 120)")
+    ap.add_argument("--pruners", default="asha", help="pruners separated by ;, each against the same unpruned "
+                    "searches (default asha; e.g. 'asha;asha:min=3,factor=2')")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first search seed (default 0)")
     ap.add_argument("--skip-speed", action="store_true", help="keep the speed part of the results file as it is")
     ap.add_argument("--skip-prune", action="store_true", help="keep the pruning part of the results file as it is")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_search.json"))
@@ -108,39 +139,25 @@ def main():
             res["speed"] = {"trials": len(tr), "walls_1": walls[1], "walls_2": walls[2], "median_1": m1,
                             "median_2": m2, "ratio": m1 / m2, "repeats": args.repeats, "config": speed}
             print(f"2 workers vs 1: {m1:.1f} s / {m2:.1f} s = {m1 / m2:.2f}x", flush=True)
-        per_seed = []
-        for seed in range(0 if args.skip_prune else args.seeds):
+        seeds = range(args.first_seed, args.first_seed + (0 if args.skip_prune else args.seeds))
+        unpruned = {}
+        for seed in seeds:
             s_none, w_none = run(prune, tmp / f"none-{seed}", f"none-{seed}", 1, seed=seed, trials=prune["trials"])
-            s_asha, w_asha = run(prune, tmp / f"asha-{seed}", f"asha-{seed}", 1, seed=seed, pruner="asha",
-                                 trials=args.asha_trials)
-            t_none, t_asha = trace(s_none), trace(s_asha)
-            best = min(v for _, v in t_none if v is not None)
-            total_none = sum(p for p, _ in t_none)
-            reach_none = compute_to_reach(t_none, best)
-            reach = compute_to_reach(t_asha, best)
-            n40 = sum(p for p, _ in t_asha[:prune["trials"]])
-            row = {"seed": seed, "unpruned_best_val_error": best, "unpruned_passes": total_none,
-                   "asha_passes_first_trials": n40,
-                   "asha_best_first_trials": min((v for _, v in t_asha[:prune["trials"]] if v is not None), default=None),
-                   "unpruned_passes_to_its_best": reach_none, "asha_passes": sum(p for p, _ in t_asha),
-                   "asha_best_val_error": min(v for _, v in t_asha if v is not None),
-                   "asha_pruned": sum(v is None for _, v in t_asha), "asha_passes_to_reach": reach,
-                   "fraction_of_unpruned_total": None if reach is None else reach / total_none,
-                   "fraction_of_unpruned_to_best": None if reach is None else reach / reach_none,
-                   "wall_unpruned": w_none, "wall_asha": w_asha}
-            per_seed.append(row)
-            print(json.dumps(row), flush=True)
-        fr = [r["fraction_of_unpruned_total"] for r in per_seed]
-        if args.skip_prune:
-            fr = []
-        reached = [f for f in fr if f is not None]
-        res["prune"] = {"seeds": args.seeds, "trials": prune["trials"], "asha_trials": args.asha_trials,
-                        "per_seed": per_seed,
-                        "reached": len(reached),
-                        "fraction_mean": statistics.mean(reached) if reached else None,
-                        "fraction_sd": statistics.stdev(reached) if len(reached) > 1 else None,
-                        "fraction_min": min(reached) if reached else None,
-                        "fraction_max": max(reached) if reached else None, "config": prune}
+            unpruned[seed] = (trace(s_none), w_none)
+        by_pruner = {}
+        for k, pruner in enumerate(args.pruners.split(";") if not args.skip_prune else []):
+            per_seed = []
+            for seed in seeds:
+                t_none, w_none = unpruned[seed]
+                s_asha, w_asha = run(prune, tmp / f"p{k}-{seed}", f"p{k}-{seed}", 1, seed=seed, pruner=pruner,
+                                     trials=args.asha_trials)
+                t_asha = trace(s_asha)
+                per_seed.append(prune_row(seed, t_none, t_asha, w_none, w_asha, prune["trials"]))
+                print(pruner, json.dumps(per_seed[-1]), flush=True)
+            by_pruner[pruner] = summarize_prune(per_seed)
+        if by_pruner:
+            res["prune"] = {"seeds": list(seeds), "trials": prune["trials"], "asha_trials": args.asha_trials,
+                            "pruners": by_pruner, "config": prune}
     res["load_after"] = os.getloadavg()
     if args.skip_speed and Path(args.out).is_file():
         res["speed"] = json.loads(Path(args.out).read_text()).get("speed")

@@ -98,8 +98,10 @@ def test_postgres_effects_grid_with_a_killed_worker_runs_each_point_once(tmp_pat
 def test_postgres_scale_grid_with_a_killed_worker_records_each_cell_once(tmp_path, postgres_db):
     out = tmp_path / "w"
     code, stdout, stderr, victim = _run_and_kill(
-        # heartbeat 2 s: at 0.5 s this test timed out once in ~15 runs, under load (cause not found yet)
-        SCALE + ["--storage", postgres_db, "--store", postgres_db, "--study", "sc", "--jobs", "2", "--heartbeat", "2",
+        # killed as soon as its cell starts: before the fix in study.SlotObjective (the first heartbeat
+        # written before the objective), a worker killed before Optuna's heartbeat thread first wrote
+        # left its cell RUNNING for good and this test hung (test_study_stale.py pins that down)
+        SCALE + ["--storage", postgres_db, "--store", postgres_db, "--study", "sc", "--jobs", "2", "--heartbeat", "0.5",
                  "--out", str(out)], postgres_db, "sc", out, lambda t: True)
     assert victim is not None, "no cell was caught mid-run"
     assert code == 0, stderr

@@ -67,6 +67,10 @@ def test_search_asha_prunes_on_validation_error(tmp_path, capsys):
     res_n = _last_json(capsys.readouterr().out)
     assert res_n["pruned"] == 0 and res_n["complete"] == 6 and res_n["passes_trained"] == 18
     assert res_n["trials"][0]["params"] == res["trials"][0]["params"]
+    # the first rung moved to pass 2: a pruned trial has trained exactly 2 passes (the next rung, 2 x 3, is past the end)
+    assert main(common + ["--pruner", "asha:min=2,factor=3", "--out", str(tmp_path / "m")]) == 0
+    res_m = _last_json(capsys.readouterr().out)
+    assert res_m["pruned"] >= 1 and {t["passes"] for t in res_m["trials"] if t["state"] == "pruned"} == {2}
 
 
 BAD = [
@@ -82,6 +86,11 @@ BAD = [
     (["data.val=10:20"], "cannot be searched"),
     (["model.name=choice:net1989,vit"], "needs train.engine=population"),  # smoke is per example
     (["--sampler", "bayes", "optim.lr=0.01:0.1"], "--sampler"),
+    (["--pruner", "median", "optim.lr=0.01:0.1"], "choose one of none, asha, hyperband"),
+    (["--pruner", "asha:min=0", "optim.lr=0.01:0.1"], "min must be >= 1"),
+    (["--pruner", "asha:rungs=2", "optim.lr=0.01:0.1"], "'rungs=2' is not an option of asha"),
+    (["--pruner", "asha:factor=x", "optim.lr=0.01:0.1"], "is not an integer"),
+    (["--pruner", "hyperband:min=99", "optim.lr=0.01:0.1"], "more than a trial's"),
 ]
 
 

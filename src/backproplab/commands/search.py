@@ -25,7 +25,8 @@ def register(sub, add_common):
                    help="grid sampler: values per float range (log-spaced for log:), default 3")
     s.add_argument("--trials", type=int, help="trials (default 20; 4 with --smoke; grid: every point)")
     s.add_argument("--jobs", type=int, help="worker processes on this machine (default 1; 2 with --smoke)")
-    s.add_argument("--pruner", default="none", help="none (default), asha (successive halving) or hyperband")
+    s.add_argument("--pruner", default="none", help="none (default), asha (successive halving) or hyperband; asha:min=PASSES,factor=K sets "
+                   "the passes before the first rung (default 1) and the reduction factor (default 3)")
     s.add_argument("--storage", help="study storage: a journal file (default OUT/search.journal) or "
                                      "postgresql+psycopg://USER@HOST:PORT/DB for workers on many machines")
     s.add_argument("--study", help="study name (default PRESET-<hash of the space>)")
@@ -62,8 +63,7 @@ def cmd_search(args):
     from ..search import study as st
     if args.sampler not in st.SAMPLERS:
         raise UserError(f"--sampler {args.sampler}: choose one of {', '.join(st.SAMPLERS)}")
-    if args.pruner not in st.PRUNERS:
-        raise UserError(f"--pruner {args.pruner}: choose one of {', '.join(st.PRUNERS)}")
+    st.parse_pruner(args.pruner)
     st.optuna()  # the one-line install hint before anything else
     preset = args.preset or ("smoke" if args.smoke else None)
     if preset is None:
@@ -90,6 +90,7 @@ def cmd_search(args):
         trials = len(grid)
     if args.sampler == "cmaes":
         st.make_sampler("cmaes", 0)  # the missing-package hint now, not in every worker
+    st.make_pruner(args.pruner, hpo.max_passes(base, space))   # its bad options refused before anything is made
     storage = st.storage_spec(args.storage, args.out, args.heartbeat)
     if not storage.is_journal:
         storage.open()                          # an unreachable server: one line, nothing local touched
@@ -104,13 +105,13 @@ def cmd_search(args):
                           out.resolve(), store, trials)
     name = args.study or hpo.default_study_name(spec)
     spec["study"] = name
+    pruner = st.make_pruner(args.pruner, spec["passes"])
     study = st.create_study(name, storage, spec)
     added = st.enqueue_grid(study, grid) if grid is not None else st.enqueue_slots(study, trials)
     print(f"study {name} in {storage.describe()}: {trials} trials ({added} new), {len(space.dims)} dimensions, "
           f"sampler {args.sampler}, pruner {args.pruner}, {jobs} worker{'s' if jobs > 1 else ''}, "
           f"validation {val} digits of the training set", flush=True)
     objective = hpo.TrialObjective(preset, items, overrides, str(out.resolve()), store, name)
-    pruner = st.make_pruner(args.pruner, spec["passes"])
     codes = st.run_workers(storage, name, objective, jobs, args.sampler, args.sampler_seed, pruner)
     return _finish(args, study, spec, storage, codes, out, store)
 

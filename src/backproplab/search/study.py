@@ -126,15 +126,44 @@ def make_sampler(name: str, seed: int | None):
     raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def make_pruner(name: str, max_resource: int):
+PRUNER_OPTIONS = {"min": "passes before the first rung (default 1)",
+                  "factor": "reduction factor: 1 in factor trials goes on at each rung (default 3)"}
+
+
+def parse_pruner(text: str) -> tuple[str, dict]:
+    """'asha' or 'asha:min=3,factor=2' (the same for hyperband) -> (name, {option: int})."""
+    name, _, rest = text.partition(":")
+    if name not in PRUNERS:
+        raise UserError(f"--pruner {text}: choose one of {', '.join(PRUNERS)} (asha and hyperband take "
+                        f":min=PASSES,factor=K)")
+    opts = {"min": 1, "factor": 3}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if name == "none" or key not in PRUNER_OPTIONS or not eq:
+            known = ", ".join(f"{k} ({v})" for k, v in PRUNER_OPTIONS.items())
+            raise UserError(f"--pruner {text}: {item!r} is not an option of {name}"
+                            + ("" if name == "none" else f"; options: {known}"))
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            raise UserError(f"--pruner {text}: {key}={value!r} is not an integer") from None
+    if opts["min"] < 1 or opts["factor"] < 2:
+        raise UserError(f"--pruner {text}: min must be >= 1 and factor >= 2")
+    return name, opts
+
+
+def make_pruner(text: str, max_resource: int):
+    """text as parse_pruner takes it; max_resource: a trial's passes."""
     o = optuna()
+    name, opts = parse_pruner(text)
     if name == "none":
         return o.pruners.NopPruner()
+    if opts["min"] > max_resource:
+        raise UserError(f"--pruner {text}: min={opts['min']} passes is more than a trial's {max_resource}")
     if name == "asha":
-        return o.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if name == "hyperband":
-        return o.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, max_resource), reduction_factor=3)
-    raise UserError(f"unknown pruner {name!r}; choose one of {', '.join(PRUNERS)}")
+        return o.pruners.SuccessiveHalvingPruner(min_resource=opts["min"], reduction_factor=opts["factor"])
+    return o.pruners.HyperbandPruner(min_resource=opts["min"], max_resource=max(1, max_resource),
+                                     reduction_factor=opts["factor"])
 
 
 SPEC_ATTR = "backproplab"
