@@ -146,3 +146,18 @@ def test_update_rule_formula():
     sdlm_update(p, g, h, new, lr=0.01, mu=0.02, gamma=0.1)
     torch.testing.assert_close(h, torch.tensor([0.19, 0.3]))
     torch.testing.assert_close(p, torch.tensor([1.0 - 0.01 * 0.5 / 0.21, -2.0 - 0.01 * 0.25 / 0.32]))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_a_batch_estimate_is_the_sum_of_its_examples(dropout):
+    """The batched call (one forward and squared backward for the whole batch) sums what each
+    example alone gives, dropout masks included."""
+    torch.manual_seed(4)
+    m, x = Net1989(6, act="relu", out_act="none"), torch.rand(5, 1, 16, 16) * 2 - 1
+    p = {n: q.detach() for n, q in m.params().items()}
+    keep = (torch.rand(5, 192) > dropout) if dropout else None
+    batch = net1989_gn_diag(p, x, "relu", "none", "ce", keep, dropout)
+    for n, v in batch.items():
+        one = sum(net1989_gn_diag(p, x[i:i + 1], "relu", "none", "ce", None if keep is None else keep[i:i + 1],
+                                  dropout)[n] for i in range(5))
+        torch.testing.assert_close(v, one, rtol=1e-5, atol=1e-9)

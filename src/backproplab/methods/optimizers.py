@@ -144,7 +144,7 @@ class AdamThenSGD(_Optimizer):
 class SDLM(_Optimizer):
     """The 1989 diagonal Levenberg-Marquardt on a plain net1989 (wraps methods/sdlm.py): the
     Gauss-Newton diagonal estimate is averaged over the examples of the batch. The estimate
-    is defined per example and per replica, so this one loops over both."""
+    is per example and additive: one batched call per replica sums it over the batch."""
     needs_inputs = True  # reads each replica's batch as the model sees it (the engine supplies it)
 
     def step(self, ctx):
@@ -154,13 +154,8 @@ class SDLM(_Optimizer):
             self.st = {n: torch.zeros_like(ctx.views[n]) for n in names}  # (R, *shape)
         for r in range(ctx.R):
             p = {n: ctx.views[n][r].detach() for n in names}
-            est = {n: torch.zeros_like(p[n]) for n in names}
             x, keep = ctx.x[r], None if ctx.keep is None else ctx.keep[r]
-            for i in range(len(x)):
-                k = None if keep is None else keep[i:i + 1]
-                for n, e in net1989_gn_diag(p, x[i:i + 1], m.act, m.out_act, ctx.cfg.train.loss, k,
-                                            m.dropout).items():
-                    est[n].add_(e)
+            est = net1989_gn_diag(p, x, m.act, m.out_act, ctx.cfg.train.loss, keep, m.dropout)
             with torch.no_grad():
                 for n in names:
                     sdlm_update(ctx.views[n][r], ctx.gviews[n][r], self.st[n][r], est[n] / len(x),
