@@ -242,6 +242,11 @@ def is_url(target) -> bool:
     return isinstance(target, str) and "://" in target
 
 
+def where(target) -> str:
+    """A store for messages: a folder or file as given, a URL as host:port/db (no password)."""
+    return _pg().describe(str(target)) if is_url(target) else str(target)
+
+
 def _pg():
     from . import store_pg
     return store_pg

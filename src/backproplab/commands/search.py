@@ -63,7 +63,6 @@ def cmd_search(args):
     from ..search import study as st
     if args.sampler not in st.SAMPLERS:
         raise UserError(f"--sampler {args.sampler}: choose one of {', '.join(st.SAMPLERS)}")
-    st.parse_pruner(args.pruner)
     st.optuna()  # the one-line install hint before anything else
     preset = args.preset or ("smoke" if args.smoke else None)
     if preset is None:
@@ -90,7 +89,7 @@ def cmd_search(args):
         trials = len(grid)
     if args.sampler == "cmaes":
         st.make_sampler("cmaes", 0)  # the missing-package hint now, not in every worker
-    st.make_pruner(args.pruner, hpo.max_passes(base, space))   # its bad options refused before anything is made
+    pruner = st.make_pruner(args.pruner, hpo.max_passes(base, space))   # bad options refused before anything is made
     storage = st.storage_spec(args.storage, args.out, args.heartbeat)
     if not storage.is_journal:
         storage.open()                          # an unreachable server: one line, nothing local touched
@@ -105,7 +104,6 @@ def cmd_search(args):
                           out.resolve(), store, trials)
     name = args.study or hpo.default_study_name(spec)
     spec["study"] = name
-    pruner = st.make_pruner(args.pruner, spec["passes"])
     study = st.create_study(name, storage, spec)
     added = st.enqueue_grid(study, grid) if grid is not None else st.enqueue_slots(study, trials)
     print(f"study {name} in {storage.describe()}: {trials} trials ({added} new), {len(space.dims)} dimensions, "

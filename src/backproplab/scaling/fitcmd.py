@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..report.console import render, table
-from ..store import DB_NAME, add_run, is_url
+from ..store import DB_NAME, add_run, is_url, where
 from .fit import FORMS as FORM_LABELS
 from .report import fit_report, jsonable
 from .runs import load_runs_from_store
@@ -56,13 +56,6 @@ def _source(db):
     return path, path.parent / "scaling"
 
 
-def _where(src) -> str:
-    if is_url(src):
-        from ..store_pg import describe
-        return describe(src)
-    return str(src)
-
-
 def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None, by_seed=False) -> dict:
     """`scale fit STORE`: STORE a folder, its runs.db, or a server store's URL (the summary is
     recorded in that store as a 'scale_fit' run; plots and the full report go to out)."""
@@ -80,8 +73,7 @@ def fit_store(db, out=None, *, n_boot=1000, seed=0, recipe=None, by_seed=False) 
     summary["report"] = str(out / "scaling_report.json")
     atomic_write_bytes(out / "scaling_report.json", json.dumps(rep, indent=1, sort_keys=True).encode())
     if is_url(path) or path.name == DB_NAME:                  # the summary table goes into the store too
-        where = path if is_url(path) else path.parent
-        summary["store_record"] = add_run(where, "scale_fit", "scale-fit", "finished",
+        summary["store_record"] = add_run(path if is_url(path) else path.parent, "scale_fit", "scale-fit", "finished",
                                           {"n_boot": n_boot, "seed": seed, "out": str(out)}, summary, [], {})
     return summary
 
@@ -141,7 +133,7 @@ def heldout_by_seed(db, *, recipe=None, holdout_frac=0.1, grid="coarse") -> dict
     seeds = set(base.info.get("seeds", {}))
     if len(seeds) != 1 or min(seeds) < 2:
         raise UserError(f"--by-seed needs every cell trained with the same number (>= 2) of seeds; "
-                        f"{_where(path)} has runs of {', '.join(str(k) for k in sorted(seeds))} seed(s)")
+                        f"{where(path)} has runs of {', '.join(str(k) for k in sorted(seeds))} seed(s)")
     S = seeds.pop()
     rows = []                                             # (counts, probability, family -> extrapolation)
     for counts, prob in _seed_counts(S):

@@ -195,9 +195,8 @@ def _store_rows(db_path) -> tuple:
     unreadable or foreign store. db_path: a folder, its runs.db, or a store URL."""
     from ..store import is_url
     if is_url(db_path):
-        from ..store import list_runs
-        from ..store_pg import describe
-        return describe(db_path), [(r["kind"], r["status"], json.dumps(r["config"]), json.dumps(r["summary"]))
+        from ..store import list_runs, where
+        return where(db_path), [(r["kind"], r["status"], json.dumps(r["config"]), json.dumps(r["summary"]))
                                    for r in list_runs(db_path)]
     path = Path(db_path)
     if path.is_dir():

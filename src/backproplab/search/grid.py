@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..store import where
 from . import study as st
 
 EFFECTS, SCALE = "effects-grid", "scale-grid"
@@ -99,21 +100,13 @@ class EffectsRunner:
             rec = by_id.get(done[s].user_attrs.get("run_id"))
             if rec is None or rec["kind"] != "effects-run" or rec["summary"].get("config_digest") != cfgs[k].digest():
                 raise UserError(f"grid point {s}: its run {done[s].user_attrs.get('run_id')} is not in the results "
-                                f"store {_where(self.store)} (the workers wrote to another store?)")
+                                f"store {where(self.store)} (the workers wrote to another store?)")
             out[k] = stored_result(rec)
         return out
 
     @staticmethod
     def slot(key) -> str:
         return key if isinstance(key, str) else f"{key[0]}@{key[1]}"
-
-
-def _where(store) -> str:
-    from ..store import is_url
-    if is_url(store):
-        from ..store_pg import describe
-        return describe(store)
-    return str(store)
 
 
 class ScaleRunner:
@@ -133,5 +126,5 @@ class ScaleRunner:
         missing = [c["key"] for c in cells if c["key"] not in recs]
         if missing:
             raise UserError(f"grid study {self.study.study_name}: cell {missing[0]} finished but is not in the results "
-                            f"store {_where(self.store)} (the workers wrote to another store?)")
+                            f"store {where(self.store)} (the workers wrote to another store?)")
         return [recs[c["key"]] for c in cells]
