@@ -34,6 +34,8 @@ def cfg_with(*methods, over=()):
     items += [f"+method={m}" for m in with_requirements(methods)] + list(over)
     if "shift" in names:
         items.append("train.shift=0")
+    if "dropout" in names:  # the method and model.dropout are two ways to the same masks
+        items.append("model.dropout=0")
     return apply_overrides(preset("modern_smoke"), items)
 
 
@@ -144,6 +146,25 @@ def test_replica_k_of_a_population_equals_a_solo_run_of_seed_k(path):
     else:
         assert torch.equal(pop.W[2], solo.W[0])
     assert not torch.equal(pop.W[1], pop.W[2])  # seeds differ
+
+
+def test_fast_paths_evaluate_the_model_their_methods_change():
+    """The model changes the fast paths compute (nf's standardized weights, the dropout method's
+    masks, nonorm) are also what they evaluate: the outputs equal the autograd path's ModNet."""
+    x = D.test_x[:64].reshape(-1, 1, 16, 16)
+    ref = {}
+    for name in ("nf", "dropout", "nonorm"):
+        cfg = cfg_with(name)
+        ref[name] = Population(cfg, [0, 1], path="autograd").outputs(x)
+        paths = [p for p in FAST_PATHS if fused_reason(cfg, run_specs(cfg), p) is None]
+        assert paths and Population(cfg, [0]).path == paths[-1]   # chosen automatically
+        for path in paths:
+            torch.testing.assert_close(Population(cfg, [0, 1], path=path).outputs(x), ref[name], rtol=1e-5, atol=1e-5)
+    # no dropout at evaluation; the standardized net is another function of the same weights
+    torch.testing.assert_close(ref["dropout"], ref["nonorm"], rtol=1e-5, atol=1e-5)
+    assert (ref["nf"] - ref["nonorm"]).abs().max() > 0.1
+    with pytest.raises(UserError, match="the fused path does not compute the model change of nf"):
+        Population(cfg_with("nf"), [0], path="fused")
 
 
 def test_automatic_path_and_the_run_record():

@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..methods.augment import pass_generator
 from ..methods.registry import HOOKS, build_switch, get_method, resolve
 from ..models import fused1989 as fz
-from ..models.modnet import FINAL_PARAMS, ModNet
+from ..models.modnet import FINAL_PARAMS, ModNet, scaled_ws_rows, ws_names
 from ..models.stacked import StackedModNet
 from ..models.registry import build_model, dropout_units
 from .evaluate import metrics_from_outputs
@@ -101,6 +101,9 @@ def fused_reason(cfg, specs, path="fused") -> str | None:
     slow = [s.name for s in specs if not get_method(s.name).fast]
     if slow:
         return f"{', '.join(slow)} need autograd or change the model"
+    other = [s.name for s in specs if not get_method(s.name).runs_on(path)]
+    if other:
+        return f"the {path} path does not compute the model change of {', '.join(other)}"
     if path == "kernel":
         from .kernelgrad import kernel_reason
         return kernel_reason(cfg)
@@ -153,13 +156,21 @@ class Population:
         self.inputs_per_replica = bool(self._hook("batch")) or any(
             getattr(sw, "needs_inputs", False) for _, sw in self.switches)
         self.replays = any(getattr(sw, "replays_batch", False) for _, sw in self.switches)
+        self.models = [self._build_model(s) for s in self.seeds]
+        # the model changes the fast paths compute themselves (methods declaring fast_model): the
+        # dropout method's H2-output masks, drawn here from each replica's noise generator as the
+        # stacked forward draws them, and nf's scaled weight standardization, applied to W before
+        # the kernels and differentiated by autograd on the weights alone (a few thousand numbers)
+        m0, fast = self.models[0], path != "autograd"
+        self.noise_drop = float(getattr(m0, "drop", 0.0)) if fast else 0.0
+        self.keep_p = cfg.model.dropout or self.noise_drop   # the rate the keep masks scale by
+        self.ws = ws_names(n for n, _ in m0.named_parameters()) if fast and getattr(m0, "ws", False) else []
         self.kernel = None
         if path == "kernel":
             from .kernelgrad import KernelGrad
             m = cfg.model
-            self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, m.dropout,
+            self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, self.keep_p,
                                      per_replica_inputs=self.inputs_per_replica, smooth=self.smooth)
-        self.models = [self._build_model(s) for s in self.seeds]
         self.names = [n for n, _ in self.models[0].named_parameters()]
         shapes = [p.shape for _, p in self.models[0].named_parameters()]
         cols = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
@@ -350,6 +361,9 @@ class Population:
             c.lr = c.lr.to(torch.float32).expand(self.R, 1)  # (R, 1)
         for sw in self._hook("batch"):
             x = sw.batch(x, c)
+        if self.noise_drop:  # (R, B, 192): what ModNet's forward would draw (models/modnet.dropout_mask)
+            keep = torch.stack([torch.rand((labels.shape[-1], 192), generator=m.gen) >= self.noise_drop
+                                for m in self.models]).to(self.device)
         c.x, c.labels, c.keep = x, labels, keep
         if self.replays and self.path == "autograd":  # the model noise of this batch, for the replay
             c.gen_states = [m.gen.get_state() for m in self.models]
@@ -387,7 +401,7 @@ class Population:
         c = self.ctx
         c.loss = None  # (R,) the batch's loss, detached: set by every path but the kernels'
         if self.path in ("kernel", "fused"):
-            g = self._kernel_grad(c) if self.path == "kernel" else self._fused_grad(c)
+            g = self._ws_grad(c) if self.ws else self._fast_grad(c, self.W)
             for sw in self._hook("loss", "penalty_grad"):  # a penalty's own gradient (the kernels' is the data term's)
                 g += sw.penalty_grad(self.W)
             return g
@@ -453,19 +467,39 @@ class Population:
             c.params = params
         return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
 
-    def _kernel_grad(self, c):
+    def _fast_grad(self, c, W):
+        return self._kernel_grad(c, W) if self.path == "kernel" else self._fused_grad(c, W)
+
+    def _kernel_grad(self, c, W):
         keep = None if c.keep is None else c.keep.cpu().numpy()
         if self.inputs_per_replica:  # each replica's batch as its model sees it
-            return self.kernel.grad(self.W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep)
-        return self.kernel.grad(self.W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep)
+            return self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep)
+        return self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep)
 
-    def _fused_grad(self, c):
+    def _fused_grad(self, c, W):
         keep = None
         if c.keep is not None:
-            keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.cfg.model.dropout))
+            keep = c.keep.to(torch.float32) * (1.0 / (1.0 - self.keep_p))
         labels = c.labels.expand(self.R, -1)   # (B,) shared or (R, B) per replica
-        c.loss, g = fz.loss_and_grad(self.W, fz.prep(c.x), labels, keep, self.smooth)
+        c.loss, g = fz.loss_and_grad(W, fz.prep(c.x), labels, keep, self.smooth)
         return g
+
+    def _standardized(self, W):
+        """(R, P) -> the weights ModNet's forward uses: W itself, or with nf (ws) its standardized
+        weights (models/modnet.scaled_ws_rows, the function the stacked forward uses)."""
+        if not self.ws:
+            return W
+        v = self._views(W)
+        gain = self.models[0].gain
+        return torch.cat([(scaled_ws_rows(v[n], gain) if n in self.ws else v[n]).reshape(self.R, -1)
+                          for n in self.names], 1)
+
+    def _ws_grad(self, c):
+        """The fast paths' gradient at the standardized weights, carried back to W by autograd."""
+        leaf = self.W.detach().requires_grad_()
+        std = self._standardized(leaf)
+        g = self._fast_grad(c, std.detach())
+        return torch.autograd.grad(std, leaf, g)[0]
 
     # -- evaluation -------------------------------------------------------------------------
     def eval_weights(self):
@@ -555,9 +589,10 @@ class Population:
     def _raw_outputs(self, x):
         x = self._eval_input(x)
         if self.path == "kernel":  # the evaluation kernel: every replica and image in one call
-            return self.kernel.outputs(self.W, x)
+            return self.kernel.outputs(self._standardized(self.W), x)
         if self.path == "fused":
-            return torch.cat([fz.logits(self.W, fz.prep(x[a:a + EVAL_CHUNK]))
+            W = self._standardized(self.W)
+            return torch.cat([fz.logits(W, fz.prep(x[a:a + EVAL_CHUNK]))
                               for a in range(0, len(x), EVAL_CHUNK)], 1)
         # the modules one after another, not the stacked forward: at evaluation's large batches the
         # grouped convolutions cost 2.5-3x the loop (batchnorm, resblocks; R = 8, this machine); the

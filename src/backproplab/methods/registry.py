@@ -94,14 +94,21 @@ class Method:
     requires: tuple = ()             # at least one of these methods must be present
     modnet: bool = False             # changes the model: needs model.name=net1989 (built as a ModNet)
     autograd: bool = False           # needs autograd (a loss term, a number format the fused kernels lack)
+    fast_model: tuple = ()           # the fast paths that compute its model change too (engine/population.py)
     interactions: str = ""
     check: object = None             # check(cfg, options) -> message or None: clashes with config fields
     rank: int = 0
 
     @property
     def fast(self) -> bool:
-        """Runs on the population engine's fused path: no autograd needed, the model unchanged."""
-        return not (self.modnet or self.autograd)
+        """Runs on the population engine's fast paths: no autograd needed, and the model either
+        unchanged or changed in a way those paths compute (no-op, H2-output dropout, scaled weight
+        standardization: engine/population.py)."""
+        return not self.autograd and (not self.modnet or bool(self.fast_model))
+
+    def runs_on(self, path: str) -> bool:
+        """Whether the fast path `path` (kernel or fused) can run it."""
+        return self.fast and (not self.modnet or path in self.fast_model)
 
     def card(self) -> str:
         lines = [f"{self.name}  ({self.kind}; touches {', '.join(self.touches)})", "", self.summary, ""]
@@ -124,8 +131,10 @@ class Method:
             inter.append(f"needs one of: {', '.join(self.requires)}")
         if self.modnet:
             inter.append("changes the model: needs model.name=net1989 (built as ModNet)")
-        why = "changes the model" if self.modnet else "needs autograd"
-        inter.append("allows the fast paths (numba kernels, fused products)" if self.fast
+        why = "needs autograd" if self.autograd else "changes the model"
+        paths = ("numba kernels", "fused products") if not self.modnet else tuple(
+            {"kernel": "numba kernels", "fused": "fused products"}[p] for p in self.fast_model)
+        inter.append(f"allows the fast paths ({', '.join(paths)})" if self.fast
                      else f"runs on the autograd path ({why})")
         inter += [f"not with {k}: {v}" for k, v in self.incompatible_with.items()]
         if self.interactions:

@@ -97,7 +97,7 @@ register(Method("groupnorm", impl="structure:GroupNorm", **_N,
                      "per-channel gain and bias. Sites with a channel count the groups do not divide use "
                      "gcd(groups, channels) groups (12 channels: 4; H3's 30 units: 2).",
                 paper="Wu & He 2018", oracle="torch.nn.GroupNorm"))
-register(Method("nonorm", impl="structure:NoNorm", **_N, summary="no normalization (the 1989 net's layers)",
+register(Method("nonorm", impl="structure:NoNorm", **_N, fast_model=("kernel", "fused"), summary="no normalization (the 1989 net's layers)",
                 what="States the default explicitly: no normalization layer anywhere; with no other model "
                      "method the ModNet is exactly Net1989.",
                 paper="LeCun et al. 1989", oracle="ModNet without options gives Net1989's outputs bit for bit"))
@@ -117,7 +117,10 @@ register(Method("rezero", kind="depth", touches=("model",), hooks=("build", "for
                 paper="Bachlechner, Majumder, Mao, Cottrell & McAuley 2020, 'ReZero is All You Need'",
                 oracle="at init the blocks are the identity; a's gradient equals <dL/dy, F(x)> by autograd"))
 register(Method("nf", kind="normalization", touches=("model", "gradients"), hooks=("build", "after_backward"),
-                modnet=True, impl="structure:NormFree",
+                # the kernel path computes the standardization too; not the fused products: their
+                # padding sums lose digits on standardized weights (7e-5 of the gradient against
+                # autograd, the kernels 3e-7: tests/test_population.py)
+                modnet=True, fast_model=("kernel",), impl="structure:NormFree",
                 options={"clip": Option(0.01, "ratio ||g||/||w||", "AGC lambda", 0.0, 100.0),
                          "eps": Option(1e-3, "weight norm floor", "AGC eps", 0.0, 1.0)},
                 incompatible_with={**{n: "a normalizer-free net has no normalization layers" for n in NORMS},

@@ -45,6 +45,17 @@ def scaled_ws(w: torch.Tensor, gain: float, eps: float = 1e-4) -> torch.Tensor:
     return gain * (w - mean) * torch.rsqrt(torch.clamp(var * fan_in, min=eps))
 
 
+def scaled_ws_rows(w: torch.Tensor, gain: float) -> torch.Tensor:
+    """scaled_ws of a population's weight (R, O, ...): per replica and output unit."""
+    return scaled_ws(w.reshape(-1, *w.shape[2:]), gain).view(w.shape)
+
+
+def ws_names(names) -> list:
+    """The parameters ModNet's weight standardization (ws) applies to: every weight but the output
+    layer's (H1, H2, H3 and the residual blocks' convolutions)."""
+    return [n for n in names if n.endswith("_w") and n != "out_w"]
+
+
 def dropout_mask(shape, p: float, gen) -> torch.Tensor:
     """Keep mask scaled 1/(1-p): zero with probability p."""
     return (torch.rand(shape, generator=gen) >= p).float() / (1.0 - p)

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .modnet import dropout_mask, scaled_ws
+from .modnet import dropout_mask, scaled_ws_rows
 from .net1989 import H2_TABLE, activation
 
 _CL = torch.channels_last
@@ -71,7 +71,7 @@ class StackedModNet:
         w = P[name]
         if not self.ws:
             return w
-        return scaled_ws(w.reshape(-1, *w.shape[2:]), self.gain).view(w.shape)
+        return scaled_ws_rows(w, self.gain)
 
     def _norm(self, site, a, training, update_stats, momentum):
         """a (B, R * C, ...) grouped layout."""
