@@ -210,3 +210,29 @@ def test_search_trials_bar_counts_the_study_on_a_terminal(tmp_path):
         P.configure()
     assert codes == [0] and len(seen) == 3
     assert "search trials 3/3" in buf.getvalue() and "search trials 0/3" in buf.getvalue()
+
+
+def _kernels_loaded(q):
+    from backproplab.engine.warmup import _dispatchers
+    q.put([bool(d.signatures) for d in _dispatchers()])
+
+
+def test_search_workers_start_with_the_fast_kernels_loaded():
+    """The fork server loads the kernels from numba's cache once (search/preload.py), so a worker
+    forked from it has them in memory before its first trial."""
+    from backproplab.engine.kernelgrad import _cpu_reason
+    from backproplab.engine.warmup import cache_state, prepare_kernels
+    from backproplab.search.study import _context
+    if _cpu_reason() is not None:
+        pytest.skip(_cpu_reason())
+    prepare_kernels(lambda msg: None)   # the cache is warm after this (compiled once if it was not)
+    assert not cache_state()[0]
+    ctx = _context()
+    if ctx.get_start_method() != "forkserver":
+        pytest.skip("no fork server on this platform")
+    q = ctx.Queue()
+    p = ctx.Process(target=_kernels_loaded, args=(q,))
+    p.start()
+    loaded = q.get(timeout=120)
+    p.join(timeout=60)
+    assert loaded == [True, True, True]

@@ -329,12 +329,13 @@ def _worker_main(storage, name, objective, sampler_name, seed, pruner):
 
 
 def _context():
-    """Worker processes come from a fork server that imported torch, Optuna and the engine once
-    (a fresh interpreter each, nothing inherited from this process's threads or connections)."""
+    """Worker processes come from a fork server that imported torch, Optuna and the engine once and
+    loaded the fast kernels (search/preload.py): a fresh interpreter each, nothing inherited from
+    this process's threads or connections."""
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(["torch", "optuna", "sqlalchemy", "backproplab.engine.train",
-                                    "backproplab.search.hpo"])
+                                    "backproplab.search.hpo", "backproplab.search.preload"])
         return ctx
     return multiprocessing.get_context("spawn")
 
