@@ -6,6 +6,7 @@ import os
 import signal
 
 import optuna
+import pytest
 
 from backproplab.search import study as st
 
@@ -57,7 +58,8 @@ def test_a_worker_killed_before_its_first_heartbeat_has_its_trial_retried(tmp_pa
     assert states == [(S.FAIL, "a"), (S.COMPLETE, "a")]
 
 
-def test_a_trial_taken_but_never_started_is_failed_and_enqueued_again_after_the_grace(tmp_path):
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_taken_but_never_started_is_failed_and_enqueued_again_after_the_grace(tmp_path):  # ask(): a worker's take
     spec = _spec(tmp_path)
     study = st.create_study("g", spec, {"kind": "t", "space": None})
     st.enqueue_points(study, {"a": ({}, {"x": 1}), "b": ({}, {})})
@@ -76,3 +78,45 @@ def test_a_trial_taken_but_never_started_is_failed_and_enqueued_again_after_the_
     assert retry_running.number == retry.number
     study._storage.set_trial_user_attr(retry._trial_id, st.STARTED, unstarted.number)
     assert st.fail_unstarted_trials(study, grace=0) == 1
+
+
+def _wait_for(pred, timeout=60.0):
+    import time
+    t0 = time.time()
+    while not pred():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_joined_worker_waits_for_the_later_stages_of_a_kept_open_grid(tmp_path):
+    """effects enqueues its pairs when the singles end: a worker that joined from elsewhere
+    (wait_open) stays for them while the command's lease is current, and leaves when it ends."""
+    import threading
+    import time
+    spec = st.StorageSpec(str(tmp_path / "grid.journal"))
+    study = st.create_study("g", spec, {"kind": "t", "space": None})
+    st.enqueue_points(study, {"a": ({}, {})})
+    S = optuna.trial.TrialState
+    done = lambda slot: st.slot_trials(study).get(slot) is not None and \
+        st.slot_trials(study)[slot].state == S.COMPLETE  # noqa: E731
+    ran = []
+    worker = threading.Thread(target=lambda: ran.append(st.worker_loop(spec, "g", _value, "random", 0,
+                                                                       wait_open=True)))
+    with st.kept_open(spec, "g", lease=2.0):
+        worker.start()
+        _wait_for(lambda: done("a"))
+        time.sleep(3.0)                  # no point waiting, longer than one lease: renewed, so it stays
+        assert worker.is_alive()
+        st.enqueue_points(study, {"b": ({}, {})})   # the next stage
+        _wait_for(lambda: done("b"))
+        assert worker.is_alive()
+    worker.join(30)
+    assert not worker.is_alive() and ran == [2]
+    assert study.user_attrs[st.OPEN_UNTIL] == 0.0
+    # the command's own workers never wait; and a lease that lapsed (its command died) keeps no one
+    study.set_user_attr(st.OPEN_UNTIL, time.time() + 3600)
+    assert st.worker_loop(spec, "g", _value, "random", 0) == 0
+    study.set_user_attr(st.OPEN_UNTIL, time.time() - 1)
+    t0 = time.time()
+    assert st.worker_loop(spec, "g", _value, "random", 0, wait_open=True) == 0
+    assert time.time() - t0 < 5

@@ -1,5 +1,7 @@
 """`backproplab effects`: each training method alone on top of a base recipe, with error bars,
 a significance test, time to the base's error, a Pareto plot and a composition table."""
+import contextlib
+
 from . import add_grid_args
 from ..jsonout import emit_json, json_safe as _finite
 
@@ -102,10 +104,13 @@ def cmd_effects(args):
         passes = 4  # three distinct budgets: 1, 2 and 4 passes
     log = lambda s: print(s, flush=True)  # noqa: E731
     runner = _grid_runner(args, methods, pairs, seeds, passes, out, store, log) if args.storage else None
-    rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
-                                                        args.smoke, passes, pairs, args.top_pairs, log=log,
-                                                        eval_every=args.eval_every, val=args.val,
-                                                        multipliers=args.multipliers, runner=runner)
+    # with --storage, workers that joined from other machines wait for the later stages (pairs and
+    # budget runs, enqueued as the singles end) for as long as this command runs
+    with runner.kept_open() if runner else contextlib.nullcontext():
+        rows, comp, skipped, results, cfgs = fx.run_effects(args.base, methods, seeds, out, args.resume, args.jobs,
+                                                            args.smoke, passes, pairs, args.top_pairs, log=log,
+                                                            eval_every=args.eval_every, val=args.val,
+                                                            multipliers=args.multipliers, runner=runner)
     env = environment()
     for key, res in results.items():
         fx.record_run(store, key, res, env)  # runs the workers recorded are found there, not written again

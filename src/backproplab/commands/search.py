@@ -199,7 +199,7 @@ def _grid_worker(args, storage, study, spec, out, store):
     from ..search import grid
     from ..search import study as st
     objective = grid.GridObjective(spec["kind"], str(out.resolve()), store)
-    codes = st.run_workers(storage, args.study, objective, args.jobs or 1, "random", None, None)
+    codes = st.run_workers(storage, args.study, objective, args.jobs or 1, "random", None, None, wait_open=True)
     o = st.optuna()
     S = o.trial.TrialState
     slots = st.slot_trials(study)

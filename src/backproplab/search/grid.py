@@ -85,6 +85,10 @@ class EffectsRunner:
         self.storage, self.jobs, self.out, self.store, self.log = storage, jobs, str(out), str(store), log
         self.study = open_grid(storage, name, EFFECTS, space, out, store)
 
+    def kept_open(self):
+        """The study's lease for the whole command: its later stages reach the joined workers."""
+        return st.kept_open(self.storage, self.study.study_name)
+
     def __call__(self, cfgs: dict, label: str) -> dict:
         from ..experiments.effects import stored_result
         from ..store import list_runs

@@ -22,8 +22,10 @@ API for any search (hyperparameters, architectures):
   run_study(name, storage, objective, n_trials | grid=points, jobs, sampler, pruner, spec)
 objective(trial) -> float is a picklable callable (worker processes start from a fork server).
 """
+import contextlib
 import multiprocessing
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,6 +37,13 @@ SLOT = "slot"
 SURPLUS = "surplus"
 STARTED = "started"  # the attempt's own trial number, set once its objective ran (after its first heartbeat)
 HEARTBEAT_S = 10.0
+# A grid whose command may still enqueue points (effects' pairs and budget runs, chosen when the
+# singles are done) says so with this study attribute: the time until which workers that joined from
+# elsewhere (`search worker`) wait for more points instead of leaving. The command renews it every
+# OPEN_LEASE_S / 4 seconds while it runs and clears it at the end; a command that dies stops renewing,
+# and the waiting workers leave OPEN_LEASE_S later.
+OPEN_UNTIL = "open_until"
+OPEN_LEASE_S = 60.0
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "asha", "hyperband")
 
@@ -82,11 +91,20 @@ class StorageSpec:
                 return o.storages.RDBStorage(
                     self.url, engine_kwargs=kw, heartbeat_interval=max(1, int(round(self.heartbeat))),
                     grace_period=max(2, int(round(3 * self.heartbeat))),
-                    heartbeat_stale_trial_callback=o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+                    heartbeat_stale_trial_callback=retry_callback())
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as e:
             msg = str(getattr(e, "orig", None) or e).strip().splitlines()
             raise UserError(f"cannot reach study storage at {_host(self.url)}: "
                             f"{msg[0] if msg else type(e).__name__}") from None
+
+
+def retry_callback():
+    """Optuna's stale-trial retry (FAIL, then the same parameters and attributes enqueued again), at
+    most 3 retries a slot; marked experimental in Optuna 5.0, so its warning is not repeated."""
+    o = optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+        return o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
 def storage_spec(url: str | None, out, heartbeat: float = HEARTBEAT_S) -> StorageSpec:
@@ -267,7 +285,7 @@ def fail_unstarted_trials(study, grace: float) -> int:
     S = o.trial.TrialState
     storage = study._storage
     now = dt.datetime.now()
-    retry = o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    retry = retry_callback()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
         if t.user_attrs.get(STARTED) == t.number or t.datetime_start is None:
@@ -292,24 +310,34 @@ def _counts(study):
 
 
 def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = "tpe", seed: int | None = None,
-                pruner=None, catch=(UserError,), after_trial=None) -> int:
+                pruner=None, catch=(UserError,), after_trial=None, wait_open=False) -> int:
     """Run the study's waiting trials until none is left (on a heartbeat storage: until no trial is
-    running either, retrying stale ones) -> trials this worker ran. after_trial(): called after each."""
+    running either, retrying stale ones) -> trials this worker ran. after_trial(): called after each.
+    wait_open: while the study's OPEN_UNTIL lease is current, wait for more trials instead of leaving
+    (workers that joined a grid from elsewhere; never the command's own, which it waits for)."""
     o = optuna()
     study = o.load_study(study_name=name, storage=storage.open(), sampler=make_sampler(sampler_name, seed),
                          pruner=pruner)
     wrapped = SlotObjective(objective)
-    ran = 0
+    ran, said = 0, False
     while True:
         waiting, running = _counts(study)
         if waiting:
+            said = False
             study.optimize(wrapped, n_trials=1, catch=catch, gc_after_trial=False)
             ran += 1
             if after_trial is not None:
                 after_trial()
             continue
         if storage.is_journal or not running:
+            if wait_open and float(study.user_attrs.get(OPEN_UNTIL, 0.0)) > time.time():
+                if not said:
+                    print(f"study {name}: no point waiting; its command may add more: waiting", flush=True)
+                    said = True
+                time.sleep(OPEN_POLL_S)
+                continue
             return ran
+        said = False
         with warnings.catch_warnings():  # marked experimental in Optuna 5.0
             warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
             o.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried as WAITING
@@ -317,11 +345,39 @@ def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = 
         time.sleep(min(1.0, storage.heartbeat / 2))
 
 
-def _worker_main(storage, name, objective, sampler_name, seed, pruner):
+OPEN_POLL_S = 1.0
+
+
+@contextlib.contextmanager
+def kept_open(storage: StorageSpec, name: str, lease: float = OPEN_LEASE_S):
+    """While the block runs, study `name` tells workers that joined it (worker_loop(wait_open=True))
+    to wait for more trials: a thread renews its OPEN_UNTIL lease every lease / 4 seconds on its own
+    storage connection; the lease is cleared when the block ends, however it ends."""
+    study = optuna().load_study(study_name=name, storage=storage.open())
+    study.set_user_attr(OPEN_UNTIL, time.time() + lease)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(lease / 4):
+            try:
+                study.set_user_attr(OPEN_UNTIL, time.time() + lease)
+            except Exception:  # noqa: BLE001 - a storage hiccup: the lease lapses and the workers leave
+                pass
+    thread = threading.Thread(target=renew, name=f"lease-{name}", daemon=True)
+    thread.start()
+    try:
+        yield study
+    finally:
+        stop.set()
+        thread.join()
+        study.set_user_attr(OPEN_UNTIL, 0.0)
+
+
+def _worker_main(storage, name, objective, sampler_name, seed, pruner, wait_open=False):
     import torch
     torch.set_num_threads(1)
     try:
-        worker_loop(storage, name, objective, sampler_name, seed, pruner)
+        worker_loop(storage, name, objective, sampler_name, seed, pruner, wait_open=wait_open)
     except UserError as e:
         import sys
         print(f"error: {e}", file=sys.stderr, flush=True)
@@ -341,17 +397,19 @@ def _context():
 
 
 def run_workers(storage: StorageSpec, name: str, objective, jobs: int = 1, sampler: str = "tpe",
-                seed: int | None = 0, pruner=None) -> list:
+                seed: int | None = 0, pruner=None, wait_open=False) -> list:
     """jobs worker processes (each loading the study; jobs=1 runs in this process) ->
     their exit codes (0 each when all went well; -9 for a SIGKILLed one). A bar of the study's
-    trials (done of all slots) on a terminal, read from the storage while the workers run."""
+    trials (done of all slots) on a terminal, read from the storage while the workers run.
+    wait_open: the workers wait for more trials while the study's lease says its command may add
+    some (kept_open; for `search worker`)."""
     from ..report.progress import bar
     with bar("search trials", None) as b:
         tick = _trials_ticker(storage, name, b)
         if jobs == 1:
-            worker_loop(storage, name, objective, sampler, seed, pruner, after_trial=tick)
+            worker_loop(storage, name, objective, sampler, seed, pruner, after_trial=tick, wait_open=wait_open)
             return [0]
-        return _run_processes(storage, name, objective, jobs, sampler, seed, pruner, tick)
+        return _run_processes(storage, name, objective, jobs, sampler, seed, pruner, tick, wait_open)
 
 
 def _trials_ticker(storage: StorageSpec, name: str, b):
@@ -370,12 +428,13 @@ def _trials_ticker(storage: StorageSpec, name: str, b):
     return tick
 
 
-def _run_processes(storage, name, objective, jobs, sampler, seed, pruner, tick) -> list:
+def _run_processes(storage, name, objective, jobs, sampler, seed, pruner, tick, wait_open=False) -> list:
     ctx = _context()
     codes = []
     for round_ in range(1 + RECOVERY_ROUNDS):
         procs = [ctx.Process(target=_worker_main, args=(storage, name, objective, sampler,
-                                                         None if seed is None else seed + k + 1000 * round_, pruner),
+                                                         None if seed is None else seed + k + 1000 * round_, pruner,
+                                                         wait_open),
                              name=f"search-worker-{k}") for k in range(jobs)]
         for p in procs:
             p.start()
@@ -407,7 +466,7 @@ def retry_dead_workers(storage: StorageSpec, name: str, pids: set) -> int:
     backend = storage.open()
     study = o.load_study(study_name=name, storage=backend)
     study_id = backend.get_study_id_from_name(name)
-    retry = o.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    retry = retry_callback()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(S.RUNNING,)):
         if t.user_attrs.get("pid") in pids:
