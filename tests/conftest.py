@@ -22,3 +22,15 @@ def run_cli(*args, cwd=None, env=None, timeout=300):
     e = dict(os.environ, PYTHONPATH=str(ROOT / "src"), **(env or {}))
     return subprocess.run([sys.executable, "-m", "backproplab", *map(str, args)], cwd=cwd, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class Stop(Exception):
+    """Raised by stop_in's progress callback: a run stopped at a chosen point, as a kill would."""
+
+
+def stop_in(pass_idx):
+    """A train() progress callback that raises Stop at pass `pass_idx`."""
+    def progress(p, done, total):
+        if p == pass_idx:  # the checkpoint of pass `pass_idx` is on disk by now
+            raise Stop
+    return progress

@@ -12,7 +12,8 @@ from backproplab.engine.population import Population
 from backproplab.engine.train import checkpoint_path, train
 from backproplab.methods.registry import get_method
 
-from test_methods import (F32, X, Y, Stop, _stop_in, assert_telling, assert_weights, close, flat, grads, init,
+from conftest import Stop, stop_in
+from test_methods import (F32, X, Y, assert_telling, assert_weights, close, flat, grads, init,
                           net, public_run, sgd_steps, tiny_cfg, xy)
 
 
@@ -133,7 +134,7 @@ def test_adopt_resumes_bit_identical(tiny, tmp_path):
     full = train(cfg, data=tiny)
     assert full.final[0]["weights_sha256"] != full.final[1]["weights_sha256"]
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=_stop_in(1))
+        train(cfg, out=tmp_path, data=tiny, progress=stop_in(1))
     ck = load_checkpoint(checkpoint_path(cfg, tmp_path))
     assert ck["passes_done"] == 1
     resumed = train(cfg, out=tmp_path, resume=True, data=tiny)

@@ -13,19 +13,9 @@ from backproplab.engine.population import Population
 from backproplab.engine.train import train
 from backproplab.errors import UserError
 from backproplab.models import convnet as cn
+from conftest import Stop, stop_in
 
 CONV = ["model.name=convnet", "train.eval_every=100"]
-
-
-class Stop(Exception):
-    pass
-
-
-def _stop_in(pass_idx):
-    def progress(p, done, total):
-        if p == pass_idx:  # the checkpoint of pass `pass_idx` is on disk by now
-            raise Stop
-    return progress
 
 
 def _cfg(*over):
@@ -66,7 +56,7 @@ def test_resume_at_28_is_bit_identical(tmp_path):
     data = load_dataset("mnist10k", 64, 16, resolution=28)
     full = train(cfg, data=data)
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=data, progress=_stop_in(1))   # stopped in pass 2, pass 1 checkpointed
+        train(cfg, out=tmp_path, data=data, progress=stop_in(1))   # stopped in pass 2, pass 1 checkpointed
     resumed = train(cfg, out=tmp_path, resume=True, data=data)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
     assert [{k: v for k, v in h.items() if not k.startswith("seconds")} for h in resumed.history] == \

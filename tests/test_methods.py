@@ -26,6 +26,7 @@ from backproplab.methods.registry import (HOOKS, build_switch, get_method, incom
 from backproplab.cli import main
 
 from _teacher import teacher_dir
+from conftest import Stop, stop_in
 
 NAMES = [m.name for m in list_methods()]
 BASE = ["data.n_train=64", "data.n_test=32", "train.passes=2", "train.batch=16", "model.dropout=0",
@@ -99,17 +100,6 @@ def close(a, b, rtol=1e-5, atol=1e-6):
 
 def net():
     return Net1989(0, act="relu", out_act="none")
-
-
-class Stop(Exception):
-    pass
-
-
-def _stop_in(pass_idx):
-    def progress(p, done, total):
-        if p == pass_idx:  # the checkpoint of pass `pass_idx` is on disk by now
-            raise Stop
-    return progress
 
 
 # -- by hand: the net written out from SPEC section 1, trained by SGD on autograd gradients -------
@@ -1043,7 +1033,7 @@ def test_resume_bit_identical(name, tiny, tmp_path):
     cfg = tiny_cfg(RESUME_OPTS.get(name, name), over=["train.passes=3"])
     full = train(cfg, data=tiny)
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=_stop_in(1))
+        train(cfg, out=tmp_path, data=tiny, progress=stop_in(1))
     assert load_checkpoint(checkpoint_path(cfg, tmp_path))["passes_done"] == 1
     resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
@@ -1057,7 +1047,7 @@ def test_population_resume_with_train_randomness_and_many_methods(tiny, tmp_path
     full = train(cfg, data=tiny)
     assert full.final[0]["weights_sha256"] != full.final[1]["weights_sha256"]
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=_stop_in(2))
+        train(cfg, out=tmp_path, data=tiny, progress=stop_in(2))
     resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
     # a replica of a population is the same run as alone: the same draws, to float tolerance (the

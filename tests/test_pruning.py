@@ -11,7 +11,8 @@ from backproplab.engine.train import checkpoint_path, train
 from backproplab.errors import UserError
 from backproplab.methods.pruning import Prune, truncate
 
-from test_methods import (LR0, X, Y, Stop, _stop_in, assert_telling, assert_weights, close, descend, grads, init,
+from conftest import Stop, stop_in
+from test_methods import (LR0, X, Y, assert_telling, assert_weights, close, descend, grads, init,
                           public_run, run_engine, tiny, tiny_cfg, xy)  # noqa: F401 (tiny: fixture)
 
 WEIGHTS = ("h1_w", "h2_w", "h3_w", "out_w")   # Net1989's prunable tensors; biases stay
@@ -218,7 +219,7 @@ def test_resume_mid_schedule_is_bit_identical(spec, tiny, tmp_path):
     cfg = tiny_cfg(spec, over=["train.passes=4", "train.seeds=2"])
     full = train(cfg, data=tiny)
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=_stop_in(2))
+        train(cfg, out=tmp_path, data=tiny, progress=stop_in(2))
     assert load_checkpoint(checkpoint_path(cfg, tmp_path))["passes_done"] == 2
     resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]

@@ -13,7 +13,8 @@ from backproplab.engine.train import checkpoint_path, train
 from backproplab.methods.qat import fake_quantize
 from backproplab.methods.registry import get_method
 
-from test_methods import (LR0, TOL, X, Y, Stop, _stop_in, assert_telling, assert_weights, descend, grads, init,
+from conftest import Stop, stop_in
+from test_methods import (LR0, TOL, X, Y, assert_telling, assert_weights, descend, grads, init,
                           public_run, tiny_cfg, xy)
 
 
@@ -164,7 +165,7 @@ def test_qat_resumes_bit_identical(tiny, tmp_path):
     assert full.final[0]["weights_sha256"] != train(tiny_cfg(over=["train.passes=3", "train.seeds=2"]),
                                                     data=tiny).final[0]["weights_sha256"]
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=_stop_in(1))
+        train(cfg, out=tmp_path, data=tiny, progress=stop_in(1))
     assert load_checkpoint(checkpoint_path(cfg, tmp_path))["passes_done"] == 1
     resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]

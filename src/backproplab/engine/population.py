@@ -439,27 +439,21 @@ class Population:
         return value
 
     def _vmap_grad(self, c):
-        leaves = {n: v.detach().requires_grad_() for n, v in self.views.items()}  # (R, ...), W's storage
-        params, c.params = c.params, [[leaves[n][r] for n in self.names] for r in range(self.R)]
-        try:
-            with self._forward_ctx():
-                out = self._vfwd[c.keep is not None](leaves, c.x, c.keep)          # (R, B, 10)
-            value = self._loss(c, out)
-            c.loss = value.detach()
-            grads = torch.autograd.grad(value.sum(), list(leaves.values()))
-        finally:
-            c.params = params
-        return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
+        return self._leaf_grad(c, lambda leaves: self._vfwd[c.keep is not None](leaves, c.x, c.keep))
 
     def _stacked_grad(self, c, second):
-        """ModNet's population in one forward: leaves (R, ...) share W's storage, so their
-        gradients are the (R, P) gradient's pieces; ctx.params are the leaves' rows meanwhile."""
+        """ModNet's population in one forward (models/stacked.py)."""
+        return self._leaf_grad(c, lambda leaves: self.stack(leaves, c.x, c.keep, [m.gen for m in self.models],
+                                                            update_stats=not second))
+
+    def _leaf_grad(self, c, forward):
+        """forward(leaves) -> (R, B, 10) for the whole population: leaves (R, ...) share W's storage,
+        so their gradients are the (R, P) gradient's pieces; ctx.params are the leaves' rows meanwhile."""
         leaves = {n: v.detach().requires_grad_() for n, v in self.views.items()}
         params, c.params = c.params, [[leaves[n][r] for n in self.names] for r in range(self.R)]
         try:
             with self._forward_ctx():
-                out = self.stack(leaves, c.x, c.keep, [m.gen for m in self.models],
-                                 update_stats=not second)                       # (R, B, 10)
+                out = forward(leaves)
             value = self._loss(c, out)
             c.loss = value.detach()
             grads = torch.autograd.grad(value.sum(), list(leaves.values()))
