@@ -110,11 +110,15 @@ def main():
     ap.add_argument("--pruners", default="asha", help="pruners separated by ;, each against the same unpruned "
                     "searches (default asha; e.g. 'asha;asha:min=3,factor=2')")
     ap.add_argument("--first-seed", type=int, default=0, help="the first search seed (default 0)")
+    ap.add_argument("--prune-overrides", default="", help="space-separated config overrides added to the pruning "
+                    "part's (e.g. 'data.n_train=3000 data.val=1000': a validation split with less sampling noise)")
     ap.add_argument("--skip-speed", action="store_true", help="keep the speed part of the results file as it is")
     ap.add_argument("--skip-prune", action="store_true", help="keep the pruning part of the results file as it is")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_search.json"))
     args = ap.parse_args()
     speed, prune = dict(SPEED), dict(PRUNE)
+    if args.prune_overrides:
+        prune["overrides"] = prune["overrides"] + args.prune_overrides.split()
     if args.quick:
         speed = {**speed, "grid_points": 2, "overrides": speed["overrides"] + ["data.n_train=600", "data.val=100"]}
         prune = {**prune, "trials": 6, "overrides": prune["overrides"] + ["data.n_train=600", "data.val=100"]}
