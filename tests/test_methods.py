@@ -1028,16 +1028,23 @@ def test_pair(a, b, tiny):
 RESUME_OPTS = {"swa": "swa:start=0", "ema": "ema:decay=0.5", "adam_sgd": "adam_sgd:at=0.5"}
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_resume_bit_identical(name, tiny, tmp_path):
-    cfg = tiny_cfg(RESUME_OPTS.get(name, name), over=["train.passes=3"])
-    full = train(cfg, data=tiny)
+def stop_and_resume(cfg, data, out, at):
+    """cfg trained whole, and stopped at pass `at` then resumed from its checkpoint: the checkpoint
+    holds `at` passes, and every weight hash and evaluation of the resumed run is the whole run's
+    -> the whole run."""
+    full = train(cfg, data=data)
     with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=stop_in(1))
-    assert load_checkpoint(checkpoint_path(cfg, tmp_path))["passes_done"] == 1
-    resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
+        train(cfg, out=out, data=data, progress=stop_in(at))
+    assert load_checkpoint(checkpoint_path(cfg, out))["passes_done"] == at
+    resumed = train(cfg, out=out, resume=True, data=data)
     assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
     assert [h["test"] for h in resumed.history] == [h["test"] for h in full.history]
+    return full
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_bit_identical(name, tiny, tmp_path):
+    stop_and_resume(tiny_cfg(RESUME_OPTS.get(name, name), over=["train.passes=3"]), tiny, tmp_path, 1)
 
 
 def test_population_resume_with_train_randomness_and_many_methods(tiny, tmp_path):

@@ -6,14 +6,11 @@ import pytest
 import torch
 
 from backproplab.cli import main
-from backproplab.engine.checkpoint import load_checkpoint
-from backproplab.engine.train import checkpoint_path, train
 from backproplab.errors import UserError
 from backproplab.methods.pruning import Prune, truncate
 
-from conftest import Stop, stop_in
-from test_methods import (LR0, X, Y, assert_telling, assert_weights, close, descend, grads, init,
-                          public_run, run_engine, tiny, tiny_cfg, xy)  # noqa: F401 (tiny: fixture)
+from test_methods import (LR0, assert_telling, assert_weights, close, descend, grads, init,  # noqa: F401
+                          public_run, run_engine, stop_and_resume, tiny, tiny_cfg, xy)  # (tiny: fixture)
 
 WEIGHTS = ("h1_w", "h2_w", "h3_w", "out_w")   # Net1989's prunable tensors; biases stay
 
@@ -216,13 +213,7 @@ def test_iterative_cycles_reach_the_sparsity_in_equal_shares(tiny):
                                   "prune:schedule=iterative,rewind=init,start=0,end=0.6,cycles=2",
                                   "lowrank:h3=4,conv=3,start=0.5"])
 def test_resume_mid_schedule_is_bit_identical(spec, tiny, tmp_path):
-    cfg = tiny_cfg(spec, over=["train.passes=4", "train.seeds=2"])
-    full = train(cfg, data=tiny)
-    with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=stop_in(2))
-    assert load_checkpoint(checkpoint_path(cfg, tmp_path))["passes_done"] == 2
-    resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
-    assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
+    stop_and_resume(tiny_cfg(spec, over=["train.passes=4", "train.seeds=2"]), tiny, tmp_path, 2)
 
 
 def test_mask_holds_against_momentum_and_weight_decay(tiny):

@@ -6,16 +6,14 @@ import pytest
 import torch
 
 from backproplab.cli import main
-from backproplab.engine.checkpoint import load_checkpoint
 from backproplab.engine.kernelgrad import kernel_reason
 from backproplab.engine.population import Population
-from backproplab.engine.train import checkpoint_path, train
+from backproplab.engine.train import train
 from backproplab.methods.qat import fake_quantize
 from backproplab.methods.registry import get_method
 
-from conftest import Stop, stop_in
-from test_methods import (LR0, TOL, X, Y, assert_telling, assert_weights, descend, grads, init,
-                          public_run, tiny_cfg, xy)
+from test_methods import (LR0, TOL, X, Y, assert_telling, assert_weights, descend, grads, init, public_run,
+                          stop_and_resume, tiny_cfg, xy)
 
 
 def observer_fake_quant(w: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -159,17 +157,10 @@ def test_qat_through_train(tiny):
 def test_qat_resumes_bit_identical(tiny, tmp_path):
     """Two replicas, 3 passes of 4 steps, fake quantization from step 5 (inside pass 2): stopped after
     pass 1 and resumed, every weight hash and evaluation is the uninterrupted run's."""
-    cfg = tiny_cfg("qat:start=0.4", over=["train.passes=3", "train.seeds=2"])
-    full = train(cfg, data=tiny)
+    full = stop_and_resume(tiny_cfg("qat:start=0.4", over=["train.passes=3", "train.seeds=2"]), tiny, tmp_path, 1)
     assert full.final[0]["weights_sha256"] != full.final[1]["weights_sha256"]
     assert full.final[0]["weights_sha256"] != train(tiny_cfg(over=["train.passes=3", "train.seeds=2"]),
                                                     data=tiny).final[0]["weights_sha256"]
-    with pytest.raises(Stop):
-        train(cfg, out=tmp_path, data=tiny, progress=stop_in(1))
-    assert load_checkpoint(checkpoint_path(cfg, tmp_path))["passes_done"] == 1
-    resumed = train(cfg, out=tmp_path, resume=True, data=tiny)
-    assert [f["weights_sha256"] for f in resumed.final] == [f["weights_sha256"] for f in full.final]
-    assert [h["test"] for h in resumed.history] == [h["test"] for h in full.history]
 
 
 @pytest.mark.parametrize("spec,says", [("qat:bits=1", "bits"), ("qat:bits=9", "bits"), ("qat:bits=eight", "bits"),
