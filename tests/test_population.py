@@ -167,6 +167,27 @@ def test_fast_paths_evaluate_the_model_their_methods_change():
         Population(cfg_with("nf"), [0], path="fused")
 
 
+@pytest.mark.parametrize("combo", [("sam", "dropout"), ("sam", "nf"), ("ema", "nf", "dropout")])
+def test_fast_model_changes_compose_on_the_kernel_path(combo):
+    """SAM's second gradient sees the same dropout masks (drawn once a step), and averages and the
+    evaluation see the standardized weights: two passes on the kernels equal the autograd path."""
+    if not HAVE_KERNELS:
+        pytest.skip("no AVX-512: the kernel path does not run here")
+    cfg = cfg_with(*combo)
+    x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
+    got = {}
+    for path in ("kernel", "autograd"):
+        eng = Population(cfg, [0, 1], path=path)
+        for p in range(2):
+            rand = [pass_randomness(s, p, len(x), cfg.train.shift, cfg.model.dropout, 192) for s in (0, 1)]
+            eng.train_pass(x, y, None, np.stack([r[0] for r in rand]) if cfg.train.shift else None,
+                           np.stack([r[1] for r in rand]) if cfg.model.dropout else None)
+            eng.end_pass()
+        got[path] = eng.W.clone(), eng.outputs(D.test_x[:32].reshape(-1, 1, 16, 16))
+    torch.testing.assert_close(got["kernel"][0], got["autograd"][0], rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(got["kernel"][1], got["autograd"][1], rtol=1e-4, atol=1e-4)
+
+
 def test_automatic_path_and_the_run_record():
     base = apply_overrides(preset("modern_smoke"), BASE)  # AdamW, linear decay, dropout, shifts
     assert Population(base, [0]).path == ("kernel" if HAVE_KERNELS else "fused")
