@@ -4,10 +4,8 @@ mid-point; every point completes exactly once, is recorded once, and the table r
 the store equals a single-process run of the same grid. And the bad input around them."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -17,7 +15,7 @@ from backproplab.cli import main
 from backproplab.config import from_dict
 from backproplab.engine.train import checkpoint_path
 from backproplab.errors import UserError
-from conftest import ROOT
+from conftest import ROOT, kill_a_trial_mid_run
 from conftest_postgres import _free_port, postgres_db, postgres_server  # noqa: F401
 
 EFFECTS = ["effects", "--smoke", "--seeds", "2", "--top-pairs", "0", "--passes", "4", "--json"]
@@ -32,21 +30,14 @@ def _run_and_kill(cmd, url, study, out, victim_ready, timeout=240):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen([sys.executable, "-m", "backproplab", *cmd], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    victim, storage = None, None
+    storage = []
+
+    def trials():
+        if not storage:
+            storage.append(optuna.storages.RDBStorage(url))
+        return storage[0].get_all_trials(storage[0].get_study_id_from_name(study))
     try:
-        deadline = time.time() + timeout
-        while victim is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-            try:
-                storage = storage or optuna.storages.RDBStorage(url)
-                trials = storage.get_all_trials(storage.get_study_id_from_name(study))
-            except Exception:  # noqa: BLE001 - the study is not created yet
-                continue
-            for t in trials:
-                if t.state.name == "RUNNING" and "pid" in t.user_attrs and victim_ready(t):
-                    victim = t
-                    os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                    break
+        victim = kill_a_trial_mid_run(proc, trials, victim_ready, timeout)
         stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:

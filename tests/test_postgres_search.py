@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import optuna
 import pytest
@@ -14,11 +13,11 @@ import pytest
 from backproplab import store
 from backproplab.cli import main
 from backproplab.engine.checkpoint import load_checkpoint
-from conftest import ROOT
+from conftest import MID_RUN_PASSES, ROOT, checkpoint_in, kill_a_trial_mid_run
 from conftest_postgres import postgres_db, postgres_server  # noqa: F401
 
 GRID = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.02,0.05,0.1", "data.n_train=4000",
-        "train.passes=20",  # long enough (about a second a trial) to be caught mid-run on an idle machine
+        f"train.passes={MID_RUN_PASSES}",  # long enough to be caught mid-run (conftest.MID_RUN_PASSES)
         "--sampler", "grid", "--no-retrain", "--json", "--study", "g"]
 
 
@@ -32,26 +31,16 @@ def test_postgres_killed_worker_trial_is_retried_once(tmp_path, postgres_db, cap
     proc = subprocess.Popen([sys.executable, "-m", "backproplab", *GRID, "--storage", postgres_db, "--jobs", "3",
                              "--heartbeat", "1", "--out", str(out)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    victim, storage, done_at_kill = None, None, None
+    storage = []
+
+    def trials():
+        if not storage:
+            storage.append(optuna.storages.RDBStorage(postgres_db))
+        return storage[0].get_all_trials(storage[0].get_study_id_from_name("g"))
     try:
-        deadline = time.time() + 240
-        while victim is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-            try:
-                storage = storage or optuna.storages.RDBStorage(postgres_db)
-                trials = storage.get_all_trials(storage.get_study_id_from_name("g"))
-            except Exception:  # noqa: BLE001 - the study is not created yet
-                continue
-            for t in trials:  # a trial past its first pass (its checkpoint written), still running
-                folder = out / "trials" / "g" / f"slot-{t.user_attrs.get('slot', -1):04d}" / "checkpoints"
-                if t.state.name == "RUNNING" and "pid" in t.user_attrs and folder.is_dir() and \
-                        any(p.suffix == ".pt" for p in folder.iterdir()):
-                    victim = t
-                    os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                    time.sleep(0.2)
-                    ckpt = next(p for p in folder.iterdir() if p.suffix == ".pt")
-                    done_at_kill = load_checkpoint(ckpt)["passes_done"]
-                    break
+        folder = lambda t: out / "trials" / "g" / f"slot-{t.user_attrs.get('slot', -1):04d}" / "checkpoints"  # noqa
+        victim = kill_a_trial_mid_run(proc, trials, lambda t: checkpoint_in(folder(t)) is not None)
+        done_at_kill = load_checkpoint(checkpoint_in(folder(victim)))["passes_done"] if victim else None
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:

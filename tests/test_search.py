@@ -138,39 +138,26 @@ def test_search_journal_dead_local_worker_trial_is_retried(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     from backproplab.engine.checkpoint import load_checkpoint
-    from conftest import ROOT
+    from conftest import MID_RUN_PASSES, ROOT, checkpoint_in, kill_a_trial_mid_run
     out = tmp_path / "o"
-    cmd = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.03,0.1", "data.n_train=4000", "train.passes=20",
-           "--sampler", "grid", "--no-retrain", "--json", "--study", "k", "--jobs", "2", "--out", str(out)]
+    cmd = ["search", "smoke", "--smoke", "optim.lr=choice:0.01,0.03,0.1", "data.n_train=4000",
+           f"train.passes={MID_RUN_PASSES}", "--sampler", "grid", "--no-retrain", "--json", "--study", "k",
+           "--jobs", "2", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "backproplab", *cmd], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
-    victim = done_at_kill = None
+
+    def trials():
+        backend = optuna.storages.JournalStorage(JournalFileBackend(str(out / "search.journal")))
+        return backend.get_all_trials(backend.get_study_id_from_name("k"))
     try:
-        deadline = time.time() + 240
-        while victim is None and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-            if not (out / "search.journal").is_file():
-                continue
-            try:
-                backend = optuna.storages.JournalStorage(JournalFileBackend(str(out / "search.journal")))
-                trials = backend.get_all_trials(backend.get_study_id_from_name("k"))
-            except Exception:  # noqa: BLE001 - the study is not written yet
-                continue
-            for t in trials:
-                folder = out / "trials" / "k" / f"slot-{t.user_attrs.get('slot', -1):04d}" / "checkpoints"
-                if t.state.name == "RUNNING" and "pid" in t.user_attrs and folder.is_dir() and \
-                        any(p.suffix == ".pt" for p in folder.iterdir()):
-                    victim = t
-                    os.kill(t.user_attrs["pid"], signal.SIGKILL)
-                    time.sleep(0.2)
-                    done_at_kill = load_checkpoint(next(p for p in folder.iterdir() if p.suffix == ".pt"))["passes_done"]
-                    break
+        folder = lambda t: out / "trials" / "k" / f"slot-{t.user_attrs.get('slot', -1):04d}" / "checkpoints"  # noqa
+        victim = kill_a_trial_mid_run(proc, trials, lambda t: checkpoint_in(folder(t)) is not None)
+        done_at_kill = load_checkpoint(checkpoint_in(folder(victim)))["passes_done"] if victim else None
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
