@@ -34,7 +34,7 @@ def _run_and_kill(cmd, url, study, out, victim_ready, timeout=240):
 
     def trials():
         if not storage:
-            storage.append(optuna.storages.RDBStorage(url))
+            storage.append(optuna.storages.RDBStorage(url, skip_table_creation=True))  # the command creates the schema
         return storage[0].get_all_trials(storage[0].get_study_id_from_name(study))
     try:
         victim = kill_a_trial_mid_run(proc, trials, victim_ready, timeout)
@@ -61,7 +61,7 @@ def test_postgres_effects_grid_with_a_killed_worker_runs_each_point_once(tmp_pat
     code, stdout, stderr, victim = _run_and_kill(
         EFFECTS + ["--storage", postgres_db, "--store", postgres_db, "--study", "fx", "--jobs", "3",
                    "--heartbeat", "0.5", "--out", str(out)], postgres_db, "fx", out, has_checkpoint)
-    assert victim is not None, "no point was caught mid-run"
+    assert victim is not None, f"no point was caught mid-run (exit {code}; stderr: {stderr[-1500:]!r})"
     assert code == 0, stderr
     grid = json.loads(stdout.strip().splitlines()[-1])
     trials, done, failed = _slots(postgres_db, "fx")
@@ -94,7 +94,7 @@ def test_postgres_scale_grid_with_a_killed_worker_records_each_cell_once(tmp_pat
         # left its cell RUNNING for good and this test hung (test_study_stale.py pins that down)
         SCALE + ["--storage", postgres_db, "--store", postgres_db, "--study", "sc", "--jobs", "2", "--heartbeat", "0.5",
                  "--out", str(out)], postgres_db, "sc", out, lambda t: True)
-    assert victim is not None, "no cell was caught mid-run"
+    assert victim is not None, f"no cell was caught mid-run (exit {code}; stderr: {stderr[-1500:]!r})"
     assert code == 0, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["ran"] == 2 and summary["store"] == postgres_db

@@ -35,7 +35,7 @@ def test_postgres_killed_worker_trial_is_retried_once(tmp_path, postgres_db, cap
 
     def trials():
         if not storage:
-            storage.append(optuna.storages.RDBStorage(postgres_db))
+            storage.append(optuna.storages.RDBStorage(postgres_db, skip_table_creation=True))  # the command creates the schema
         return storage[0].get_all_trials(storage[0].get_study_id_from_name("g"))
     try:
         folder = lambda t: out / "trials" / "g" / f"slot-{t.user_attrs.get('slot', -1):04d}" / "checkpoints"  # noqa
@@ -45,7 +45,7 @@ def test_postgres_killed_worker_trial_is_retried_once(tmp_path, postgres_db, cap
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert victim is not None, "no trial was caught mid-run"
+    assert victim is not None, f"no trial was caught mid-run (exit {proc.returncode}; stderr: {stderr[-1500:]!r}; stdout: {stdout[-1500:]!r})"
     assert proc.returncode == 0, stderr
     res = json.loads(stdout.strip().splitlines()[-1])
     assert sorted(res["worker_exit_codes"]) == [-signal.SIGKILL, 0, 0]

@@ -162,7 +162,7 @@ def test_search_journal_dead_local_worker_trial_is_retried(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert victim is not None, "no trial was caught mid-run"
+    assert victim is not None, f"no trial was caught mid-run (exit {proc.returncode}; stderr: {stderr[-1500:]!r}; stdout: {stdout[-1500:]!r})"
     assert proc.returncode == 0, stderr
     res = _last_json(stdout)
     assert -signal.SIGKILL in res["worker_exit_codes"]

@@ -57,6 +57,9 @@ def optuna():
     return o
 
 
+SCHEMA_RETRIES = 5   # StorageSpec.open: attempts after a collision creating a new database's tables
+
+
 @dataclass(frozen=True)
 class StorageSpec:
     """Where a study lives, as text a worker process (or another machine) can open again."""
@@ -86,12 +89,21 @@ class StorageSpec:
         if self.url.startswith("postgresql"):
             kw = {"connect_args": {"connect_timeout": 10}}
         try:
-            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5.0
-                warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
-                return o.storages.RDBStorage(
-                    self.url, engine_kwargs=kw, heartbeat_interval=max(1, int(round(self.heartbeat))),
-                    grace_period=max(2, int(round(3 * self.heartbeat))),
-                    heartbeat_stale_trial_callback=retry_callback())
+            for attempt in range(SCHEMA_RETRIES + 1):
+                try:
+                    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5.0
+                        warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+                        return o.storages.RDBStorage(
+                            self.url, engine_kwargs=kw, heartbeat_interval=max(1, int(round(self.heartbeat))),
+                            grace_period=max(2, int(round(3 * self.heartbeat))),
+                            heartbeat_stale_trial_callback=retry_callback())
+                except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                    # Optuna creates its tables on a database's first open; processes opening a new
+                    # database at once collide there (duplicate type or table). The tables exist
+                    # once one of them has won: open again.
+                    if attempt == SCHEMA_RETRIES:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as e:
             msg = str(getattr(e, "orig", None) or e).strip().splitlines()
             raise UserError(f"cannot reach study storage at {_host(self.url)}: "
