@@ -50,7 +50,7 @@ from ..errors import UserError
 from ..methods.augment import pass_generator
 from ..methods.registry import HOOKS, build_switch, get_method, resolve
 from ..models import fused1989 as fz
-from ..models.modnet import FINAL_PARAMS, ModNet, scaled_ws_rows, ws_names
+from ..models.modnet import FINAL_PARAMS, ModNet, dropout_mask, scaled_ws_rows, ws_names
 from ..models.stacked import StackedModNet
 from ..models.registry import build_model, dropout_units
 from .evaluate import metrics_from_outputs
@@ -361,8 +361,8 @@ class Population:
             c.lr = c.lr.to(torch.float32).expand(self.R, 1)  # (R, 1)
         for sw in self._hook("batch"):
             x = sw.batch(x, c)
-        if self.noise_drop:  # (R, B, 192): what ModNet's forward would draw (models/modnet.dropout_mask)
-            keep = torch.stack([torch.rand((labels.shape[-1], 192), generator=m.gen) >= self.noise_drop
+        if self.noise_drop:  # (R, B, 192) keep masks: ModNet's own draw, one per replica's noise stream
+            keep = torch.stack([dropout_mask((labels.shape[-1], 192), self.noise_drop, m.gen) > 0
                                 for m in self.models]).to(self.device)
         c.x, c.labels, c.keep = x, labels, keep
         if self.replays and self.path == "autograd":  # the model noise of this batch, for the replay

@@ -133,8 +133,8 @@ register(Method("wd", touches=("weights-after-step", "optimizer"), hooks=("befor
                 paper="Loshchilov & Hutter 2019, 'Decoupled Weight Decay Regularization'",
                 oracle="adam + wd against torch.optim.AdamW: same trajectory"))
 register(Method("dropout", touches=("model",), hooks=("build", "forward"), impl="regularizers:Dropout",
-                modnet=True, fast_model=("kernel", "fused"), check=_no_model_dropout, options=P(0.25, "of dropping each H2 output"),
-                **_REG,
+                modnet=True, fast_model=("kernel", "fused"), check=_no_model_dropout,
+                options=P(0.25, "of dropping each H2 output"), **_REG,
                 summary="dropout on the 192 H2 outputs (before H3), scaled 1/(1-p)",
                 what="Each of H2's 192 outputs is zeroed with probability p per example and the rest scaled by "
                      "1/(1-p) while training; nothing at evaluation. Masks come from the engine's (seed, pass) "

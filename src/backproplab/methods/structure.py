@@ -97,7 +97,8 @@ register(Method("groupnorm", impl="structure:GroupNorm", **_N,
                      "per-channel gain and bias. Sites with a channel count the groups do not divide use "
                      "gcd(groups, channels) groups (12 channels: 4; H3's 30 units: 2).",
                 paper="Wu & He 2018", oracle="torch.nn.GroupNorm"))
-register(Method("nonorm", impl="structure:NoNorm", **_N, fast_model=("kernel", "fused"), summary="no normalization (the 1989 net's layers)",
+register(Method("nonorm", impl="structure:NoNorm", **_N, fast_model=("kernel", "fused"),
+                summary="no normalization (the 1989 net's layers)",
                 what="States the default explicitly: no normalization layer anywhere; with no other model "
                      "method the ModNet is exactly Net1989.",
                 paper="LeCun et al. 1989", oracle="ModNet without options gives Net1989's outputs bit for bit"))

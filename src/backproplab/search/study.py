@@ -44,6 +44,7 @@ HEARTBEAT_S = 10.0
 # and the waiting workers leave OPEN_LEASE_S later.
 OPEN_UNTIL = "open_until"
 OPEN_LEASE_S = 60.0
+OPEN_POLL_S = 1.0    # how often a waiting worker looks for new points
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("none", "asha", "hyperband")
 
@@ -355,9 +356,6 @@ def worker_loop(storage: StorageSpec, name: str, objective, sampler_name: str = 
             o.storages.fail_stale_trials(study)  # a dead worker's trial: FAIL, then retried as WAITING
         fail_unstarted_trials(study, max(UNSTARTED_GRACE_S, 6 * storage.heartbeat))
         time.sleep(min(1.0, storage.heartbeat / 2))
-
-
-OPEN_POLL_S = 1.0
 
 
 @contextlib.contextmanager
