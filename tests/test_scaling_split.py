@@ -75,8 +75,9 @@ def test_cells_train_only_on_the_pool_and_evaluate_validation_then_test(tmp_path
     st = _small_study(data)
     run_study(st, tmp_path, jobs=1, data=data, log=lambda line: None)
     assert seen["train"] and max(seen["train"]) < 240        # every training image is a pool image
-    # per population: validation first (the choice), then the test set (the report)
-    assert seen["eval"] == [1000, 2000] * len(st.cells)
+    # per population (the sweep on seed 0, then seed 1 at the chosen rate): validation first (the
+    # choice), then the test set (the report)
+    assert seen["eval"] == [1000, 2000] * 2 * len(st.cells)
 
 
 def test_changing_test_labels_changes_no_chosen_rate(tmp_path):
@@ -97,8 +98,9 @@ def test_changing_test_labels_changes_no_chosen_rate(tmp_path):
 
 def test_three_seeds_in_a_cell_equal_cells_of_one_seed_each(digits, tmp_path):
     data = tuple(t[:k] for t, k in zip(study_data("mnist10k", 1000), (600, 600, 200, 200, 150, 150)))
-    st = _small_study(data, seeds=(0, 1, 2), n_train="300", epochs="0.5", lrs="0.01,0.04,0.16")
+    st = _small_study(data, seeds=(0, 1, 2), n_train="300", epochs="0.5", lrs="0.01,0.04,0.16", rate_seeds=None)
     spec = {**st.spec, "env": {}}
+    assert "rate_seeds" not in spec                          # every rate on every seed: the older cells' keys
     cell = st.cells[0]
     joint = run_cell(cell, spec, data, tmp_path / "joint")
     s = joint["summary"]
@@ -130,12 +132,73 @@ def test_three_seeds_in_a_cell_equal_cells_of_one_seed_each(digits, tmp_path):
     assert not torch.equal(big.W[big.replica(0, 0)], big.W[big.replica(1, 0)])
 
 
+def _cell_data():
+    return tuple(t[:k] for t, k in zip(study_data("mnist10k", 1000), (600, 600, 200, 200, 150, 150)))
+
+
+def test_rates_swept_on_seed_0_then_the_other_seeds_at_the_chosen_rate(digits, tmp_path):
+    data = _cell_data()
+    kw = dict(seeds=(0, 1, 2), n_train="300", epochs="0.5", lrs="0.01,0.04,0.16")
+    part, full = _small_study(data, **kw), _small_study(data, **kw, rate_seeds=None)
+    assert part.spec["rate_seeds"] == 1 and part.spec["digest"] != full.spec["digest"]
+    seen = []
+    rec = run_cell(part.cells[0], {**part.spec, "env": {}}, data, tmp_path / "part",
+                   hooks={"on_batch": lambda step, idx: seen.append(np.shape(idx))})
+    ref = run_cell(full.cells[0], {**full.spec, "env": {}}, data, tmp_path / "full")["summary"]
+    s = rec["summary"]
+    assert s["sweep_seeds"] == [0] and "seed(s) 1, 2 trained at the chosen rate only" in s["lr_chosen_on"]
+    assert all(len(r["val_loss_seeds"]) == 1 for r in s["sweep"]) and len(s["sweep"]) == 3
+    # the rate is seed 0's best; seed 0's sweep figures are the full sweep's seed 0, bit for bit
+    assert s["lr"] == min(s["sweep"], key=lambda r: r["val_loss"])["lr"]
+    for a, b in zip(s["sweep"], ref["sweep"]):
+        assert a["lr"] == b["lr"] and a["val_loss_seeds"][0] == b["val_loss_seeds"][0]
+    # seeds 1 and 2 at that rate: the full sweep's replicas of them at that rate
+    j = [r["lr"] for r in ref["sweep"]].index(s["lr"])
+    assert s["val_loss_seeds"] == pytest.approx(ref["sweep"][j]["val_loss_seeds"], rel=1e-6, abs=0)
+    assert s["loss"] == pytest.approx(np.mean(s["val_loss_seeds"])) and len(s["test_error_seeds"]) == 3
+    assert s["test_error"] == pytest.approx(np.mean(s["test_error_seeds"]))
+    # two populations: 3 rates x seed 0 (one batch per step), then 1 rate x seeds 1, 2 (a batch each)
+    assert s["populations"] == 2 and {len(x) for x in seen} == {1, 2}
+    # the store reader: the chosen rate with its 3 seeds, the other rates with seed 0's loss alone;
+    # each cell keeps its chosen rate (its mean is over other seeds than the sweep's)
+    runs = load_runs_from_store(tmp_path / "part" / "runs.db", min_runs=1)
+    assert sorted(runs.info["seeds"].items()) == [(1, 2), (3, 1)]
+    from backproplab.scaling.runs import best_per_cell
+    best = best_per_cell(runs)
+    assert len(best) == 1 and best.lr[0] == s["lr"] and best.loss[0] == pytest.approx(s["loss"])
+    one = load_runs_from_store(tmp_path / "part" / "runs.db", min_runs=1, seed_weights=[0, 1, 0])
+    assert len(one) == 1 and one.loss[0] == pytest.approx(s["val_loss_seeds"][1])
+
+
+def test_a_cell_stopped_in_its_chosen_rate_population_resumes_to_the_same_record(digits, tmp_path):
+    data = _cell_data()
+    st = _small_study(data, seeds=(0, 1, 2), n_train="300", epochs="1", lrs="0.01,0.04")
+    spec = {**st.spec, "env": {}, "ckpt_steps": 3}
+    ref = run_cell(st.cells[0], spec, data, tmp_path / "ref")["summary"]
+    calls = []
+
+    def stop(step, idx):
+        calls.append(np.shape(idx))
+        if len(np.shape(idx)) == 2 and step == 5:            # the second population, after its step-3 checkpoint
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(st.cells[0], spec, data, tmp_path / "cut", hooks={"on_batch": stop})
+    sweep = json.loads(next((tmp_path / "cut" / "scale_ckpt").glob("*.sweep.json")).read_text())
+    assert len(sweep["populations"]) == 1 and list((tmp_path / "cut" / "scale_ckpt").glob("*.ckpt"))
+    again = run_cell(st.cells[0], spec, data, tmp_path / "cut")["summary"]
+    assert again["resumed"] and not ref["resumed"]
+    for k in ("lr", "val_loss_seeds", "test_loss_seeds", "sweep"):
+        assert again[k] == ref[k], k
+    assert len(list_runs(tmp_path / "cut")) == 1 and not list((tmp_path / "cut" / "scale_ckpt").glob("*"))
+
+
 def test_the_store_reads_a_cells_seeds_as_its_mean_with_spread(tmp_path, capsys):
     out = tmp_path / "s"
     assert main(["scale", "run", "--smoke", "--jobs", "1", "--sizes", "1,2,3", "--out", str(out), "--json"]) == 0
     capsys.readouterr()
     runs = load_runs_from_store(out / "runs.db")
-    assert runs.info["seeds"] == {3: 24} and len(runs.info["seed_spread"]) == 12
+    # the chosen rate of each cell with its 3 seeds, the other rate with seed 0's loss alone
+    assert runs.info["seeds"] == {3: 12, 1: 12} and len(runs.info["seed_spread"]) == 12
     rec = list_runs(out)[0]
     assert rec["config"]["seeds"] == [0, 1, 2] and rec["config"]["n_val"] == 300
     assert "val=last n_val training examples" in rec["config"]["split"]
@@ -143,7 +206,7 @@ def test_the_store_reads_a_cells_seeds_as_its_mean_with_spread(tmp_path, capsys)
     assert s["test_error"] is not None and s["test_error"] == pytest.approx(np.mean(s["test_error_seeds"]))
     assert main(["scale", "fit", str(out / "runs.db"), "--n-boot", "4", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rep["seeds_per_run"] == {"3": 24} and rep["seed_spread"]["n_cells"] == 12
+    assert rep["seeds_per_run"] == {"3": 12, "1": 12} and rep["seed_spread"]["n_cells"] == 12
 
 
 def _error(capsys, *argv):
@@ -164,6 +227,7 @@ def test_bad_validation_training_sizes_and_seeds_are_refused(tmp_path, capsys):
     assert "distinct seeds" in _error(capsys, "scale", "run", "--seeds", "0,0", "--out", out)
     assert "comma-separated integers" in _error(capsys, "scale", "run", "--seeds", "a", "--out", out)
     assert "not both" in _error(capsys, "scale", "run", "--seeds", "0,1", "--seed", "2", "--out", out)
+    assert "--rate-seeds 0" in _error(capsys, "scale", "run", "--rate-seeds", "0", "--out", out)
     assert "--n-val must be >= 1" in _error(capsys, "scale", "run", "--n-val", "0", "--out", out)
     assert not (out / "runs.db").exists()
 

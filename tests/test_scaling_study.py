@@ -192,7 +192,9 @@ def test_smoke_study_budget_resume_skip_and_fit(tmp_path, capsys):
         assert s["D"] == examples_for(s["epochs"], s["n_train"])
         assert s["C"] == member("convnet", s["size"]).train_flops * s["D"] and s["N"] == member("convnet", s["size"]).params
         ok = [x for x in s["sweep"] if x["status"] == "finished"]
-        assert s["loss"] == min(x["val_loss"] for x in ok) and len(s["sweep"]) == 2
+        best = min(ok, key=lambda x: x["val_loss"])              # the sweep on seed 0 chooses the rate
+        assert s["lr"] == best["lr"] and s["val_loss_seeds"][0] == best["val_loss"] and len(s["sweep"]) == 2
+        assert len(s["val_loss_seeds"]) == 3 and s["loss"] == pytest.approx(np.mean(s["val_loss_seeds"]))
     assert not list((out / "scale_ckpt").glob("*"))          # scratch files are gone
     assert main(["scale", "fit", str(out / "runs.db"), "--n-boot", "8", "--json"]) == 0
     text = capsys.readouterr().out

@@ -34,10 +34,13 @@ def register(sub, add_common):
                                               "as data.val does (default 1000; --smoke 300); the cells train on "
                                               "the rest; the test set is only reported")
     r.add_argument("--batch", type=int, default=32, help="minibatch size (default 32)")
-    r.add_argument("--seeds", help="comma-separated seeds every cell trains, all in one population (default "
-                                   "0,1,2); a seed sets a run's init, training subset and epoch order; a cell's "
-                                   "loss is the mean over its seeds")
+    r.add_argument("--seeds", help="comma-separated seeds every cell trains (default 0,1,2); a seed sets a "
+                                   "run's init, training subset and epoch order; a cell's loss is the mean over "
+                                   "its seeds at the chosen rate")
     r.add_argument("--seed", type=int, help="one seed only (the same as --seeds SEED)")
+    r.add_argument("--rate-seeds", type=int, default=1,
+                   help="sweep the learning rates on the first K seeds (default 1); the other seeds train at the "
+                        "chosen rate only. K = the number of seeds sweeps every rate on every seed")
     r.add_argument("--plan", action="store_true", help="print the grid and projected time, run nothing")
     add_grid_args(r, "cell", "scale-<the study's digest>", "default --out, which keeps the cells' scratch files either way")
     r.add_argument("methods", nargs="*", metavar="+method=NAME[:k=v,...]",
@@ -103,7 +106,8 @@ def _run(args):
     fingerprint = data_fingerprint(data)
     study = make_study(args.family, args.data, smoke=args.smoke, sizes=args.sizes, n_train=args.n_train,
                        epochs=args.epochs, lrs=args.lrs, n_avail=len(data[1]), n_val=n_val, batch=args.batch,
-                       seeds=seeds, data_fingerprint=fingerprint, methods=_methods(args.methods))
+                       seeds=seeds, data_fingerprint=fingerprint, methods=_methods(args.methods),
+                       rate_seeds=args.rate_seeds)
     runner = None
     if storage is not None and not args.plan:
         from ..search.grid import ScaleRunner

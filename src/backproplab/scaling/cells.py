@@ -8,14 +8,21 @@ nested subsets (seed k's subset of n is the first n of a permutation of the rest
 k); the test set is read once per cell, after the rate is chosen, and only reported.
 
 The sweep: the family's base grid (factor 2 apart) trained at once as a population of
-rates x seeds; each rate's validation loss is the mean over the seeds (a rate at which any
-seed diverged counts as diverged); if the best rate sits at an edge of what was tried,
-`extend` more rates beyond that edge (factor 2 again) are trained, up to `max_extend` times,
-so the kept rate is usually an interior minimum. The best rate's mean validation loss is the
-cell's loss (seed 002 keeps the best learning rate per cell); its test loss and error, per
-seed and mean, are recorded as reported figures. The test set is evaluated after each
-population, once its best rate by validation is known, and only that rate's test figures
-are kept: no choice reads them.
+rates x sweep seeds; each rate's validation loss is the mean over the sweep seeds (a rate at
+which any of them diverged counts as diverged); if the best rate sits at an edge of what was
+tried, `extend` more rates beyond that edge (factor 2 again) are trained, up to `max_extend`
+times, so the kept rate is usually an interior minimum. The sweep seeds are the first
+`rate_seeds` of the study's seeds (spec["rate_seeds"]; all of them when absent); the other
+seeds then train at the chosen rate only, as one more population. The chosen rate's mean
+validation loss over every seed is the cell's loss (seed 002 keeps the best learning rate per
+cell); its test loss and error, per seed and mean, are recorded as reported figures. The
+test set is evaluated after each population, once its best rate by validation is known, and
+only that rate's test figures are kept: no choice reads them.
+
+Sweeping on one seed and replicating the chosen rate costs L + S - 1 replicas a cell instead
+of L x S (5 against 9 for 3 rates and 3 seeds; a step of R replicas costs about R times one
+at the larger sizes). The chosen rate is then the best of seed 0's curve, so seed 0's loss
+there is slightly optimistic (the minimum of L noisy values) while the other seeds' are not.
 
 Resume: each population checkpoints on its own (trainer.py) and the results of finished
 populations are kept in a small JSON file beside it, so a killed cell continues with
@@ -111,6 +118,13 @@ def _best(results):
     return min(ok, key=lambda r: r["val_loss"]) if ok else None
 
 
+def sweep_seeds(spec) -> tuple[list, list]:
+    """(the seeds every rate of the sweep trains, the seeds trained at the chosen rate only)."""
+    seeds = list(spec["seeds"])
+    k = int(spec.get("rate_seeds") or len(seeds))
+    return seeds[:k], seeds[k:]
+
+
 def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None) -> dict:
     """Train the cell's sweep (resuming), write its record (to the results store `store`, a
     folder or URL; default out, which holds the sweep's scratch files either way), return it.
@@ -122,35 +136,48 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None
     n, seeds = cell["n_train"], spec["seeds"]
     subs = seed_subsets(len(ty), seeds, n)
     xs, ys = [tx[i] for i in subs], [ty[i] for i in subs]
+    swept, rest = sweep_seeds(spec)
     m = member(cell["family"], cell["size"])
     ckpt, sweep_file = _scratch(out, cell["key"])
     done = json.loads(sweep_file.read_text())["populations"] if sweep_file.is_file() else []
     t_cell = time.perf_counter()
-    while True:
-        rates = _next_rates(done, spec)
-        if not rates:
-            break
-        tr = CellTrainer(m, rates, xs, ys, cell["epochs"], optim=spec["optim"], batch=spec["batch"],
-                         momentum=spec["momentum"], weight_decay=spec["weight_decay"], seeds=seeds,
-                         ckpt=ckpt, ckpt_seconds=spec["ckpt_seconds"], ckpt_steps=spec.get("ckpt_steps"),
-                         methods=spec_methods(spec),
-                         tag=f"{cell['key']}|{','.join(f'{r:.6g}' for r in rates)}")
+
+    def train(rates, pop_seeds, tag, replicate=False):
+        """One population: `rates` x `pop_seeds`, resuming its checkpoint, its results kept in
+        the sweep file (replicate: the chosen rate for the seeds the sweep left out)."""
+        at = [seeds.index(s) for s in pop_seeds]
+        tr = CellTrainer(m, rates, [xs[i] for i in at], [ys[i] for i in at], cell["epochs"], optim=spec["optim"],
+                         batch=spec["batch"], momentum=spec["momentum"], weight_decay=spec["weight_decay"],
+                         seeds=pop_seeds, ckpt=ckpt, ckpt_seconds=spec["ckpt_seconds"],
+                         ckpt_steps=spec.get("ckpt_steps"), methods=spec_methods(spec), tag=tag)
         if hooks and hooks.get("on_batch"):
             tr.on_batch = hooks["on_batch"]
         c0 = time.process_time()
         sec = tr.run()
-        res = _results(rates, seeds, tr.evaluate(vx, vy))
+        res = _results(rates, pop_seeds, tr.evaluate(vx, vy))
         best = _best(res)
         test = None
         if best is not None:               # chosen on validation above; the test set only reports it
             j = rates.index(best["lr"])
             te = tr.evaluate(sx, sy)
-            te = [te[tr.replica(k, j)] for k in range(len(seeds))]
+            te = [te[tr.replica(k, j)] for k in range(len(pop_seeds))]
             test = {"lr": best["lr"], "loss_seeds": [x["loss"] for x in te], "error_seeds": [x["error"] for x in te]}
-        done.append({"results": res, "test_of_best": test, "seconds": sec, "cpu_seconds": time.process_time() - c0,
-                     "steps": tr.steps, "resumed_from_step": tr.resumed_from, "examples": tr.seen()})
+        entry = {"results": res, "test_of_best": test, "seconds": sec, "cpu_seconds": time.process_time() - c0,
+                 "steps": tr.steps, "resumed_from_step": tr.resumed_from, "examples": tr.seen()}
+        if replicate:
+            entry["replicate"] = True
+        done.append(entry)
         atomic_write_bytes(sweep_file, json.dumps({"key": cell["key"], "populations": done}).encode())
         remove_checkpoint(ckpt)
+
+    while True:
+        rates = _next_rates([p for p in done if not p.get("replicate")], spec)
+        if not rates:
+            break
+        train(rates, swept, f"{cell['key']}|{','.join(f'{r:.6g}' for r in rates)}")
+    best = _best([r for p in done for r in p["results"]])
+    if rest and best is not None and not any(p.get("replicate") for p in done):
+        train([best["lr"]], rest, f"{cell['key']}|{best['lr']:.6g}|seeds {','.join(map(str, rest))}", True)
     record = _record(cell, spec, m, done, time.perf_counter() - t_cell, len(vy), len(sy))
     add_run(out if store is None else store, KIND, cell["key"], record["status"], record["config"], record["summary"],
             [], spec["env"])
@@ -160,19 +187,48 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None
     return record
 
 
+def _chosen(done) -> tuple:
+    """(the sweep's result at the chosen rate extended to every seed, or None; its test figures)."""
+    sweep = [p for p in done if not p.get("replicate")]
+    best = _best([r for p in sweep for r in p["results"]])
+    if best is None:
+        return None, None
+    test = next((p["test_of_best"] for p in sweep if p.get("test_of_best") and p["test_of_best"]["lr"] == best["lr"]),
+                None)
+    rep = next((p for p in done if p.get("replicate")), None)
+    if rep is None:
+        return best, test
+    r = rep["results"][0]
+    per, errs = best["val_loss_seeds"] + r["val_loss_seeds"], best["val_error_seeds"] + r["val_error_seeds"]
+    if any(v is None for v in per):   # a seed diverged at the chosen rate: the cell has no loss
+        return None, None
+    full = {**best, "val_loss": _mean(per), "val_loss_seeds": per, "val_error": _mean(errs),
+            "val_error_seeds": errs, "diverged_seeds": best["diverged_seeds"] + r["diverged_seeds"],
+            "status": "finished"}
+    rt = rep.get("test_of_best")
+    if test is not None and rt is not None:
+        test = {"lr": best["lr"], "loss_seeds": test["loss_seeds"] + rt["loss_seeds"],
+                "error_seeds": test["error_seeds"] + rt["error_seeds"]}
+    else:
+        test = None
+    return full, test
+
+
 def _record(cell, spec, m, done, wall, n_val, n_test) -> dict:
-    res = sorted((r for pop in done for r in pop["results"]), key=lambda r: r["lr"])
+    res = sorted((r for pop in done if not pop.get("replicate") for r in pop["results"]), key=lambda r: r["lr"])
     examples = done[0]["examples"]
-    best = _best(res)
+    best, test = _chosen(done)
     lrs = [r["lr"] for r in res]
-    test = next((p["test_of_best"] for p in done if p.get("test_of_best") and best
-                 and p["test_of_best"]["lr"] == best["lr"]), None)
+    swept, rest = sweep_seeds(spec)
+    on = "mean validation loss over the seeds" if not rest else \
+        f"mean validation loss over seed(s) {', '.join(map(str, swept))}; seed(s) {', '.join(map(str, rest))} " \
+        f"trained at the chosen rate only"
     summary = {
         "family": cell["family"], "size": cell["size"], "N": m.params, "n_train": cell["n_train"],
         "epochs": cell["epochs"], "D": examples, "C": float(m.train_flops) * examples,
         "flops_per_example": m.train_flops, "macs": m.macs, "shape": m.shape,
-        "seeds": list(spec["seeds"]), "n_val": n_val, "n_test": n_test,
-        "validation": f"the last {n_val} training examples", "lr_chosen_on": "mean validation loss over the seeds",
+        "seeds": list(spec["seeds"]), "sweep_seeds": swept, "n_val": n_val, "n_test": n_test,
+        "validation": f"the last {n_val} training examples", "lr_chosen_on": on,
         "lr": best and best["lr"], "loss": best and best["val_loss"], "val_loss": best and best["val_loss"],
         "val_loss_seeds": best and best["val_loss_seeds"], "val_loss_sd": best and _sd(best["val_loss_seeds"]),
         "val_error": best and best["val_error"], "val_error_seeds": best and best["val_error_seeds"],
@@ -184,8 +240,9 @@ def _record(cell, spec, m, done, wall, n_val, n_test) -> dict:
         "wall_seconds_this_process": wall, "resumed": any(p["resumed_from_step"] for p in done)}
     config = {k: spec[k] for k in ("optim", "batch", "momentum", "weight_decay", "seeds", "data", "n_val",
                                    "split", "lrs", "extend", "max_extend", "digest")}
-    if spec.get("methods"):
-        config["methods"] = spec["methods"]
+    for k in ("methods", "rate_seeds"):
+        if spec.get(k):
+            config[k] = spec[k]
     config.update({"family": cell["family"], "size": cell["size"], "n_train": cell["n_train"],
                    "epochs": cell["epochs"], "cell": cell["key"]})
     return {"status": "finished" if best else "diverged", "config": config, "summary": summary}

@@ -139,7 +139,8 @@ def best_lr_table(runs, *, n_boot=1000, seed=0) -> dict:
         lrs = np.unique(runs.lr[idx])
         if len(lrs) < 2:
             continue
-        j = idx[np.argmin(runs.loss[idx])]
+        ch = idx[runs.chosen[idx]]
+        j = ch[0] if len(ch) else idx[np.argmin(runs.loss[idx])]   # a cell swept on fewer seeds: its choice
         table.append({"family": str(fam), "N": float(N), "n_train": n_train, "epochs": ep,
                       "best_lr": float(runs.lr[j]), "loss": float(runs.loss[j]), "n_lrs": int(len(lrs)),
                       "lr_range": [float(lrs[0]), float(lrs[-1])],

@@ -31,17 +31,23 @@ class Runs:
     family: np.ndarray     # (R,) object array of str
     info: dict = field(default_factory=dict, compare=False)   # where they came from, what was skipped
     U: np.ndarray | None = None   # (R,) training-set size; None -> all NaN (unknown)
+    # (R,) bool: the run is its cell's chosen rate, trained for more seeds than the cell's other
+    # rates (a study that sweeps on some seeds only); None -> no run is marked
+    chosen: np.ndarray | None = None
 
     def __post_init__(self):
         if self.U is None:
             object.__setattr__(self, "U", np.full(len(self.loss), np.nan))
+        if self.chosen is None:
+            object.__setattr__(self, "chosen", np.zeros(len(self.loss), bool))
 
     def __len__(self):
         return len(self.loss)
 
     def take(self, idx) -> "Runs":
         idx = np.asarray(idx)
-        return Runs(**{f: getattr(self, f)[idx] for f in FIELDS}, family=self.family[idx], info=self.info)
+        return Runs(**{f: getattr(self, f)[idx] for f in FIELDS}, family=self.family[idx], info=self.info,
+                    chosen=self.chosen[idx])
 
     @property
     def n_train(self) -> np.ndarray:
@@ -86,18 +92,21 @@ def as_runs(x) -> Runs:
     fam = cols.get("family")
     fam = np.array(["model"] * R if fam is None else [str(s) for s in np.broadcast_to(np.asarray(fam), (R,))],
                    dtype=object)
-    return Runs(**arr, family=fam)
+    ch = cols.get("chosen") if isinstance(x, dict) else [bool(r.get("chosen", False)) for r in recs]
+    return Runs(**arr, family=fam, chosen=None if ch is None else np.broadcast_to(np.asarray(ch, bool), (R,)).copy())
 
 
 def best_per_cell(runs) -> Runs:
     """Keep the lowest-loss run of each cell (family, N, D, epochs): the learning-rate sweep
-    of a cell collapses to its best learning rate, as in the study design (seed 002)."""
+    of a cell collapses to its best learning rate, as in the study design (seed 002). A cell
+    whose rates were swept on fewer seeds than its chosen rate keeps the chosen one (its
+    other rates' losses are means over fewer seeds: not comparable with it)."""
     runs = as_runs(runs)
     best: dict = {}
     for i in range(len(runs)):
         ep = runs.epochs[i]
         key = (runs.family[i], runs.N[i], runs.D[i], -1.0 if np.isnan(ep) else ep)
-        if key not in best or runs.loss[i] < runs.loss[best[key]]:
+        if key not in best or (runs.chosen[i], -runs.loss[i]) > (runs.chosen[best[key]], -runs.loss[best[key]]):
             best[key] = i
     return runs.take(np.array(sorted(best.values()), dtype=int))
 
@@ -126,11 +135,18 @@ def _expand_sweep(rec: dict, summary: dict, status: str, seed_weights=None) -> l
     of the seeds' losses instead (one seed alone, or a resample of the seeds)."""
     sweep = summary.get("sweep")
     if not isinstance(sweep, list) or not sweep:
-        return [{**rec, "status": status, "n_seeds": 1}]
+        return [{**rec, "status": status, "n_seeds": 1, "chosen": False}]
+    seeds, swept = summary.get("seeds"), summary.get("sweep_seeds")
+    partial = isinstance(seeds, list) and isinstance(swept, list) and len(swept) < len(seeds)
     out = []
     for r in sweep:
         loss = r.get("val_loss")
         per = r.get("val_loss_seeds")
+        chosen = partial and summary.get("lr") is not None and float(r["lr"]) == float(summary["lr"])
+        if chosen:                        # the chosen rate: every seed's loss (the others ran it alone)
+            loss, per = summary.get("val_loss"), summary.get("val_loss_seeds")
+        elif partial and seed_weights is not None:
+            continue                      # swept on fewer seeds than the weights: only the chosen rate counts
         if seed_weights is not None:
             w = np.asarray(seed_weights, dtype=float)
             if not isinstance(per, list) or len(per) != len(w) or any(v is None for v in per):
@@ -138,7 +154,8 @@ def _expand_sweep(rec: dict, summary: dict, status: str, seed_weights=None) -> l
                                 f"not the {len(w)} the seed weights need")
             loss = float(np.dot(w, per) / w.sum())
         out.append({**rec, "lr": float(r["lr"]), "loss": np.nan if loss is None else float(loss),
-                    "status": r.get("status", status), "n_seeds": len(per) if isinstance(per, list) and per else 1})
+                    "status": r.get("status", status), "n_seeds": len(per) if isinstance(per, list) and per else 1,
+                    "chosen": chosen})
     return out
 
 
@@ -152,7 +169,8 @@ def _average_seeds(recs: list[dict]) -> tuple[list[dict], dict]:
     out, n_seeds = [], {}
     for g in groups.values():
         w = np.array([r.get("n_seeds", 1) for r in g], dtype=float)
-        out.append({**g[0], "loss": float(np.dot(w, [r["loss"] for r in g]) / w.sum())})
+        out.append({**g[0], "loss": float(np.dot(w, [r["loss"] for r in g]) / w.sum()),
+                    "chosen": any(r.get("chosen", False) for r in g)})
         n_seeds[int(w.sum())] = n_seeds.get(int(w.sum()), 0) + 1
     return out, n_seeds
 
@@ -277,7 +295,7 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
             elif any(not np.isfinite(r[f]) or r[f] <= 0 for f in REQUIRED):
                 skipped["malformed"] += 1
             else:
-                recs.append({f: r[f] for f in (*FIELDS, "family", "n_seeds")})
+                recs.append({f: r[f] for f in (*FIELDS, "family", "n_seeds", "chosen")})
     if not recs and not kinds.get(kind):
         found = ", ".join(f"{v} {k}" for k, v in sorted(kinds.items())) or "no runs at all"
         raise UserError(f"no {kind} runs in {path} (found {found}); run `backproplab scale run` first")
@@ -305,6 +323,6 @@ def load_runs_from_store(db_path, kind: str = "scale", min_runs: int = MIN_FRONT
         if all(whys.values()):
             f, why = next(iter(whys.items()))
             raise UserError(f"too few runs to fit in {path}: {why}" + (f" (family {f})" if len(whys) > 1 else ""))
-    return Runs(**{f: getattr(runs, f) for f in FIELDS}, family=runs.family,
+    return Runs(**{f: getattr(runs, f) for f in FIELDS}, family=runs.family, chosen=runs.chosen,
                 info={"source": str(path), "n_records": len(recs), "skipped": skipped, "seeds": n_seeds,
                       "seed_spread": spread, "validation": next(iter(splits), None)})

@@ -16,9 +16,11 @@ Default grids (the embedded digits):
   inside), extended by one rate (factor 2) at an edge, up to 3 times, so the kept rate is
   an interior minimum as before; three rates rather than five keep the 3-seed study's
   cost down (a step of R replicas costs about R times one at the larger sizes, measured),
-  seeds 0, 1, 2: every rate of a cell is trained for each seed (its own init, training
-  subset and epoch order), all in one population.
-That is 6 x 3 x 6 = 108 cells of 3+ learning rates x 3 seeds each.
+  seeds 0, 1, 2 (each its own init, training subset and epoch order): the rates are swept on
+  seed 0 (rate_seeds=1, `--rate-seeds`), then seeds 1 and 2 train at the chosen rate, and
+  the cell's loss is the 3 seeds' mean there (cells.py). --rate-seeds 3 sweeps every rate on
+  every seed, the rate chosen on the 3 seeds' mean (9 replicas a cell against 5: 1.9x the time).
+That is 6 x 3 x 6 = 108 cells of 3+ learning rates on seed 0 and the chosen rate on 2 more.
 
 Time: before running, the cost of a step of each size is measured (a few steps, CPU
 time of this process) and every cell projected as steps x time per step plus its
@@ -52,6 +54,7 @@ DEFAULT_EPOCHS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_FRACTIONS = (0.25, 0.5, 1.0)     # of the available training set
 SMOKE = {"sizes": (1, 2, 3), "n_train": (100, 200), "epochs": (0.5, 1.0), "n_val": 300, "lr_count": 2}
 DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_RATE_SEEDS = 1   # the rates are swept on the first seed; the others train at the chosen rate
 SPLIT = "val=last n_val training examples; test reported only"   # part of the digest: older stores'
 #                                                                  cells (validation on test) never mix in
 
@@ -92,14 +95,18 @@ class Study:
         return (f"{self.family} sizes {','.join(map(str, self.sizes))} x training sets "
                 f"{','.join(map(str, self.n_train))} x epochs {','.join(f'{e:g}' for e in self.epochs)} "
                 f"x learning rates {','.join(f'{r:.4g}' for r in self.spec['lrs'])} (factor 2, extended at an edge) "
-                f"x seeds {','.join(map(str, self.spec['seeds']))}")
+                f"x seeds {','.join(map(str, self.spec['seeds']))}"
+                + (f" (rates swept on {','.join(map(str, self.spec['seeds'][:self.spec['rate_seeds']]))}, the others "
+                   f"at the chosen rate)" if self.spec.get("rate_seeds") else ""))
 
 
 def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None, epochs=None, lrs=None,
                n_avail=None, n_val=None, batch=32, seeds=DEFAULT_SEEDS, ckpt_seconds=60.0, data_fingerprint="",
-               methods=()) -> Study:
+               methods=(), rate_seeds=DEFAULT_RATE_SEEDS) -> Study:
     """n_avail: training examples left after the validation carve-out; n_val: the carve-out
-    (default 1,000; the smoke size 300); seeds: the seeds every cell trains;
+    (default 1,000; the smoke size 300); seeds: the seeds every cell trains; rate_seeds: how
+    many of them (the lowest) sweep the rates, the rest training at the chosen rate only (None:
+    all of them);
     methods: '+method=NAME[:k=v]' texts (or MethodSpecs) every cell adds to its recipe."""
     if family not in FAMILIES:
         raise UserError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
@@ -121,6 +128,10 @@ def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None
     seeds = [int(v) for v in seeds]
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise UserError(f"--seeds {','.join(map(str, seeds))}: give distinct seeds >= 0")
+    k = len(seeds) if rate_seeds is None else int(rate_seeds)
+    if not 1 <= k:
+        raise UserError(f"--rate-seeds {rate_seeds}: sweep the rates on at least 1 seed")
+    k = min(k, len(seeds))
     base = _floats(lrs, "lrs") or rec["lrs"]
     if smoke and lrs is None:
         mid = len(base) // 2
@@ -129,6 +140,8 @@ def make_study(family, data="mnist10k", *, smoke=False, sizes=None, n_train=None
             "batch": int(batch), "seeds": sorted(seeds), "data": str(data), "split": SPLIT,
             "n_val": int(n_val if n_val is not None else SMOKE["n_val"] if smoke else DEFAULT_N_VAL),
             "lrs": base, "extend": 1, "max_extend": 0 if smoke else 3, "ckpt_seconds": ckpt_seconds}
+    if k < len(seeds):  # only when some seeds skip the sweep: --rate-seeds = all keeps the older cells' keys
+        spec["rate_seeds"] = k
     if methods:  # only when given, so the default study keeps its cells' keys
         from ..methods.registry import parse_method
         from .trainer import cell_config
@@ -210,18 +223,22 @@ def one_thread():
 
 
 def calibrate(study: Study, data, steps=6) -> dict:
-    """size -> CPU seconds per training step of the base population (measured, this process)."""
+    """size -> CPU seconds per training step of a cell's base populations (measured, this process):
+    the sweep's rates x sweep seeds, plus the chosen rate x the other seeds scaled by replicas."""
+    from .cells import sweep_seeds
     from .trainer import CellTrainer, spec_methods
     tx, ty = data[0], data[1]
+    swept, rest = sweep_seeds(study.spec)
+    L = len(study.spec["lrs"])
     out = {}
     with one_thread():
         for s in study.sizes:
             tr = CellTrainer(member(study.family, s), study.spec["lrs"], tx, ty, 1.0, optim=study.spec["optim"],
-                             batch=study.spec["batch"], seeds=study.spec["seeds"], methods=spec_methods(study.spec))
+                             batch=study.spec["batch"], seeds=swept, methods=spec_methods(study.spec))
             tr.run(stop_after=2)                              # warm-up (allocations, first-call costs)
             c0 = time.process_time()
             tr.run(stop_after=steps)
-            out[s] = (time.process_time() - c0) / steps
+            out[s] = (time.process_time() - c0) / steps * (1 + len(rest) / (L * len(swept)))
     return out
 
 
