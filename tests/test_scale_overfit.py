@@ -107,7 +107,8 @@ def test_the_form_is_chosen_on_the_fitted_cells_alone():
 SEED_SCALE = (1.0, 1.06, 0.95)                           # seed k's losses are the law's times this
 
 
-def _seed_store(tmp_path, n_seeds=3):
+def _seed_store(tmp_path, n_seeds=3, partial=False):
+    """partial: the rates swept on seed 0 alone (scale run's default), the others at the chosen one."""
     law = _runs(noise=0.0, penalty=False)
     rng = np.random.default_rng(0)
     jitter = np.exp(0.01 * rng.standard_normal((n_seeds, len(law))))
@@ -119,6 +120,11 @@ def _seed_store(tmp_path, n_seeds=3):
                 "sweep": [{"lr": 0.05, "val_loss": float(np.mean(seeds)), "val_loss_seeds": seeds, "status": "finished"},
                           {"lr": 0.1, "val_loss": 2 * float(np.mean(seeds)), "val_loss_seeds": [2 * v for v in seeds],
                            "status": "finished"}]}
+        if partial:
+            summ.update(lr=0.05, val_loss=summ["loss"], seeds=list(range(n_seeds)), sweep_seeds=[0])
+            summ["sweep"] = [{"lr": 0.05, "val_loss": seeds[0], "val_loss_seeds": seeds[:1], "status": "finished"},
+                             {"lr": 0.1, "val_loss": 2 * seeds[0], "val_loss_seeds": [2 * seeds[0]],
+                              "status": "finished"}]
         add_run(tmp_path, "scale", f"cell{i}", "finished",
                 {"family": "convnet", "split": "val=last n_val", "n_val": 100}, summ, [], {})
     return law, per_seed
@@ -149,6 +155,11 @@ def test_by_seed_fits_each_seed_and_every_resample(tmp_path):
     assert f["chosen_form"]["seed_mean_fit"] in f["forms"]
     text = "\n".join(by_seed_lines(b))
     assert "seeds as the unit" in text and "repeated data" in text and "chosen on validation" in text
+    # The same study with its rates swept on seed 0 alone: the same fits (the chosen rate carries the seeds).
+    (tmp_path / "partial").mkdir()
+    _seed_store(tmp_path / "partial", n_seeds=2, partial=True)
+    bp = heldout_by_seed(tmp_path / "partial" / "runs.db", grid=TINY_GRID)
+    assert bp["n_seeds"] == 2 and bp["families"]["convnet"]["forms"] == f["forms"]
 
 
 def test_by_seed_refuses_a_one_seed_store_in_one_line(tmp_path, capsys):
