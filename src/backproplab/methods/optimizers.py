@@ -76,7 +76,7 @@ def adam_update(w, g, st, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
-    denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
+    denom = v.sqrt().div_(bc2 ** 0.5).add_(eps)    # torch.optim.Adam's denominator, one buffer
     if torch.is_tensor(lr):
         _descend(w, m / denom, lr / bc1)
     else:
