@@ -33,7 +33,6 @@ import math
 import numpy as np
 import torch
 
-from ..errors import UserError
 from .augment import pass_generator
 from .registry import Method, Option, register
 
