@@ -125,6 +125,11 @@ def sweep_seeds(spec) -> tuple[list, list]:
     return seeds[:k], seeds[k:]
 
 
+def _swept(done) -> list[dict]:
+    """Every rate's result from the sweep's populations (not the chosen rate's replication)."""
+    return [r for p in done if not p.get("replicate") for r in p["results"]]
+
+
 def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None) -> dict:
     """Train the cell's sweep (resuming), write its record (to the results store `store`, a
     folder or URL; default out, which holds the sweep's scratch files either way), return it.
@@ -175,7 +180,7 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None
         if not rates:
             break
         train(rates, swept, f"{cell['key']}|{','.join(f'{r:.6g}' for r in rates)}")
-    best = _best([r for p in done for r in p["results"]])
+    best = _best(_swept(done))
     if rest and best is not None and not any(p.get("replicate") for p in done):
         train([best["lr"]], rest, f"{cell['key']}|{best['lr']:.6g}|seeds {','.join(map(str, rest))}", True)
     record = _record(cell, spec, m, done, time.perf_counter() - t_cell, len(vy), len(sy))
@@ -189,33 +194,25 @@ def run_cell(cell: dict, spec: dict, data, out, log=None, hooks=None, store=None
 
 def _chosen(done) -> tuple:
     """(the sweep's result at the chosen rate extended to every seed, or None; its test figures)."""
-    sweep = [p for p in done if not p.get("replicate")]
-    best = _best([r for p in sweep for r in p["results"]])
+    best = _best(_swept(done))
     if best is None:
         return None, None
-    test = next((p["test_of_best"] for p in sweep if p.get("test_of_best") and p["test_of_best"]["lr"] == best["lr"]),
-                None)
+    test = next(p["test_of_best"] for p in done if not p.get("replicate") and p.get("test_of_best")
+                and p["test_of_best"]["lr"] == best["lr"])
     rep = next((p for p in done if p.get("replicate")), None)
     if rep is None:
         return best, test
-    r = rep["results"][0]
-    per, errs = best["val_loss_seeds"] + r["val_loss_seeds"], best["val_error_seeds"] + r["val_error_seeds"]
-    if any(v is None for v in per):   # a seed diverged at the chosen rate: the cell has no loss
+    r, rt = rep["results"][0], rep["test_of_best"]
+    if rt is None:                    # a seed diverged at the chosen rate: the cell has no loss
         return None, None
-    full = {**best, "val_loss": _mean(per), "val_loss_seeds": per, "val_error": _mean(errs),
-            "val_error_seeds": errs, "diverged_seeds": best["diverged_seeds"] + r["diverged_seeds"],
-            "status": "finished"}
-    rt = rep.get("test_of_best")
-    if test is not None and rt is not None:
-        test = {"lr": best["lr"], "loss_seeds": test["loss_seeds"] + rt["loss_seeds"],
-                "error_seeds": test["error_seeds"] + rt["error_seeds"]}
-    else:
-        test = None
-    return full, test
+    per, errs = best["val_loss_seeds"] + r["val_loss_seeds"], best["val_error_seeds"] + r["val_error_seeds"]
+    full = {**best, "val_loss": _mean(per), "val_loss_seeds": per, "val_error": _mean(errs), "val_error_seeds": errs}
+    return full, {"lr": best["lr"], "loss_seeds": test["loss_seeds"] + rt["loss_seeds"],
+                  "error_seeds": test["error_seeds"] + rt["error_seeds"]}
 
 
 def _record(cell, spec, m, done, wall, n_val, n_test) -> dict:
-    res = sorted((r for pop in done if not pop.get("replicate") for r in pop["results"]), key=lambda r: r["lr"])
+    res = sorted(_swept(done), key=lambda r: r["lr"])
     examples = done[0]["examples"]
     best, test = _chosen(done)
     lrs = [r["lr"] for r in res]

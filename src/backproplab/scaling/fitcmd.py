@@ -130,12 +130,9 @@ def heldout_by_seed(db, *, recipe=None, holdout_frac=0.1, grid="coarse") -> dict
     from .runs import best_per_cell
     path = _source(db)[0]
     base = load_runs_from_store(path, require_chinchilla=True, recipe=recipe)
-    # the seeds the cells' losses average: their chosen rates' where the rates were swept on fewer
     seeds = {int(k) for k in base.info.get("seeds", {})}
-    if base.chosen.any():
-        seeds = {max(seeds)} if len(base) and all(
-            base.chosen[(base.family == f) & (base.N == n) & (base.D == d)].any()
-            for f, n, d in zip(base.family, base.N, base.D)) else seeds
+    if base.chosen.any() and best_per_cell(base).chosen.all():
+        seeds = {max(seeds)}    # rates swept on fewer seeds: every cell's chosen rate carries all of them
     if len(seeds) != 1 or min(seeds) < 2:
         raise UserError(f"--by-seed needs every cell trained with the same number (>= 2) of seeds; "
                         f"{where(path)} has runs of {', '.join(str(k) for k in sorted(seeds))} seed(s)")
