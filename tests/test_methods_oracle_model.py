@@ -52,11 +52,30 @@ def oracle_dropout(name):
     close(m(X[:16]), manual(m, X[:16]), rtol=0, atol=0)
 
 
+def keep_hashed(shape, p, gen):
+    # DropConnect's mask written out (models/noise.py): one 63-bit key from the model's generator,
+    # splitmix64 of key + (i + 1) * golden (mod 2^64) gives entries 4i..4i+3, 16 bits each from the
+    # low end; kept where the 16 bits are >= round(p * 65536), kept weights scaled by 1 / (1 - p)
+    key = int(torch.randint(0, 2 ** 63 - 1, (1,), generator=gen))
+    n, full = math.prod(shape), 2 ** 64 - 1
+    bits = []
+    for i in range((n + 3) // 4):
+        z = (key + (i + 1) * 0x9E3779B97F4A7C15) & full
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & full
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & full
+        z ^= z >> 31
+        bits += [(z >> (16 * j)) & 0xFFFF for j in range(4)]
+    keep = torch.tensor(bits[:n]).view(shape) >= round(p * 65536)
+    return keep.float() / (1 - p)
+
+
 def oracle_dropconnect(name):
     m, g = _noisy(dropconnect=0.25)
+    masks = keep_hashed((16, 30, 192), 0.25, torch.Generator().manual_seed(5))
+    assert abs(float((masks == 0).float().mean()) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / masks.numel())
 
     def loop(z):  # one masked weight matrix per example
-        masks = keep_scaled((len(z), 30, 192), 0.25, g)
+        masks = keep_hashed((len(z), 30, 192), 0.25, g)
         return torch.stack([(m.h3_w * masks[i]) @ z[i] + m.h3_b for i in range(len(z))])
     close(m(X[:16]), manual(m, X[:16], h3=loop))
 

@@ -167,10 +167,14 @@ def test_fast_paths_evaluate_the_model_their_methods_change():
         Population(cfg_with("nf"), [0], path="fused")
 
 
-@pytest.mark.parametrize("combo", [("sam", "dropout"), ("sam", "nf"), ("ema", "nf", "dropout")])
+@pytest.mark.parametrize("combo", [("sam", "dropout"), ("sam", "nf"), ("ema", "nf", "dropout"),
+                                   ("spatial_dropout", "dropout", "dropconnect", "shift"), ("sam", "dropconnect"),
+                                   ("nf", "spatial_dropout")])
 def test_fast_model_changes_compose_on_the_kernel_path(combo):
-    """SAM's second gradient sees the same dropout masks (drawn once a step), and averages and the
-    evaluation see the standardized weights: two passes on the kernels equal the autograd path."""
+    """SAM's second gradient sees the same dropout masks (drawn once a step), the three noise
+    methods draw from each replica's stream in ModNet's order (spatial, dropout, DropConnect),
+    and averages and the evaluation see the standardized weights: two passes on the kernels
+    equal the autograd path."""
     if not HAVE_KERNELS:
         pytest.skip("no AVX-512: the kernel path does not run here")
     cfg = cfg_with(*combo)

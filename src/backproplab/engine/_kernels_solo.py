@@ -6,6 +6,8 @@ Layouts are in _layout.py. One step, in the order of the code:
   H1     z1[c, ph] = b1 + sum_k w1[c,k] P1[k, ph]          (bias first, taps in order)
   H2     window(i, k) = permute(h1[i, phase(k)], -1) ; z2[o] = b2 + sum over o's planes in
          increasing order, taps in order, of w2[o, i, k] * window(i, k)
+  noise  spatial dropout's plane factors on the activated H1 (maps); DropConnect's weight
+         factors on H3 (dcm): the model methods' masks, drawn by the engine
   H3     per unit: lane partials over the 12 H2 planes, halving-tree sum (vhsum), + b3
   out    two 16-lane partials, tree sum, + b4 ; loss gradient (scalar, common code)
   back   dh3 over q in order; dh2 over m in order; dh1 per plane and phase from the adjoint
@@ -41,7 +43,7 @@ W2O = 5 * W2R                                       # floats per output plane of
 
 
 @njit(cache=not PROF)   # a profiling build must not land in the cache
-def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
+def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
               act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof):
     """Train one replica on X[n], n in order.
 
@@ -49,7 +51,12 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     moments (same layout); with opt=2 nothing is stepped and M receives the gradient; with
     opt=3 (SDLM) M is the running curvature and V receives this example's estimate
     (_kernels_sdlm.py). shifts (N, 2) int8 or (0, 2); keep (N, 192) bool or (0, 192) with
-    scale = 1/(1-p). step: int64 (1,), the optimizer's step count. smooth: label smoothing of the
+    scale = 1/(1-p). The model noise of ModNet's methods, as factors (0 or 1/(1-p)) the
+    engine draws from each replica's noise stream: maps (N, 12) float32 or (0, 12), spatial
+    dropout, multiplies each activated H1 plane (and so its slope: dz1 = dh1 * factor * f');
+    dcm (N, 5760) float32 or (0, 5760), DropConnect, multiplies each H3 weight (torch order
+    [unit, input]) in the forward, in dh2 and in dW3 (the autograd path's w3 * mask).
+    step: int64 (1,), the optimizer's step count. smooth: label smoothing of the
     cross-entropy's target (0: none). tb: solo_tables() as a
     tuple. prof: int64 (16,), cycles per phase when PROF is set.
     """
@@ -81,6 +88,8 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
     zero = vzero()
     has_shift = shifts.shape[0] > 0
     has_keep = keep.shape[0] > 0
+    has_maps = maps.shape[0] > 0
+    has_dc = dcm.shape[0] > 0
     mx = ftz_on()
     t0 = 0
     for n in range(X.shape[0]):
@@ -145,6 +154,12 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
             h, d = act_fwd(vload(h1, j), act)
             vstore(h1, j, h)
             vstore(d1, j, d)
+        if has_maps:   # spatial dropout: a whole plane (4 phase vectors) times its factor
+            for c in range(12):
+                f = vsplat(maps[n, c])
+                for j in range(c * 64, c * 64 + 64, 16):
+                    vstore(h1, j, vmul(vload(h1, j), f))
+                    vstore(d1, j, vmul(vload(d1, j), f))
         if PROF:
             t0 = _tick(prof, n * 8 + 1, t0)
         # ---- H2: 12 accumulators (3 groups x 4 planes). Planes 0-3 feed groups 0 and 2,
@@ -217,10 +232,17 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
         if PROF:
             t0 = _tick(prof, n * 8 + 2, t0)
         # ---- H3: per unit, lane partials over the 12 planes, then the lane tree
+        dn = n * 5760
         for m in range(30):
-            acc = vmul(vload(P, OW3 + m * 192), vload(h2, 0))
-            for o in range(1, 12):
-                acc = vfma(vload(P, OW3 + m * 192 + o * 16), vload(h2, o * 16), acc)
+            if has_dc:   # DropConnect: this example's masked weights w3 * factor
+                acc = vmul(vmul(vload(P, OW3 + m * 192), vload(dcm, dn + m * 192)), vload(h2, 0))
+                for o in range(1, 12):
+                    acc = vfma(vmul(vload(P, OW3 + m * 192 + o * 16), vload(dcm, dn + m * 192 + o * 16)),
+                               vload(h2, o * 16), acc)
+            else:
+                acc = vmul(vload(P, OW3 + m * 192), vload(h2, 0))
+                for o in range(1, 12):
+                    acc = vfma(vload(P, OW3 + m * 192 + o * 16), vload(h2, o * 16), acc)
             z3[m] = vhsum(acc) + P[OB3 + m]
         for j in range(2):
             h, d = act_fwd(vload(z3, 16 * j), act)
@@ -263,6 +285,11 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                 w = OW3 + m * 192 + o0 * 16
                 w0, w1, w2 = vload(P, w), vload(P, w + 16), vload(P, w + 32)
                 w3, w4, w5 = vload(P, w + 48), vload(P, w + 64), vload(P, w + 80)
+                if has_dc:
+                    dk = dn + m * 192 + o0 * 16
+                    w0, w1, w2 = vmul(w0, vload(dcm, dk)), vmul(w1, vload(dcm, dk + 16)), vmul(w2, vload(dcm, dk + 32))
+                    w3, w4 = vmul(w3, vload(dcm, dk + 48)), vmul(w4, vload(dcm, dk + 64))
+                    w5 = vmul(w5, vload(dcm, dk + 80))
                 if m == 0:
                     c0, c1, c2, c3, c4, c5 = vmul(w0, dm), vmul(w1, dm), vmul(w2, dm), vmul(w3, dm), vmul(w4, dm), vmul(w5, dm)
                 else:
@@ -270,6 +297,8 @@ def solo_pass(X, labels, lrs, shifts, keep, scale, P, M, V, step,
                     c3, c4, c5 = vfma(w3, dm, c3), vfma(w4, dm, c4), vfma(w5, dm, c5)
                 for j in range(6):
                     g = vmul(dm, vload(h2, (o0 + j) * 16))
+                    if has_dc:
+                        g = vmul(g, vload(dcm, dn + m * 192 + (o0 + j) * 16))
                     if opt == 3:                                # sdlm: W3's estimate s3[m] h2^2 here
                         vstep_h(P, M, w + 16 * j, g, vmul(vsplat(s3c[m]), vload(h2q, (o0 + j) * 16)), kc)
                     else:

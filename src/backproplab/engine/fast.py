@@ -219,6 +219,10 @@ def _lanes(a, n, width, fill, dtype):
     return out
 
 
+# the solo kernel's model-noise inputs switched off (spatial dropout, DropConnect: engine/kernelgrad.py)
+NO_MAPS, NO_DC = np.zeros((0, 12), np.float32), np.zeros((0, 5760), np.float32)
+
+
 def _run(kind, x, labels, lr, shifts, keep, scale, P, M, V, step, args):
     """One kernel call: train P (one group) on x; M, V its moments (or the gradient buffer)."""
     n = len(x)
@@ -226,7 +230,7 @@ def _run(kind, x, labels, lr, shifts, keep, scale, P, M, V, step, args):
         from ._kernels_solo import solo_pass
         sh = np.zeros((0, 2), np.int8) if shifts is None else np.ascontiguousarray(shifts[0])
         kp = np.zeros((0, 192), np.bool_) if keep is None else np.ascontiguousarray(keep[0])
-        solo_pass(x, labels, lr, sh, kp, scale, P, M, V, np.array([step], np.int64), *args, _tables(),
+        solo_pass(x, labels, lr, sh, kp, NO_MAPS, NO_DC, scale, P, M, V, np.array([step], np.int64), *args, _tables(),
                   np.zeros(1, np.int64))
     else:
         from ._kernels_pop import pop_pass

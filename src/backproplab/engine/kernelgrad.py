@@ -19,7 +19,10 @@ kernel's flat layout (engine/_layout.py) is a permutation of those with zero pad
 gathered through an index map built once; the population kernel's is the torch layout
 with a trailing axis of 16 lanes (a transpose). Inputs: the raw images shared by all
 replicas with per-replica integer shifts done inside the kernels, or (when a data method
-has transformed each replica's batch) each replica's own images on the solo kernel.
+has transformed each replica's batch) each replica's own images on the solo kernel. The model
+methods' noise comes in as masks the engine draws: H2 keep masks (both kernels), spatial
+dropout's H1 plane factors and DropConnect's H3 weight factors (the solo kernel: a population
+with them runs every replica there, about 13% slower per replica than the population kernel).
 
 Evaluation: `outputs` (and `net_outputs`, for the per-example engines' engine/evaluate.py) run
 the forward-only kernel of _kernels_eval.py on the weights in torch's layout as they are:
@@ -33,7 +36,7 @@ from numba import njit
 from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
 from . import _layout as LY
 from ._kernels_common import ACT, LOSS, OPT, OUT, aligned_copy
-from .fast import _groups, _lanes, _tables
+from .fast import NO_DC, NO_MAPS, _groups, _lanes, _tables
 
 N_THETA = sum(int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES)
 
@@ -112,11 +115,13 @@ def _from_solo(M, inv, G, r, scale):
 
 
 class KernelGrad:
-    def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False, smooth=0.0):
+    def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False, smooth=0.0, solo=False):
+        """solo: every replica on the solo kernel (its model-noise inputs, maps and dcm, are the solo
+        kernel's only); per-replica inputs imply it."""
         self.R, self.act, self.out_act = R, act, out_act
         self.codes = (ACT[act], OUT[out_act], LOSS[loss], OPT["accumulate"])
         self.scale = np.float32(1.0 / (1.0 - dropout))
-        self.groups = _groups(R, "solo" if per_replica_inputs else "auto")
+        self.groups = _groups(R, "solo" if per_replica_inputs or solo else "auto")
         src, inv = _solo_maps()
         self.src, self.inv = src.numpy(), inv.numpy()
         self.no_shift, self.no_keep = np.zeros((0, 2), np.int8), np.zeros((0, 192), np.bool_)
@@ -131,10 +136,14 @@ class KernelGrad:
             a = self._buf[(key, shape)] = aligned_copy(np.zeros(shape, np.float32))
         return a
 
-    def grad(self, W, x, labels, shifts=None, keep=None) -> torch.Tensor:
+    def grad(self, W, x, labels, shifts=None, keep=None, maps=None, dcm=None) -> torch.Tensor:
         """W (R, 9760); x (B, 16, 16) shared, or (R, B, 16, 16) per replica (solo groups only);
-        labels (B,); shifts (R, B, 2) int8 numpy or None; keep (R, B, 192) bool numpy or None
-        -> (R, 9760) the batch-mean gradient of each replica's loss."""
+        labels (B,); shifts (R, B, 2) int8 numpy or None; keep (R, B, 192) bool numpy or None;
+        maps (R, B, 12) spatial dropout factors and dcm (R, B, 5760) DropConnect factors of H3's
+        weights, float32 numpy or None (solo groups only) -> (R, 9760) the batch-mean gradient
+        of each replica's loss."""
+        if (maps is not None or dcm is not None) and any(kind != "solo" for kind, _ in self.groups):
+            raise ValueError("spatial dropout and DropConnect factors run on the solo kernel: KernelGrad(..., solo=True)")
         from ._kernels_pop import pop_pass
         from ._kernels_solo import solo_pass
         B = labels.shape[0]
@@ -163,6 +172,8 @@ class KernelGrad:
                     xs[...] = x[r].numpy()
                 solo_pass(xs, lab, zeros, self.no_shift if sh is None else np.ascontiguousarray(sh[0]),
                           self.no_keep if kp is None else np.ascontiguousarray(kp[0]),
+                          NO_MAPS if maps is None else np.ascontiguousarray(maps[r], np.float32),
+                          NO_DC if dcm is None else np.ascontiguousarray(dcm[r], np.float32).reshape(B, 5760),
                           self.scale, P, M, M, step, *rest, self.tables, self.prof)
                 _from_solo(M, self.inv, G, r, inv_b)
             else:

@@ -5,7 +5,14 @@ All their weights live in one (R, P) float32 buffer W; the optimizer, schedules,
 gradient methods and averages are the registry's switches, each acting on the whole
 population at once (ctx.w is W, ctx.g the (R, P) gradient, ctx.lr an (R, 1) column).
 
-Two paths compute the gradient, chosen automatically (`path`, stored with every run):
+Three paths compute the gradient, the first that can run chosen automatically (`path`, stored
+with every run):
+  kernel    engine/kernelgrad.py: the numba per-example kernels summing a batch's gradient
+            (AVX-512 CPUs), for Net1989 with any activations and loss, when every active method
+            declares `fast` and the kernels compute its model change (`fast_model`): the
+            dropout method's H2 masks, nf's standardized weights, spatial dropout's H1 plane
+            factors and DropConnect's H3 weight factors, all drawn here (_fast_noise) from each
+            replica's noise stream in the order ModNet's forward draws them;
   fused     models/fused1989.py's hand-derived forward and backward of Net1989 (ReLU, logits,
             cross-entropy) as batched matrix products over the replica axis: taken when the
             model is that net and every active method declares `fast` (it needs no autograd
@@ -21,7 +28,7 @@ Two paths compute the gradient, chosen automatically (`path`, stored with every 
             for bit: the grouped convolutions round differently for another R (a resumed run
             of the same R is bit for bit). Other models (ViT, convnets) loop over modules or
             run under torch.func.vmap.
-Both paths see the same batches and masks; tests check that their gradients agree.
+Every path sees the same batches and masks; tests check that their gradients agree.
 Inputs are (1, r, r) images, r = data.resolution: 16 (every model), 20 or 28 (the convnet
 family, whose modules take `resolution`; the fast paths are Net1989's, 16x16 only).
 
@@ -51,6 +58,7 @@ from ..methods.augment import pass_generator
 from ..methods.registry import HOOKS, build_switch, get_method, resolve
 from ..models import fused1989 as fz
 from ..models.modnet import FINAL_PARAMS, ModNet, dropout_mask, scaled_ws_rows, ws_names
+from ..models.noise import fill_keep
 from ..models.stacked import StackedModNet
 from ..models.registry import build_model, dropout_units
 from .evaluate import metrics_from_outputs
@@ -163,6 +171,9 @@ class Population:
         # the kernels and differentiated by autograd on the weights alone (a few thousand numbers)
         m0, fast = self.models[0], path != "autograd"
         self.noise_drop = float(getattr(m0, "drop", 0.0)) if fast else 0.0
+        # and on the kernels, spatial dropout's H1 plane factors and DropConnect's H3 weight factors
+        self.noise_spatial = float(getattr(m0, "spatial", 0.0)) if path == "kernel" else 0.0
+        self.noise_dc = float(getattr(m0, "dropconnect", 0.0)) if path == "kernel" else 0.0
         self.keep_p = cfg.model.dropout or self.noise_drop   # the rate the keep masks scale by
         self.ws = ws_names(n for n, _ in m0.named_parameters()) if fast and getattr(m0, "ws", False) else []
         self.kernel = None
@@ -170,7 +181,8 @@ class Population:
             from .kernelgrad import KernelGrad
             m = cfg.model
             self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, self.keep_p,
-                                     per_replica_inputs=self.inputs_per_replica, smooth=self.smooth)
+                                     per_replica_inputs=self.inputs_per_replica, smooth=self.smooth,
+                                     solo=bool(self.noise_spatial or self.noise_dc))
         self.names = [n for n, _ in self.models[0].named_parameters()]
         shapes = [p.shape for _, p in self.models[0].named_parameters()]
         cols = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
@@ -361,9 +373,9 @@ class Population:
             c.lr = c.lr.to(torch.float32).expand(self.R, 1)  # (R, 1)
         for sw in self._hook("batch"):
             x = sw.batch(x, c)
-        if self.noise_drop:  # (R, B, 192) keep masks: ModNet's own draw, one per replica's noise stream
-            keep = torch.stack([dropout_mask((labels.shape[-1], 192), self.noise_drop, m.gen) > 0
-                                for m in self.models]).to(self.device)
+        c.maps = c.dcm = None
+        if self.noise_drop or self.noise_spatial or self.noise_dc:
+            keep, c.maps, c.dcm = self._fast_noise(labels.shape[-1], keep)
         c.x, c.labels, c.keep = x, labels, keep
         if self.replays and self.path == "autograd":  # the model noise of this batch, for the replay
             c.gen_states = [m.gen.get_state() for m in self.models]
@@ -374,6 +386,25 @@ class Population:
                 getattr(sw, hook)(c)
         self.t += 1
         return loss
+
+    def _fast_noise(self, B, keep):
+        """The model methods' masks for the fast paths, drawn from each replica's noise stream in the
+        order and shapes ModNet's forward draws them (spatial dropout's planes, the dropout method's
+        H2 outputs, DropConnect's H3 weights): -> keep (R, B, 192) bool (the dropout method's, else
+        the caller's), maps (R, B, 12) and dcm (R, B, 5760) float32 factors (0 or 1/(1-p)) or None.
+        Drawn once a step: SAM's second gradient sees the same masks."""
+        maps, drop = [], []
+        dcm = np.empty((self.R, B * 30 * 192), np.float32) if self.noise_dc else None  # the kernels' input as it is
+        for r, m in enumerate(self.models):
+            if self.noise_spatial:
+                maps.append(dropout_mask((B, 12), self.noise_spatial, m.gen))
+            if self.noise_drop:
+                drop.append(dropout_mask((B, 192), self.noise_drop, m.gen) > 0)
+            if self.noise_dc:
+                fill_keep(dcm[r], self.noise_dc, m.gen)
+        if drop:
+            keep = torch.stack(drop).to(self.device)
+        return keep, torch.stack(maps) if maps else None, None if dcm is None else torch.from_numpy(dcm)
 
     def _closure(self, second=False):
         """Forward, loss and backward on ctx's batch -> (R, P) gradient. second: SAM's pass at
@@ -466,9 +497,10 @@ class Population:
 
     def _kernel_grad(self, c, W):
         keep = None if c.keep is None else c.keep.cpu().numpy()
+        noise = {"maps": None if c.maps is None else c.maps.numpy(), "dcm": None if c.dcm is None else c.dcm.numpy()}
         if self.inputs_per_replica:  # each replica's batch as its model sees it
-            return self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep)
-        return self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep)
+            return self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep, **noise)
+        return self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep, **noise)
 
     def _fused_grad(self, c, W):
         keep = None

@@ -142,13 +142,16 @@ register(Method("dropout", touches=("model",), hooks=("build", "forward"), impl=
                 paper="Hinton et al. 2012; Srivastava et al. 2014", oracle="the mask formula: kept units scaled "
                 "1/(1-p), dropped units zero, drop rate within 4 sigma of p"))
 register(Method("dropconnect", touches=("model",), hooks=("build", "forward"), impl="regularizers:DropConnect",
-                modnet=True, options=P(0.25, "of dropping each H3 weight"), **_REG,
+                modnet=True, fast_model=("kernel",), options=P(0.25, "of dropping each H3 weight"), **_REG,
                 summary="DropConnect on H3's 192x30 weights, per example",
                 what="Each weight of the fully connected H3 layer is zeroed with probability p, independently "
-                     "per example, and the kept ones scaled 1/(1-p); the mean weights at evaluation.",
+                     "per example, and the kept ones scaled 1/(1-p); the mean weights at evaluation. The B x 5,760 "
+                     "draws of a step are a splitmix64 hash of one key from the replica's noise stream "
+                     "(models/noise.py: 16 bits a draw, the rate p to within 2^-17), the same on every path.",
                 paper="Wan, Zeiler, Zhang, LeCun & Fergus 2013", oracle="a per-example Python loop with the same "
-                "masks"))
+                "masks (the hash written out in Python)"))
 register(Method("spatial_dropout", touches=("model",), hooks=("build", "forward"), modnet=True, **_REG,
+                fast_model=("kernel",),
                 impl="regularizers:SpatialDropout", options=P(0.1, "of dropping each H1 feature map"),
                 summary="spatial dropout: whole H1 feature maps dropped per example",
                 what="Each of H1's 12 feature maps (8x8) is zeroed with probability p per example and the others "

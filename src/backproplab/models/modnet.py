@@ -67,8 +67,9 @@ def drop_path(branch: torch.Tensor, p: float, gen) -> torch.Tensor:
 
 
 def dropconnect_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, p: float, gen) -> torch.Tensor:
-    """x (B, I), w (O, I): every example gets its own mask on w -> (B, O)."""
-    m = dropout_mask((x.shape[0],) + tuple(w.shape), p, gen).to(x.dtype)  # (B, O, I)
+    """x (B, I), w (O, I): every example gets its own mask on w (models/noise.py) -> (B, O)."""
+    from .noise import hashed_keep   # numba: imported where a mask is drawn
+    m = hashed_keep((x.shape[0],) + tuple(w.shape), p, gen).to(x.dtype)  # (B, O, I)
     return torch.einsum("bi,boi->bo", x, w * m) + b
 
 

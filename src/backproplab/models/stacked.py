@@ -131,7 +131,8 @@ class StackedModNet:
             z = z * _stack_masks(gens, (B, 192), self.drop, z.dtype)
         w3 = self._w(P, "h3_w")                                            # (R, 30, 192)
         if self.dropconnect > 0 and noisy:
-            m = _stack_masks(gens, (B, 30, 192), self.dropconnect, z.dtype)   # (R, B, 30, 192)
+            from .noise import hashed_keep   # numba: imported where a mask is drawn
+            m = torch.stack([hashed_keep((B, 30, 192), self.dropconnect, g) for g in gens]).to(z.dtype)
             a3 = torch.einsum("rbi,rboi->rbo", z, w3.unsqueeze(1) * m) + P["h3_b"].unsqueeze(1)
         else:
             a3 = torch.bmm(z, w3.transpose(1, 2)) + P["h3_b"].unsqueeze(1)     # (R, B, 30)
