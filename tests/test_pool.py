@@ -48,3 +48,26 @@ def test_a_worker_dies_when_its_parent_is_killed(tmp_path):
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.05)
     assert not _alive(worker), "the worker outlived its killed parent"
+
+
+def test_runs_off_the_kernel_path_are_started_first(monkeypatch):
+    """The longest-first order counts the path: an autograd-path config (batchnorm) costs
+    AUTOGRAD_COST times a kernel-path one of the same size where the kernels run, and starts
+    before it; more passes or seeds cost more on either path."""
+    from backproplab.config import apply_overrides, preset
+    from backproplab.engine.kernelgrad import kernel_reason
+    from backproplab.experiments import pool
+    base = apply_overrides(preset("modern_smoke"), ["train.passes=2"])
+    norm = apply_overrides(preset("modern_smoke"), ["train.passes=2", "+method=batchnorm"])
+    longer = apply_overrides(preset("modern_smoke"), ["train.passes=6"])
+    kernels = kernel_reason(base) is None
+    assert pool.relative_cost(norm) == pool.relative_cost(base) * (pool.AUTOGRAD_COST if kernels else 1.0)
+    assert pool.relative_cost(longer) == 3 * pool.relative_cost(base)
+    started = []
+    monkeypatch.setattr(pool, "_run_one", lambda cfg, out, resume, progress=None: started.append(cfg["name"])
+                        or type("R", (), {"seconds": 0.0})())
+    cfgs = {"base": base, "norm": norm, "longer": longer}
+    for k, c in cfgs.items():
+        c.name = k
+    pool.run_configs(cfgs, None, False, 1, log=lambda *a: None)
+    assert started == (["norm", "longer", "base"] if kernels else ["longer", "base", "norm"])

@@ -30,12 +30,31 @@ def _run_one(cfg_dict, out, resume, progress=None):
     return train(from_dict(cfg_dict), out=out, resume=resume, progress=progress)
 
 
+# Off the numba kernels a net1989 step costs about 4-10x as much (docs/results.md: 12-31 s a seed on
+# the autograd path against 3-4 on the kernels); the low end keeps the order of the kernel rows
+AUTOGRAD_COST = 4.0
+
+
+def relative_cost(cfg) -> float:
+    """A config's training time in arbitrary units, for the longest-first order: examples seen x
+    seeds, times AUTOGRAD_COST when the population engine cannot take its kernel path."""
+    from ..engine.population import fused_reason, run_specs
+    from ..errors import UserError
+    try:
+        slow = fused_reason(cfg, run_specs(cfg), "kernel") is not None
+    except UserError:   # a config the engine will refuse with its own message: order it anywhere
+        slow = False
+    return cfg.train.passes * (cfg.data.n_train or 10_000) * cfg.train.seeds * (AUTOGRAD_COST if slow else 1.0)
+
+
 def run_configs(cfgs: dict, out, resume: bool, jobs: int, log=print, describe=None, label: str = "runs") -> dict:
-    """cfgs: key -> Config. Longest runs first. -> key -> Result. A progress bar of the configs
-    (`label`, e.g. "ladder rungs") on a terminal; run one at a time, a bar of passes under it."""
+    """cfgs: key -> Config. Longest runs first (relative_cost: with `jobs` workers the last runs
+    to start are short, so no worker idles long at the end). -> key -> Result. A progress bar of
+    the configs (`label`, e.g. "ladder rungs") on a terminal; run one at a time, a bar of passes
+    under it."""
     from ..report.progress import ProgressBar, bar
-    cost = lambda k: cfgs[k].train.passes * (cfgs[k].data.n_train or 10_000) * cfgs[k].train.seeds  # noqa: E731
-    order = sorted(cfgs, key=cost, reverse=True)
+    costs = {k: relative_cost(c) for k, c in cfgs.items()}
+    order = sorted(cfgs, key=costs.get, reverse=True)
     describe = describe or (lambda k, res: f"{k} done in {res.seconds:.1f} s")
     results = {}
     if jobs <= 1 or len(cfgs) == 1:
