@@ -78,6 +78,63 @@ def test_kernel_gradients_equal_autograd():
                 assert torch.equal(G[r], solo[0]), (B, per_replica, r)
 
 
+@pytest.mark.parametrize("act,out_act,loss", [("relu", "none", "ce"), ("scaled_tanh", "scaled_tanh", "mse")])
+def test_kernel_curvature_equals_gn_diag(act, out_act, loss):
+    """grad(curvature=True): the solo kernel's sum of sdlm's per-example Gauss-Newton estimates
+    over a batch, / B, is net1989_gn_diag's over the batch, / B (relative error < 1e-5 per
+    parameter), without and with model.dropout keep masks and shifts; the gradient beside it is
+    the plain accumulate's, bit for bit. The population kernel has no curvature mode."""
+    if not HAVE_KERNELS:
+        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+    from backproplab.methods.sdlm import net1989_gn_diag
+    R, B, p = 3, 24, 0.25
+    models = [Net1989(s, act=act, out_act=out_act, dropout=p) for s in range(R)]
+    W = torch.stack([torch.cat([q.detach().reshape(-1) for q in m.parameters()]) for m in models])
+    x, y = D.train_x[:B].reshape(B, 16, 16), D.train_labels[:B].long()
+    rng = np.random.default_rng(2)
+    sh = rng.integers(-1, 2, (R, B, 2)).astype(np.int8)
+    kg = KernelGrad(R, act, out_act, loss, p, per_replica_inputs=True)
+    for shifts, keep in ((None, None), (sh, rng.random((R, B, 192)) >= p)):
+        xs = torch.stack([x if shifts is None else shift_images(x.reshape(B, 1, 16, 16), shifts[r]).reshape(B, 16, 16)
+                          for r in range(R)])
+        G, H = kg.grad(W, xs, y, None, keep, curvature=True)
+        assert H.shape == (R, W.shape[1]) and torch.equal(G, kg.grad(W, xs, y, None, keep))
+        for r, m in enumerate(models):
+            params = {n: q.detach() for n, q in m.named_parameters()}
+            ref = net1989_gn_diag(params, xs[r].reshape(B, 1, 16, 16), act, out_act, loss,
+                                  None if keep is None else torch.from_numpy(keep[r]), p)
+            a = 0
+            for n, q in params.items():
+                got, want = H[r, a:a + q.numel()], ref[n].reshape(-1) / B
+                a += q.numel()
+                assert want.max() > 0 and float((got - want).norm() / want.norm()) < 1e-5, (keep is None, r, n)
+    shared = KernelGrad(R, act, out_act, loss, p)
+    shared.groups = [("pop", list(range(R)))]               # shared inputs, one population-kernel block
+    with pytest.raises(ValueError, match="solo kernel"):
+        shared.grad(W, x, y, curvature=True)
+
+
+def test_sdlm_takes_the_kernel_curvature():
+    """sdlm on the kernel path steps with the kernels' curvature (ctx.curvature), and a pass with
+    it gives the weights of a pass with net1989_gn_diag (the other paths' estimate); a method that
+    moves the weights between the gradient and the step (decoupled decay) keeps the torch estimate."""
+    if not HAVE_KERNELS:
+        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+    cfg = cfg_with("sdlm")
+    assert cfg.train.shift and cfg.model.dropout        # both paths see the same masks and shifts
+    eng = one_pass(cfg, [0, 1], "kernel")
+    assert eng.curvature and eng.ctx.curvature is not None and eng.ctx.curvature.shape == eng.W.shape
+    ref = Population(cfg, [0, 1], path="kernel")
+    ref.curvature = False                               # SDLM.step's own net1989_gn_diag
+    x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
+    rand = [pass_randomness(s, 0, len(x), cfg.train.shift, cfg.model.dropout, ref.dropout_units) for s in (0, 1)]
+    ref.train_pass(x, y, None, np.stack([r[0] for r in rand]), np.stack([r[1] for r in rand]))
+    ref.end_pass()
+    assert ref.ctx.curvature is None
+    torch.testing.assert_close(eng.W, ref.W, rtol=1e-4, atol=1e-5)
+    assert not Population(cfg_with("sdlm", "wd"), [0], path="kernel").curvature
+
+
 # every method that declares the fast paths, on each fast path that can run it
 FAST = [(m.name, p) for m in list_methods() if m.fast for p in FAST_PATHS
         if fused_reason(cfg_with(m.name), run_specs(cfg_with(m.name)), p) is None]

@@ -18,8 +18,9 @@ ACT = {"tanh": 0, "relu": 1, "scaled_tanh": 2}
 OUT = {"tanh": 0, "relu": 1, "scaled_tanh": 2, "none": 3}   # the hidden codes, and none (logits)
 LOSS = {"mse": 0, "ce": 1}
 # grad: write the gradient into M instead of stepping (vstep); accumulate: add it to M (the
-# population engine's minibatch gradient: the sum over a batch at fixed weights)
-OPT = {"sgd": 0, "adamw": 1, "grad": 2, "sdlm": 3, "accumulate": 4}
+# population engine's minibatch gradient: the sum over a batch at fixed weights); accumulate_gn:
+# accumulate, and add each example's Gauss-Newton diagonal estimate (sdlm's) to V (solo kernel only)
+OPT = {"sgd": 0, "adamw": 1, "grad": 2, "sdlm": 3, "accumulate": 4, "accumulate_gn": 5}
 
 F0, F1 = np.float32(0.0), np.float32(1.0)
 ST_A = np.float32(1.7159)                       # LeCun's scaled tanh: ST_A * tanh(ST_B * x)
@@ -182,6 +183,9 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                    (k[5] = 1/sqrt(1 - b2^t), k[6] = eps, k[7] = -lr / (1 - b1^t))
     opt 2 (grad):  M = g (the gradient, for checks; nothing is stepped)
     opt 4 (accumulate): M += g (nothing is stepped: a minibatch's gradient summed over its examples)
+    opt 5 (accumulate_gn): M += g as opt 4; the solo kernel adds this example's Gauss-Newton
+                   diagonal estimate to V itself (after the curvature pass, W3's at W3's step
+                   site), so V ends as the batch's sum of sdlm's estimates; nothing is stepped
     opt 3 (SDLM):  methods/sdlm.py's sdlm_update with M = h (the running Gauss-Newton
                    diagonal) and V = this example's estimate: M = fma(V, k[2], M k[1])
                    (k[1] = 1 - gamma, k[2] = gamma); P += k[0] g / (M + k[3]) (k[3] = mu > 0,
@@ -229,7 +233,8 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                                 pp = at(0, Pa)
                                 builder.store(builder.call(fma, [kk(0), g, builder.load(pp, align=4)]), pp, align=4)
                             with grad:
-                                is_acc = builder.icmp_signed("==", opt, ir.Constant(opt.type, 4))
+                                is_acc = builder.or_(builder.icmp_signed("==", opt, ir.Constant(opt.type, 4)),
+                                                     builder.icmp_signed("==", opt, ir.Constant(opt.type, 5)))
                                 with builder.if_else(is_acc) as (acc, store):
                                     with acc:
                                         pm = at(1, Ma)

@@ -5,7 +5,9 @@ a kernel with opt=3 calls one of these to write this example's positive Gauss-Ne
 diagonal estimate of every parameter into Hn (the kernel's layout, zeros where no
 parameter); vstep then folds it into the running average and divides the step by it.
 W3's estimate, the outer product s3 x h2^2, is not written: the backward pass forms it
-where it steps W3 (vstep_h) from s3 and h2^2 left in the workspace.
+where it steps W3 (vstep_h) from s3 and h2^2 left in the workspace. The solo kernel's
+opt=5 (the population engine's minibatch sdlm) writes the estimate into a scratch Hn
+instead and adds it, and W3's outer product at W3's step site, to a sum over the batch.
 The maths is methods/sdlm.py's net1989_gn_diag: second derivatives travel down like
 the gradient, with squared weights, squared activation slopes and squared inputs:
   s4 = loss curvature (loss_curv)        s3 = f'(z3)^2 sum_q W4[q]^2 s4[q]

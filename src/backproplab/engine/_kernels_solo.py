@@ -14,9 +14,12 @@ Layouts are in _layout.py. One step, in the order of the code:
          windows; dW2[o] = sum over H2 positions in order of dz2 * H1T runs (H1T: the 12
          planes of each padded H1 position side by side); dW1 by 16-way transposing trees
 Each gradient is handed to vstep right after the parameter's last use, which steps the
-parameter in place (SGD, AdamW or SDLM; or stores the gradient). SDLM's curvature
-estimate is written by a separate pass between the loss and the backward pass
-(_kernels_sdlm.py), from the same weights the gradient sees. The population kernel
+parameter in place (SGD, AdamW or SDLM; or stores or accumulates the gradient). SDLM's
+curvature estimate is written by a separate pass between the loss and the backward pass
+(_kernels_sdlm.py), from the same weights the gradient sees: into V for the per-example
+step (opt 3), or (opt 5, the population engine's minibatch sdlm) into a scratch vector that
+is added to V, W3's outer product s3 x h2^2 added at W3's step site, so V ends as the
+batch's sum of the estimates next to the gradient's sum in M. The population kernel
 performs the same roundings in the same order for each replica (see _kernels_pop.py).
 
 Profile: BACKPROPLAB_PROFILE=1 compiles cycle counters in (prof gets 8 phases per step,
@@ -39,6 +42,7 @@ from ._simd import (ftz_on, mxcsr_set, rdtsc, vadd, vfma, vgather, vhsum, vload,
 F0, F1 = np.float32(0.0), np.float32(1.0)
 PROF = bool(os.environ.get("BACKPROPLAB_PROFILE"))  # compile the phase timers in
 OW1, OB1, OW2, OB2, OW3, OB3, OW4, OB4 = (SOLO_OFFSETS[n] for n in PARAM_NAMES)
+NSOLO = SOLO_OFFSETS["total"]
 W2O = 5 * W2R                                       # floats per output plane of W2
 
 
@@ -50,14 +54,15 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
     P: the parameters, flat solo layout (SOLO_OFFSETS), stepped in place. M, V: AdamW
     moments (same layout); with opt=2 nothing is stepped and M receives the gradient; with
     opt=3 (SDLM) M is the running curvature and V receives this example's estimate
-    (_kernels_sdlm.py). shifts (N, 2) int8 or (0, 2); keep (N, 192) bool or (0, 192) with
-    scale = 1/(1-p). The model noise of ModNet's methods, as factors (0 or 1/(1-p)) the
-    engine draws from each replica's noise stream: maps (N, 12) float32 or (0, 12), spatial
-    dropout, multiplies each activated H1 plane (and so its slope: dz1 = dh1 * factor * f');
-    dcm (N, 5760) float32 or (0, 5760), DropConnect, multiplies each H3 weight (torch order
-    [unit, input]) in the forward, in dh2 and in dW3 (the autograd path's w3 * mask).
-    step: int64 (1,), the optimizer's step count. smooth: label smoothing of the
-    cross-entropy's target (0: none). tb: solo_tables() as a
+    (_kernels_sdlm.py); with opt=4 M accumulates the gradient, and with opt=5 also V the
+    estimates (their sums over X, in the solo layout; M and V must be distinct). shifts (N, 2)
+    int8 or (0, 2); keep (N, 192) bool or (0, 192) with scale = 1/(1-p). The model noise of
+    ModNet's methods, as factors (0 or 1/(1-p)) the engine draws from each replica's noise
+    stream: maps (N, 12) float32 or (0, 12), spatial dropout, multiplies each activated H1
+    plane (and so its slope: dz1 = dh1 * factor * f'); dcm (N, 5760) float32 or (0, 5760),
+    DropConnect, multiplies each H3 weight (torch order [unit, input]) in the forward, in dh2
+    and in dW3 (the autograd path's w3 * mask). step: int64 (1,), the optimizer's step count.
+    smooth: label smoothing of the cross-entropy's target (0: none). tb: solo_tables() as a
     tuple. prof: int64 (16,), cycles per phase when PROF is set.
     """
     x4t, p1src, p1win, win, winv, g1t, w1a, w1b, m2 = tb
@@ -84,6 +89,7 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
     kc = abuf(8, 0.0)
     cw = solo_workspace()
     s3c, h2q = cw[1], cw[2]                     # sdlm: s3 and h2^2 from the curvature pass
+    hn = abuf(NSOLO if opt == 5 else 16, 0.0)   # opt 5: this example's estimate (W3's stays 0)
     m1 = vsplat(f32(-1.0))
     zero = vzero()
     has_shift = shifts.shape[0] > 0
@@ -260,6 +266,12 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
         loss_grad(y, d4, 0, 1, labels[n], loss, smooth, g4)
         if opt == 3:
             solo_curvature(V, P, P1, h1, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, tb, cw)
+        elif opt == 5:                                   # V += the estimate, all but W3's (below)
+            solo_curvature(hn, P, P1, h1, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, tb, cw)
+            for j in range(0, OW3, 16):
+                vstore(V, j, vadd(vload(V, j), vload(hn, j)))
+            for j in range(OB3, NSOLO, 16):
+                vstore(V, j, vadd(vload(V, j), vload(hn, j)))
         if PROF:
             t0 = _tick(prof, n * 8 + 3, t0)
         # ---- backward: output layer (dh3 summed over q in order)
@@ -303,6 +315,9 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
                         vstep_h(P, M, w + 16 * j, g, vmul(vsplat(s3c[m]), vload(h2q, (o0 + j) * 16)), kc)
                     else:
                         vstep(P, M, V, w + 16 * j, g, kc, opt)
+                        if opt == 5:                            # and added to V's sum here
+                            e = w + 16 * j
+                            vstore(V, e, vadd(vload(V, e), vmul(vsplat(s3c[m]), vload(h2q, (o0 + j) * 16))))
             for j, c in enumerate((c0, c1, c2, c3, c4, c5)):
                 vstore(dh2, (o0 + j) * 16, c)
         vstep(P, M, V, OB3, vload(d3, 0), kc, opt)

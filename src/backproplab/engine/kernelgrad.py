@@ -8,6 +8,14 @@ hands the mean to the registry's optimizer like any other gradient. So the kerne
 compute exactly the sum the autograd path differentiates (tests check it against
 autograd), and every method that acts on gradients and weights composes with them.
 
+Curvature (`grad(..., curvature=True)`, for sdlm): the solo kernel's opt 'accumulate_gn'
+also runs its per-example curvature pass (_kernels_sdlm.py, the 1989 optimizer's) and
+adds each example's Gauss-Newton diagonal estimate into V, at the same weights as the
+gradient; V's sum comes back in torch's order divided by the batch size like the
+gradient: methods/sdlm.py's net1989_gn_diag over the batch, / B, without a torch pass per
+replica and step. Solo groups only (per_replica_inputs, as sdlm's needs_inputs makes them):
+the population kernel has no such mode.
+
 Why numba here: at batch 32 a minibatch step of this 9,760-parameter net is a few hundred
 thousand multiply-adds in tiny pieces; PyTorch pays microseconds per op and the Toeplitz
 products of models/fused1989.py waste most of their work on structural zeros at small
@@ -128,6 +136,7 @@ class KernelGrad:
         self.prof, self.step = np.zeros(1, np.int64), np.zeros(1, np.int64)   # step: counted, never used by opt 4
         # optimizer constants (unused by opt 4), then the cross-entropy's label smoothing
         self.rest = (*self.codes, 0.0, 0.9, 0.999, 1e-8, 0.02, 0.01, float(smooth))
+        self.rest_gn = (*self.codes[:3], OPT["accumulate_gn"], *self.rest[4:])    # grad(curvature=True)
         self.tables, self._zeros, self._buf = _tables(), {}, {}
 
     def _aligned(self, key, shape):
@@ -136,24 +145,29 @@ class KernelGrad:
             a = self._buf[(key, shape)] = aligned_copy(np.zeros(shape, np.float32))
         return a
 
-    def grad(self, W, x, labels, shifts=None, keep=None, maps=None, dcm=None) -> torch.Tensor:
+    def grad(self, W, x, labels, shifts=None, keep=None, maps=None, dcm=None, curvature=False):
         """W (R, 9760); x (B, 16, 16) shared, or (R, B, 16, 16) per replica (solo groups only);
         labels (B,); shifts (R, B, 2) int8 numpy or None; keep (R, B, 192) bool numpy or None;
         maps (R, B, 12) spatial dropout factors and dcm (R, B, 5760) DropConnect factors of H3's
         weights, float32 numpy or None (solo groups only) -> (R, 9760) the batch-mean gradient
-        of each replica's loss."""
+        of each replica's loss; with curvature (solo groups only) -> (G, H), H (R, 9760) the
+        batch mean of each example's Gauss-Newton diagonal estimate (net1989_gn_diag / B), in
+        the same order."""
         if (maps is not None or dcm is not None) and any(kind != "solo" for kind, _ in self.groups):
             raise ValueError("spatial dropout and DropConnect factors run on the solo kernel: KernelGrad(..., solo=True)")
         from ._kernels_pop import pop_pass
         from ._kernels_solo import solo_pass
+        if curvature and any(kind != "solo" for kind, _ in self.groups):
+            raise ValueError("the curvature sums come from the solo kernel only: KernelGrad(per_replica_inputs=True)")
         B = labels.shape[0]
         lab = np.ascontiguousarray(labels.numpy().astype(np.int64, copy=False))
         zeros = self._zeros.get(B)
         if zeros is None:
             zeros = self._zeros[B] = np.zeros(B, np.float32)             # lr: unused by 'accumulate'
-        rest, step = self.rest, self.step
+        rest, step = self.rest_gn if curvature else self.rest, self.step
         Wn = W.detach().cpu().numpy()
         G = np.empty((self.R, N_THETA), np.float32)
+        H = np.empty((self.R, N_THETA), np.float32) if curvature else None
         inv_b = np.float32(1.0 / B)            # the batch mean
         shared = x.dim() == 3
         if shared:
@@ -167,6 +181,10 @@ class KernelGrad:
                 P = self._aligned("Psolo", (LY.SOLO_OFFSETS["total"],))
                 M = self._aligned("Msolo", (LY.SOLO_OFFSETS["total"],))
                 _to_solo(Wn, r, self.src, P, M)
+                V = M                      # opt 4 never touches V
+                if curvature:
+                    V = self._aligned("Vsolo", (LY.SOLO_OFFSETS["total"],))
+                    V[...] = 0.0
                 if not shared:
                     xs = self._aligned("x", (B, 16, 16))
                     xs[...] = x[r].numpy()
@@ -174,8 +192,10 @@ class KernelGrad:
                           self.no_keep if kp is None else np.ascontiguousarray(kp[0]),
                           NO_MAPS if maps is None else np.ascontiguousarray(maps[r], np.float32),
                           NO_DC if dcm is None else np.ascontiguousarray(dcm[r], np.float32).reshape(B, 5760),
-                          self.scale, P, M, M, step, *rest, self.tables, self.prof)
+                          self.scale, P, M, V, step, *rest, self.tables, self.prof)
                 _from_solo(M, self.inv, G, r, inv_b)
+                if curvature:
+                    _from_solo(V, self.inv, H, r, inv_b)
             else:
                 P = self._aligned("Ppop", (N_THETA, LY.L))
                 M = self._aligned("Mpop", (LY.POP_OFFSETS["total"],))
@@ -185,6 +205,8 @@ class KernelGrad:
                 pop_pass(xs, lab, zeros, _lanes(sh, B, 2, 0, np.int8), _lanes(kp, B, 192, True, np.bool_), self.scale,
                          P.reshape(-1), M, M, step, *rest, H2_TABLE, LY.H1_POS, self.prof)
                 G[rs] = M.reshape(N_THETA, LY.L)[:, :len(rs)].T * inv_b
+        if curvature:
+            return torch.from_numpy(G).to(W.device), torch.from_numpy(H).to(W.device)
         return torch.from_numpy(G).to(W.device)
 
     def outputs(self, W, x) -> torch.Tensor:

@@ -29,6 +29,9 @@ with every run):
             of the same R is bit for bit). Other models (ViT, convnets) loop over modules or
             run under torch.func.vmap.
 Every path sees the same batches and masks; tests check that their gradients agree.
+The kernel path also gives a switch declaring needs_curvature (sdlm) the batch mean of each
+example's Gauss-Newton diagonal estimate as ctx.curvature, computed with the gradient at the
+same weights.
 Inputs are (1, r, r) images, r = data.resolution: 16 (every model), 20 or 28 (the convnet
 family, whose modules take `resolution`; the fast paths are Net1989's, 16x16 only).
 
@@ -122,8 +125,12 @@ def fused_reason(cfg, specs, path="fused") -> str | None:
 
 class Ctx:
     """What a switch sees of the population at a hook (attributes set by the engine).
-    gviews, the per-parameter views of the gradient g, is built when a switch first asks."""
+    gviews, the per-parameter views of the gradient g, is built when a switch first asks.
+    curvature: (R, P), the batch mean of sdlm's per-example Gauss-Newton diagonal estimate at
+    the weights of the step, when the kernels computed it with the gradient (a switch declaring
+    needs_curvature, on the kernel path); else None (the switch computes it itself)."""
     _gv = None
+    curvature = None
 
     @property
     def gviews(self):
@@ -183,6 +190,13 @@ class Population:
             self.kernel = KernelGrad(self.R, m.act, m.out_act, cfg.train.loss, self.keep_p,
                                      per_replica_inputs=self.inputs_per_replica, smooth=self.smooth,
                                      solo=bool(self.noise_spatial or self.noise_dc))
+        # the kernels' curvature sums (ctx.curvature) for a switch that reads them: on the solo kernel
+        # (per-replica inputs), and only where they are the estimate at the weights the step changes
+        # (no forward_weights or before_step method moves W between the gradient and the step, no
+        # weight standardization; SAM's second gradient, at perturbed weights, does not replace them)
+        self.curvature = (self.kernel is not None and self.inputs_per_replica and not self.ws
+                          and any(getattr(sw, "needs_curvature", False) for _, sw in self.switches)
+                          and not self._hook("forward", "forward_weights") and not self._hook("before_step"))
         self.names = [n for n, _ in self.models[0].named_parameters()]
         shapes = [p.shape for _, p in self.models[0].named_parameters()]
         cols = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
@@ -431,8 +445,10 @@ class Population:
     def _gradient(self, second):
         c = self.ctx
         c.loss = None  # (R,) the batch's loss, detached: set by every path but the kernels'
+        if not second:
+            c.curvature = None
         if self.path in ("kernel", "fused"):
-            g = self._ws_grad(c) if self.ws else self._fast_grad(c, self.W)
+            g = self._ws_grad(c) if self.ws else self._fast_grad(c, self.W, self.curvature and not second)
             for sw in self._hook("loss", "penalty_grad"):  # a penalty's own gradient (the kernels' is the data term's)
                 g += sw.penalty_grad(self.W)
             return g
@@ -492,12 +508,17 @@ class Population:
             c.params = params
         return torch.cat([g.reshape(self.R, -1) for g in grads], 1)
 
-    def _fast_grad(self, c, W):
-        return self._kernel_grad(c, W) if self.path == "kernel" else self._fused_grad(c, W)
+    def _fast_grad(self, c, W, curvature=False):
+        return self._kernel_grad(c, W, curvature) if self.path == "kernel" else self._fused_grad(c, W)
 
-    def _kernel_grad(self, c, W):
+    def _kernel_grad(self, c, W, curvature=False):
+        """The kernels' batch-mean gradient; curvature (per-replica inputs): ctx.curvature too."""
         keep = None if c.keep is None else c.keep.cpu().numpy()
         noise = {"maps": None if c.maps is None else c.maps.numpy(), "dcm": None if c.dcm is None else c.dcm.numpy()}
+        if curvature:
+            g, c.curvature = self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep,
+                                              curvature=True, **noise)
+            return g
         if self.inputs_per_replica:  # each replica's batch as its model sees it
             return self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep, **noise)
         return self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep, **noise)

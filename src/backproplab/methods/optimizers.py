@@ -144,26 +144,35 @@ class AdamThenSGD(_Optimizer):
 class SDLM(_Optimizer):
     """The 1989 diagonal Levenberg-Marquardt on a plain net1989 (wraps methods/sdlm.py): the
     Gauss-Newton diagonal estimate is averaged over the examples of the batch. The estimate
-    is per example and additive: one batched call per replica sums it over the batch."""
-    needs_inputs = True  # reads each replica's batch as the model sees it (the engine supplies it)
+    is per example and additive: on the kernel path the solo kernel sums it with the gradient
+    (ctx.curvature, already the batch mean); elsewhere one batched net1989_gn_diag call per
+    replica sums it over the batch. The update is elementwise, so it runs once on the whole
+    (R, P) population, the running average h one (R, P) buffer (st: its per-parameter views)."""
+    needs_inputs = True     # reads each replica's batch as the model sees it (the engine supplies it)
+    needs_curvature = True  # the kernel path's ctx.curvature, when the engine can give it
+    h = None
 
     def step(self, ctx):
         from .sdlm import net1989_gn_diag, sdlm_update
         m, names = ctx.cfg.model, ctx.param_names
-        if not self.st:
-            self.st = {n: torch.zeros_like(ctx.views[n]) for n in names}  # (R, *shape)
-        for r in range(ctx.R):
-            p = {n: ctx.views[n][r].detach() for n in names}
-            x, keep = ctx.x[r], None if ctx.keep is None else ctx.keep[r]
-            est = net1989_gn_diag(p, x, m.act, m.out_act, ctx.cfg.train.loss, keep, m.dropout)
-            with torch.no_grad():
-                for n in names:
-                    sdlm_update(ctx.views[n][r], ctx.gviews[n][r], self.st[n][r], est[n] / len(x),
-                                float(ctx.lr[r]) if torch.is_tensor(ctx.lr) else ctx.lr, self.opts["mu"],
-                                self.opts["gamma"])
+        if self.h is None:   # first step, or after load_state: st's tensors into one buffer
+            self.h = (torch.cat([self.st[n].reshape(ctx.R, -1) for n in names], 1) if self.st
+                      else torch.zeros_like(ctx.w))
+            self.st = ctx.views_of(self.h)                        # name: (R, *shape)
+        H = getattr(ctx, "curvature", None)   # (R, P) batch means; other engines' contexts have none
+        if H is None:
+            rows = []
+            for r in range(ctx.R):
+                p = {n: ctx.views[n][r].detach() for n in names}
+                x, keep = ctx.x[r], None if ctx.keep is None else ctx.keep[r]
+                est = net1989_gn_diag(p, x, m.act, m.out_act, ctx.cfg.train.loss, keep, m.dropout)
+                rows.append(torch.cat([est[n].reshape(-1) for n in names]) / len(x))
+            H = torch.stack(rows)
+        with torch.no_grad():   # lr: a float, or an (R, 1) column broadcast over each replica's row
+            sdlm_update(ctx.w, ctx.g, self.h, H, ctx.lr, self.opts["mu"], self.opts["gamma"])
 
     def load_state(self, d):
-        self.st = {k: torch.as_tensor(v).clone() for k, v in d.items()}
+        self.st, self.h = {k: torch.as_tensor(v).clone() for k, v in d.items()}, None
 
 
 T = ("optimizer",)

@@ -77,7 +77,8 @@ def net1989_gn_diag(params: dict, x: torch.Tensor, act: str, out_act: str, loss:
 
 
 def sdlm_update(param: torch.Tensor, grad: torch.Tensor, h_avg: torch.Tensor, h_new: torch.Tensor,
-                lr: float, mu: float, gamma: float) -> None:
-    """In place: h_avg <- (1-gamma) h_avg + gamma h_new; param <- param - lr / (mu + h_avg) * grad."""
+                lr, mu: float, gamma: float) -> None:
+    """In place: h_avg <- (1-gamma) h_avg + gamma h_new; param <- param - lr / (mu + h_avg) * grad.
+    lr: a float, or a tensor broadcasting over param (a population's (R, 1) column of rates)."""
     h_avg.mul_(1.0 - gamma).add_(h_new, alpha=gamma)
     param.sub_(lr * grad / (mu + h_avg))
