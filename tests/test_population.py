@@ -135,6 +135,44 @@ def test_sdlm_takes_the_kernel_curvature():
     assert not Population(cfg_with("sdlm", "wd"), [0], path="kernel").curvature
 
 
+@pytest.mark.parametrize("act,out_act,loss", [("relu", "none", "ce"), ("tanh", "tanh", "mse")])
+def test_kernel_soft_term_equals_autograd(act, out_act, loss):
+    """The solo kernel's distillation term (lwf's): with targets p from other nets, the gradient of
+    the batch loss + lam T^2 KL(p || softmax(out[u] / T)) over units u, against autograd, on all
+    ten units and on 0-4; the population kernel refuses the term."""
+    if not HAVE_KERNELS:
+        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+    from backproplab.engine.population import batch_loss
+    from backproplab.methods.distill import soft_kl
+    R, B, lam, T = 3, 24, 2.0, 3.0
+    models = [Net1989(s, act=act, out_act=out_act, dropout=0.25) for s in range(R)]
+    teachers = [Net1989(10 + s, act=act, out_act=out_act) for s in range(R)]
+    W = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
+    rng = np.random.default_rng(2)
+    x, y = D.train_x[:B].reshape(B, 16, 16), D.train_labels[:B].long()
+    sh = rng.integers(-1, 2, (R, B, 2)).astype(np.int8)
+    keep = rng.random((R, B, 192)) >= 0.25
+    shifted = torch.stack([shift_images(x.reshape(B, 1, 16, 16), sh[r]).reshape(B, 16, 16) for r in range(R)])
+    kg = KernelGrad(R, act, out_act, loss, 0.25, per_replica_inputs=True)
+    plain = kg.grad(W, shifted, y, None, keep)
+    for units in (list(range(10)), [0, 1, 2, 3, 4]):
+        mask = np.zeros(10, np.float32)
+        mask[units] = 1.0
+        p = np.zeros((R, B, 10), np.float32)
+        with torch.no_grad():
+            for r, t in enumerate(teachers):
+                p[r][:, units] = F.softmax(t.eval()(shifted[r].reshape(B, 1, 16, 16))[:, units] / T, -1).numpy()
+        G = kg.grad(W, shifted, y, None, keep, soft=(p, mask, lam, T))
+        for r, m in enumerate(models):
+            out = m(shifted[r].reshape(B, 1, 16, 16), torch.from_numpy(keep[r]))
+            value = batch_loss(out, y, loss) + lam * soft_kl(out[:, units], torch.from_numpy(p[r][:, units]), T)
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(value, list(m.parameters()))])
+            assert float((G[r] - g).norm() / g.norm()) < 1e-5, (units, r)
+            assert float((G[r] - plain[r]).norm() / g.norm()) > 1e-2   # the term is not negligible here
+    with pytest.raises(ValueError, match="solo kernel only"):
+        KernelGrad(13, act, out_act, loss, 0.25).grad(W[[0] * 13], x, y, soft=(p[[0] * 13], mask, lam, T))
+
+
 # every method that declares the fast paths, on each fast path that can run it
 FAST = [(m.name, p) for m in list_methods() if m.fast for p in FAST_PATHS
         if fused_reason(cfg_with(m.name), run_specs(cfg_with(m.name)), p) is None]
@@ -187,6 +225,35 @@ def test_fast_path_equals_autograd_for_every_fast_method(name, path):
     torch.testing.assert_close(w_fast[live], w_ref[live], rtol=1e-4, atol=atol)
 
 
+@pytest.mark.parametrize("classes", ["all", "0-4"])
+def test_lwf_on_the_kernels_equals_autograd_away_from_its_start(classes):
+    """The parametrized test above starts lwf at its frozen copy (step 1's term is 0). Here each
+    replica's frozen copy is another net (the weights of seeds 7 and 8, loaded as a resumed run
+    loads them): the first step's gradient on the kernel path equals autograd's (relative error
+    < 1e-5) and differs from the cross-entropy's alone, and one pass's weights agree."""
+    if not HAVE_KERNELS:
+        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+    old = Population(cfg_with("lwf"), [7, 8], path="autograd").W.clone()
+    x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
+    got = {}
+    for lam, path in ((2.0, "kernel"), (2.0, "autograd"), (0.0, "kernel")):
+        cfg = cfg_with(f"lwf:lam={lam},T=3,classes={classes}")
+        eng = Population(cfg, [0, 1], path=path)
+        assert eng.path == path
+        dict(eng.switches)["lwf"].load_state({"old": old.numpy()})
+        seen, inner = [], eng._closure
+        eng._closure = lambda second=False, inner=inner, seen=seen: seen.append(inner(second)) or seen[-1]
+        rand = [pass_randomness(s, 0, len(x), cfg.train.shift, cfg.model.dropout, 192) for s in (0, 1)]
+        eng.train_pass(x, y, None, np.stack([r[0] for r in rand]), np.stack([r[1] for r in rand]))
+        eng.end_pass()
+        assert torch.equal(dict(eng.switches)["lwf"].old, old)   # not replaced by the run's start
+        got[lam, path] = seen[0], eng.W.clone()
+    (g_fast, w_fast), (g_ref, w_ref), (g_ce, _) = got[2.0, "kernel"], got[2.0, "autograd"], got[0.0, "kernel"]
+    assert float((g_fast - g_ref).norm() / g_ref.norm()) < 1e-5
+    assert float((g_ce - g_ref).norm() / g_ref.norm()) > 0.05
+    torch.testing.assert_close(w_fast, w_ref, rtol=1e-4, atol=1e-5)
+
+
 ADAPTIVE = ("adagrad", "rmsprop", "adam", "adamw", "adam_sgd", "adadelta", "lion", "muon", "schedule_free",
             "adopt")
 
@@ -224,14 +291,14 @@ def test_fast_paths_evaluate_the_model_their_methods_change():
         Population(cfg_with("nf"), [0], path="fused")
 
 
-@pytest.mark.parametrize("combo", [("sam", "dropout"), ("sam", "nf"), ("ema", "nf", "dropout"),
+@pytest.mark.parametrize("combo", [("sam", "dropout"), ("sam", "nf"), ("ema", "nf", "dropout"), ("lwf", "nf"),
                                    ("spatial_dropout", "dropout", "dropconnect", "shift"), ("sam", "dropconnect"),
-                                   ("nf", "spatial_dropout")])
+                                   ("nf", "spatial_dropout"), ("lwf", "dropconnect")])
 def test_fast_model_changes_compose_on_the_kernel_path(combo):
     """SAM's second gradient sees the same dropout masks (drawn once a step), the three noise
     methods draw from each replica's stream in ModNet's order (spatial, dropout, DropConnect),
-    and averages and the evaluation see the standardized weights: two passes on the kernels
-    equal the autograd path."""
+    and averages, the evaluation and lwf's frozen net see the standardized weights: two passes
+    on the kernels equal the autograd path."""
     if not HAVE_KERNELS:
         pytest.skip("no AVX-512: the kernel path does not run here")
     cfg = cfg_with(*combo)
@@ -256,6 +323,12 @@ def test_automatic_path_and_the_run_record():
     assert Population(smooth, [0]).path == ("kernel" if HAVE_KERNELS else "fused")  # the kernels smooth too
     assert Population(cfg_with("batchnorm"), [0]).path == "autograd"
     assert Population(cfg_with("bf16"), [0]).path == "autograd"
+    # lwf's term: the kernels add it, the fused products do not; with a model the kernels lack, autograd
+    assert Population(cfg_with("lwf"), [0]).path == ("kernel" if HAVE_KERNELS else "autograd")
+    assert Population(cfg_with("lwf", "batchnorm"), [0]).path == "autograd"
+    with pytest.raises(UserError, match="the fused path does not compute lwf"):
+        Population(cfg_with("lwf"), [0], path="fused")
+    assert "allows the fast path (numba kernels)" in get_method("lwf").card()
     assert Population(cfg_with("l2"), [0]).path == Population(cfg_with("wd"), [0]).path  # a fast method
     tanh = apply_overrides(preset("modern_smoke"), BASE + ["model.act=tanh"])
     assert Population(tanh, [0]).path == ("kernel" if HAVE_KERNELS else "autograd")

@@ -9,7 +9,8 @@ Layouts are in _layout.py. One step, in the order of the code:
   noise  spatial dropout's plane factors on the activated H1 (maps); DropConnect's weight
          factors on H3 (dcm): the model methods' masks, drawn by the engine
   H3     per unit: lane partials over the 12 H2 planes, halving-tree sum (vhsum), + b3
-  out    two 16-lane partials, tree sum, + b4 ; loss gradient (scalar, common code)
+  out    two 16-lane partials, tree sum, + b4 ; loss gradient (scalar, common code), plus a
+         distillation term's when given (LwF's, _soft_grad: the solo kernel only)
   back   dh3 over q in order; dh2 over m in order; dh1 per plane and phase from the adjoint
          windows; dW2[o] = sum over H2 positions in order of dz2 * H1T runs (H1T: the 12
          planes of each padded H1 position side by side); dW1 by 16-way transposing trees
@@ -27,6 +28,7 @@ int64 (8 N,); such a build is never cached). Medians on this machine, ~15k cycle
 input 1.0k, H1 2.0k, H2 2.6k, H3 + out 1.4k, backward out + H3 1.6k, dh1 3.4k,
 dW2 (with the H1T gathers) 4.5k, dW1 3.0k (shared core: +-20%).
 """
+import math
 import os
 
 import numpy as np
@@ -48,7 +50,7 @@ W2O = 5 * W2R                                       # floats per output plane of
 
 @njit(cache=not PROF)   # a profiling build must not land in the cache
 def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
-              act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof):
+              act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof, soft, units, lam, temp):
     """Train one replica on X[n], n in order.
 
     P: the parameters, flat solo layout (SOLO_OFFSETS), stepped in place. M, V: AdamW
@@ -64,6 +66,10 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
     and in dW3 (the autograd path's w3 * mask). step: int64 (1,), the optimizer's step count.
     smooth: label smoothing of the cross-entropy's target (0: none). tb: solo_tables() as a
     tuple. prof: int64 (16,), cycles per phase when PROF is set.
+    soft (N, 10) float32 or (0, 10): a distillation term's target probabilities per example (LwF:
+    the frozen net's softmax(z_old[u] / temp), 0 off the units), added to the loss as
+    lam temp^2 KL(soft[n] || softmax(y[u] / temp)) over the units u where units (10,) float32 is 1
+    (_soft_grad); (0, 10) and units (0,): no such term.
     """
     x4t, p1src, p1win, win, winv, g1t, w1a, w1b, m2 = tb
     f32 = np.float32
@@ -96,6 +102,7 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
     has_keep = keep.shape[0] > 0
     has_maps = maps.shape[0] > 0
     has_dc = dcm.shape[0] > 0
+    has_soft = soft.shape[0] > 0
     mx = ftz_on()
     t0 = 0
     for n in range(X.shape[0]):
@@ -264,6 +271,8 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
         vstore(y, 0, yv)
         vstore(d4, 0, dv)
         loss_grad(y, d4, 0, 1, labels[n], loss, smooth, g4)
+        if has_soft:
+            _soft_grad(y, d4, soft, n, units, lam, temp, g4)
         if opt == 3:
             solo_curvature(V, P, P1, h1, d1, h2, d2, km, h3, d3, y, d4, has_keep, loss, tb, cw)
         elif opt == 5:                                   # V += the estimate, all but W3's (below)
@@ -423,6 +432,30 @@ def solo_pass(X, labels, lrs, shifts, keep, maps, dcm, scale, P, M, V, step,
         if PROF:
             t0 = _tick(prof, n * 8 + 7, t0)
     mxcsr_set(mx)
+
+
+@njit(inline="always")
+def _soft_grad(y, dout, soft, n, units, lam, temp, g):
+    """g[q] += dL/dz_q of the distillation term L = lam T^2 KL(p || q), q = softmax(y[u] / T) over
+    the units u (units[q] = 1), p = soft[n] (T = temp): lam T (q - p) on u, times dout = dy/dz, 0
+    elsewhere; one example's share, the engine's 1/B makes it the batch mean's. The softmax as
+    loss_grad's: the largest output on u subtracted first, every value rounded to float32."""
+    f32 = np.float32
+    inv_t = F1 / f32(temp)
+    mx = f32(-np.inf)
+    for q in range(10):
+        if units[q] > F0:
+            mx = max(mx, y[q])
+    s = F0
+    for q in range(10):
+        if units[q] > F0:
+            s += f32(math.exp((y[q] - mx) * inv_t))
+    ls = f32(math.log(s))
+    c = f32(lam) * f32(temp)
+    for q in range(10):
+        if units[q] > F0:
+            p = f32(math.exp((y[q] - mx) * inv_t - ls))
+            g[q] += (c * (p - soft[n, q])) * dout[q]
 
 
 @njit(inline="always")

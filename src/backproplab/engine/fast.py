@@ -25,6 +25,9 @@ from . import _layout as LY
 from ._kernels_common import ACT, LOSS, OPT, OUT, aligned, aligned_copy
 
 SOLO_BELOW = 12          # measured: a 16-lane block step costs 12-15 solo steps (both recipes, this core)
+# solo_pass's distillation term switched off (zero-size targets and unit mask, lam 0, T 1): the
+# per-example recipes have none (the population engine's kernel path passes LwF's)
+NO_SOFT = (np.zeros((0, 10), np.float32), np.zeros(0, np.float32), 0.0, 1.0)
 _TABLE_KEYS = ("x4", "p1src", "p1win", "win", "winv", "g1t", "w1a", "w1b", "m2")
 _TABLES = None
 
@@ -231,7 +234,7 @@ def _run(kind, x, labels, lr, shifts, keep, scale, P, M, V, step, args):
         sh = np.zeros((0, 2), np.int8) if shifts is None else np.ascontiguousarray(shifts[0])
         kp = np.zeros((0, 192), np.bool_) if keep is None else np.ascontiguousarray(keep[0])
         solo_pass(x, labels, lr, sh, kp, NO_MAPS, NO_DC, scale, P, M, V, np.array([step], np.int64), *args, _tables(),
-                  np.zeros(1, np.int64))
+                  np.zeros(1, np.int64), *NO_SOFT)
     else:
         from ._kernels_pop import pop_pass
         pop_pass(x, labels, lr, _lanes(shifts, n, 2, 0, np.int8), _lanes(keep, n, 192, True, np.bool_), scale,

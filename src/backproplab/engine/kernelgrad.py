@@ -27,10 +27,16 @@ kernel's flat layout (engine/_layout.py) is a permutation of those with zero pad
 gathered through an index map built once; the population kernel's is the torch layout
 with a trailing axis of 16 lanes (a transpose). Inputs: the raw images shared by all
 replicas with per-replica integer shifts done inside the kernels, or (when a data method
-has transformed each replica's batch) each replica's own images on the solo kernel. The model
-methods' noise comes in as masks the engine draws: H2 keep masks (both kernels), spatial
-dropout's H1 plane factors and DropConnect's H3 weight factors (the solo kernel: a population
-with them runs every replica there, about 13% slower per replica than the population kernel).
+has transformed each replica's batch, or a switch reads it) each replica's own images on the
+solo kernel. The model methods' noise comes in as masks the engine draws: H2 keep masks (both
+kernels), spatial dropout's H1 plane factors and DropConnect's H3 weight factors (the solo
+kernel: a population with them runs every replica there, about 13% slower per replica than
+the population kernel).
+
+Loss terms: the kernels differentiate the cross-entropy (with label smoothing) or the MSE; the
+solo kernel also adds a distillation term toward per-example target probabilities computed
+outside it (LwF's frozen net, by the evaluation kernel: engine/population.py), so a population
+with that term runs every replica on the solo kernel.
 
 Evaluation: `outputs` (and `net_outputs`, for the per-example engines' engine/evaluate.py) run
 the forward-only kernel of _kernels_eval.py on the weights in torch's layout as they are:
@@ -44,7 +50,7 @@ from numba import njit
 from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
 from . import _layout as LY
 from ._kernels_common import ACT, LOSS, OPT, OUT, aligned_copy
-from .fast import NO_DC, NO_MAPS, _groups, _lanes, _tables
+from .fast import NO_DC, NO_MAPS, NO_SOFT, _groups, _lanes, _tables
 
 N_THETA = sum(int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES)
 
@@ -145,19 +151,25 @@ class KernelGrad:
             a = self._buf[(key, shape)] = aligned_copy(np.zeros(shape, np.float32))
         return a
 
-    def grad(self, W, x, labels, shifts=None, keep=None, maps=None, dcm=None, curvature=False):
+    def grad(self, W, x, labels, shifts=None, keep=None, maps=None, dcm=None, soft=None, curvature=False):
         """W (R, 9760); x (B, 16, 16) shared, or (R, B, 16, 16) per replica (solo groups only);
         labels (B,); shifts (R, B, 2) int8 numpy or None; keep (R, B, 192) bool numpy or None;
         maps (R, B, 12) spatial dropout factors and dcm (R, B, 5760) DropConnect factors of H3's
-        weights, float32 numpy or None (solo groups only) -> (R, 9760) the batch-mean gradient
-        of each replica's loss; with curvature (solo groups only) -> (G, H), H (R, 9760) the
-        batch mean of each example's Gauss-Newton diagonal estimate (net1989_gn_diag / B), in
-        the same order."""
-        if (maps is not None or dcm is not None) and any(kind != "solo" for kind, _ in self.groups):
-            raise ValueError("spatial dropout and DropConnect factors run on the solo kernel: KernelGrad(..., solo=True)")
+        weights, float32 numpy or None (solo groups only); soft None or (p (R, B, 10) float32
+        numpy, units (10,) float32 0/1, lam, T): a distillation term lam T^2 KL(p[r, b] ||
+        softmax(z[u] / T)) over the units u added to each example's loss (LwF; solo groups
+        only: _kernels_solo._soft_grad) -> (R, 9760) the batch-mean gradient of each replica's
+        loss; with curvature (solo groups only) -> (G, H), H (R, 9760) the batch mean of each
+        example's Gauss-Newton diagonal estimate (net1989_gn_diag / B), in the same order."""
         from ._kernels_pop import pop_pass
         from ._kernels_solo import solo_pass
-        if curvature and any(kind != "solo" for kind, _ in self.groups):
+        pop = any(kind != "solo" for kind, _ in self.groups)
+        if pop and (maps is not None or dcm is not None):
+            raise ValueError("spatial dropout and DropConnect factors run on the solo kernel: KernelGrad(..., solo=True)")
+        if pop and soft is not None:
+            raise ValueError("a distillation term runs on the solo kernel only: build KernelGrad with "
+                             "per_replica_inputs=True")
+        if pop and curvature:
             raise ValueError("the curvature sums come from the solo kernel only: KernelGrad(per_replica_inputs=True)")
         B = labels.shape[0]
         lab = np.ascontiguousarray(labels.numpy().astype(np.int64, copy=False))
@@ -188,11 +200,17 @@ class KernelGrad:
                 if not shared:
                     xs = self._aligned("x", (B, 16, 16))
                     xs[...] = x[r].numpy()
+                if soft is None:
+                    sa = NO_SOFT
+                else:
+                    p, units, lam, T = soft
+                    sa = (np.ascontiguousarray(p[r], np.float32), np.ascontiguousarray(units, np.float32),
+                          float(lam), float(T))
                 solo_pass(xs, lab, zeros, self.no_shift if sh is None else np.ascontiguousarray(sh[0]),
                           self.no_keep if kp is None else np.ascontiguousarray(kp[0]),
                           NO_MAPS if maps is None else np.ascontiguousarray(maps[r], np.float32),
                           NO_DC if dcm is None else np.ascontiguousarray(dcm[r], np.float32).reshape(B, 5760),
-                          self.scale, P, M, V, step, *rest, self.tables, self.prof)
+                          self.scale, P, M, V, step, *rest, self.tables, self.prof, *sa)
                 _from_solo(M, self.inv, G, r, inv_b)
                 if curvature:
                     _from_solo(V, self.inv, H, r, inv_b)

@@ -5,18 +5,20 @@ All their weights live in one (R, P) float32 buffer W; the optimizer, schedules,
 gradient methods and averages are the registry's switches, each acting on the whole
 population at once (ctx.w is W, ctx.g the (R, P) gradient, ctx.lr an (R, 1) column).
 
-Three paths compute the gradient, the first that can run chosen automatically (`path`, stored
-with every run):
-  kernel    engine/kernelgrad.py: the numba per-example kernels summing a batch's gradient
-            (AVX-512 CPUs), for Net1989 with any activations and loss, when every active method
-            declares `fast` and the kernels compute its model change (`fast_model`): the
-            dropout method's H2 masks, nf's standardized weights, spatial dropout's H1 plane
-            factors and DropConnect's H3 weight factors, all drawn here (_fast_noise) from each
-            replica's noise stream in the order ModNet's forward draws them;
+Three paths compute the gradient, the first in PATHS that can run the config chosen
+automatically (`path`, stored with every run):
+  kernel    engine/kernelgrad.py's numba kernels, per example forward and hand-derived backward
+            of Net1989 summed over the batch (its activations, cross-entropy with label smoothing
+            or MSE, and lwf's distillation term toward the frozen net's outputs): taken on an
+            AVX-512 CPU when every active method runs on it (Method.runs_on, fused_reason) and
+            the kernels compute its model change (`fast_model`): the dropout method's H2 masks,
+            nf's standardized weights, spatial dropout's H1 plane factors and DropConnect's H3
+            weight factors, all drawn here (_fast_noise) from each replica's noise stream in the
+            order ModNet's forward draws them;
   fused     models/fused1989.py's hand-derived forward and backward of Net1989 (ReLU, logits,
             cross-entropy) as batched matrix products over the replica axis: taken when the
-            model is that net and every active method declares `fast` (it needs no autograd
-            and leaves the model's structure alone);
+            model is that net and every active method runs on it (it needs no autograd and
+            leaves the model's structure alone, or changes it in a way the path computes);
   autograd  ModNet (Net1989 with the model methods' switches): models/stacked.py's one forward
             for the whole population, the replicas as the groups of channels-last grouped
             convolutions, parameters as (R, ...) leaves on W's storage, so one backward gives
@@ -112,9 +114,13 @@ def fused_reason(cfg, specs, path="fused") -> str | None:
     slow = [s.name for s in specs if not get_method(s.name).fast]
     if slow:
         return f"{', '.join(slow)} need autograd or change the model"
-    other = [s.name for s in specs if not get_method(s.name).runs_on(path)]
-    if other:
-        return f"the {path} path does not compute the model change of {', '.join(other)}"
+    other = [get_method(s.name) for s in specs if not get_method(s.name).runs_on(path)]
+    model = [o.name for o in other if o.modnet]
+    if model:
+        return f"the {path} path does not compute the model change of {', '.join(model)}"
+    if other:  # a loss term only some fast paths add (lwf: the kernels)
+        return (f"the {path} path does not compute {', '.join(o.name for o in other)} (only the "
+                f"{' and '.join(sorted({p for o in other for p in o.fast_on}))} path does)")
     if path == "kernel":
         from .kernelgrad import kernel_reason
         return kernel_reason(cfg)
@@ -171,6 +177,11 @@ class Population:
         self.inputs_per_replica = bool(self._hook("batch")) or any(
             getattr(sw, "needs_inputs", False) for _, sw in self.switches)
         self.replays = any(getattr(sw, "replays_batch", False) for _, sw in self.switches)
+        # a distillation term the kernels add to the cross-entropy's logit gradient (lwf's kernel_soft:
+        # the frozen net's probabilities on each replica's batch; it declares needs_inputs, so every
+        # replica runs on the solo kernel, the one that adds it)
+        self.soft = self._hook("loss", "kernel_soft")
+        assert len(self.soft) <= 1, "one distillation term on the kernels"
         self.models = [self._build_model(s) for s in self.seeds]
         # the model changes the fast paths compute themselves (methods declaring fast_model): the
         # dropout method's H2-output masks, drawn here from each replica's noise generator as the
@@ -514,7 +525,8 @@ class Population:
     def _kernel_grad(self, c, W, curvature=False):
         """The kernels' batch-mean gradient; curvature (per-replica inputs): ctx.curvature too."""
         keep = None if c.keep is None else c.keep.cpu().numpy()
-        noise = {"maps": None if c.maps is None else c.maps.numpy(), "dcm": None if c.dcm is None else c.dcm.numpy()}
+        noise = {"maps": None if c.maps is None else c.maps.numpy(), "dcm": None if c.dcm is None else c.dcm.numpy(),
+                 "soft": self.soft[0].kernel_soft(c, self._replica_outputs) if self.soft else None}
         if curvature:
             g, c.curvature = self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep,
                                               curvature=True, **noise)
@@ -522,6 +534,15 @@ class Population:
         if self.inputs_per_replica:  # each replica's batch as its model sees it
             return self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep, **noise)
         return self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep, **noise)
+
+    def _replica_outputs(self, W, x):
+        """W (R, P), x (R, B, 1, 16, 16) -> (R, B, 10): replica r's eval-mode outputs (no dropout)
+        with weights W[r] on its batch x[r], by the evaluation kernel; the model the kernel path
+        computes (nf: the standardized weights). One call when the replicas share the batch."""
+        W = self._standardized(W)
+        if x.stride(0) == 0:
+            return self.kernel.outputs(W, x[0])
+        return torch.cat([self.kernel.outputs(W[r:r + 1], x[r]) for r in range(self.R)])
 
     def _fused_grad(self, c, W):
         keep = None

@@ -14,7 +14,13 @@ lwf      At the first pass of the run (step 0) the switch keeps a frozen copy of
          weights (and BatchNorm statistics): the pre-trained net when the run starts from one. Each
          step adds lam T^2 KL(p_T(old) || p_T(new)) over the old task's output units to the loss.
 
-Both terms need autograd (the fused kernels return the cross-entropy's gradient only).
+distill runs on autograd (its teacher is another run's engine). lwf runs on the autograd path
+(`loss`: the frozen copies as modules, any ModNet, e.g. with BatchNorm) or on the kernel path
+(`kernel_soft`): there the engine evaluates the frozen weights with the evaluation kernel on each
+replica's batch as its model sees it (hence needs_inputs), p_old = softmax(z_old[u] / T), and the
+solo kernel adds the term's per-example logit gradient lam T (softmax(z[u] / T) - p_old) on the
+units u to the cross-entropy's; the engine's division by the batch size makes it the batch mean's.
+The fused products return the cross-entropy's gradient only.
 """
 import copy
 import math
@@ -188,9 +194,13 @@ def check_lwf(cfg, opts):
 
 
 class LwF:
+    needs_inputs = True  # the kernel path evaluates the frozen net on each replica's batch as its model sees it
+
     def __init__(self, opts, **ctx):
         self.lam, self.T = opts["lam"], opts["T"]
         self.units = torch.tensor(parse_classes(opts["classes"]))
+        self.mask = np.zeros(10, np.float32)     # the units as the kernels take them: 1 on u
+        self.mask[self.units.numpy()] = 1.0
         self.old, self.old_bufs, self.frozen = None, None, None
 
     def pass_start(self, ctx):
@@ -201,7 +211,7 @@ class LwF:
         if self.frozen is None and self.old is not None:
             self._freeze(ctx)
 
-    def _freeze(self, ctx):
+    def _freeze(self, ctx):  # the modules the autograd path's loss evaluates (the kernel path: old alone)
         self.frozen = []
         for r, m in enumerate(ctx.models):
             gen, m.gen = getattr(m, "gen", None), None
@@ -225,9 +235,22 @@ class LwF:
                             for r, f in enumerate(self.frozen)])
 
     def loss(self, ctx, out, labels, value):
+        """The autograd path: value + lam T^2 KL(p_T(old) || p_T(out)) over the units, batch mean."""
         u = self.units.to(out.device)
         p_old = tempered(self.old_outputs(ctx.x)[..., u], self.T)
         return value + self.lam * soft_kl(out[..., u].float(), p_old, self.T)
+
+    def kernel_soft(self, ctx, outputs):
+        """The kernel path: outputs(W, x) -> (R, B, 10) the eval-mode outputs of (R, P) weights on
+        each replica's batch x (R, B, 1, 16, 16), as the path computes its model (the engine's).
+        -> (p_old (R, B, 10) float32, 0 off the units; the unit mask (10,); lam; T) for the solo
+        kernel, which adds lam T (softmax(z[u] / T) - p_old) to each example's logit gradient: the
+        gradient of lam T^2 KL(p_old || softmax(z[u] / T)) (Hinton et al.'s eq. 2 times T^2)."""
+        u = self.units
+        z = outputs(self.old, ctx.x)
+        p = torch.zeros(z.shape, dtype=torch.float32)
+        p[..., u] = tempered(z[..., u], self.T).cpu()
+        return p.numpy(), self.mask, self.lam, self.T
 
     def state(self):
         if self.old is None:
@@ -267,7 +290,7 @@ register(Method(
            "gradient T (q - p) (Hinton eq. 2 times T^2)"))
 register(Method(
     "lwf", kind="distillation", touches=("loss",), hooks=("pass_start", "loss"), impl="distill:LwF",
-    autograd=True, check=check_lwf,
+    fast_paths=("kernel",), check=check_lwf,
     options={"lam": Option(1.0, "weight", "lambda_o of the old-task term", 0.0, 100.0),
              "T": Option(2.0, "temperature", "the paper's T = 2", 0.05, 100.0),
              "classes": Option("all", "output units", "the old task's units: all, k or a-b (e.g. 0-4)")},
@@ -275,5 +298,8 @@ register(Method(
     what="At step 0 the weights each replica starts from (a pre-trained net) are frozen; every step adds "
          "lam T^2 KL(softmax(z_old / T) || softmax(z / T)) over the old task's output units, z_old the "
          "frozen copy's outputs on the same batch (eval mode: no noise, its BatchNorm statistics).",
+    interactions="On the kernel path every replica trains on the solo kernel (the one that adds the term) and "
+                 "the frozen net is evaluated by the evaluation kernel; with a model change the kernels lack "
+                 "(batchnorm, ...) it runs on the autograd path, the frozen copies as modules.",
     paper="Li & Hoiem 2016/2018, 'Learning without Forgetting'",
     oracle="the frozen start's outputs by hand and torch.nn.functional.kl_div: same loss and step"))

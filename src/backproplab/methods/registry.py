@@ -95,20 +95,29 @@ class Method:
     modnet: bool = False             # changes the model: needs model.name=net1989 (built as a ModNet)
     autograd: bool = False           # needs autograd (a loss term, a number format the fused kernels lack)
     fast_model: tuple = ()           # the fast paths that compute its model change too (engine/population.py)
+    fast_paths: tuple = ("kernel", "fused")  # a non-model method: the fast paths that compute it (lwf: kernel)
     interactions: str = ""
     check: object = None             # check(cfg, options) -> message or None: clashes with config fields
     rank: int = 0
 
     @property
+    def fast_on(self) -> tuple:
+        """The fast paths (kernel, fused) that can run it: none when it needs autograd; for a model
+        change the paths that compute it (fast_model: no-op, H2-output dropout, scaled weight
+        standardization: engine/population.py); else fast_paths (both, or a loss term only the
+        kernels add)."""
+        if self.autograd:
+            return ()
+        return self.fast_model if self.modnet else self.fast_paths
+
+    @property
     def fast(self) -> bool:
-        """Runs on the population engine's fast paths: no autograd needed, and the model either
-        unchanged or changed in a way those paths compute (no-op, H2-output dropout, scaled weight
-        standardization: engine/population.py)."""
-        return not self.autograd and (not self.modnet or bool(self.fast_model))
+        """Runs on at least one of the population engine's fast paths."""
+        return bool(self.fast_on)
 
     def runs_on(self, path: str) -> bool:
         """Whether the fast path `path` (kernel or fused) can run it."""
-        return self.fast and (not self.modnet or path in self.fast_model)
+        return path in self.fast_on
 
     def card(self) -> str:
         lines = [f"{self.name}  ({self.kind}; touches {', '.join(self.touches)})", "", self.summary, ""]
@@ -132,9 +141,8 @@ class Method:
         if self.modnet:
             inter.append("changes the model: needs model.name=net1989 (built as ModNet)")
         why = "needs autograd" if self.autograd else "changes the model"
-        paths = ("numba kernels", "fused products") if not self.modnet else tuple(
-            {"kernel": "numba kernels", "fused": "fused products"}[p] for p in self.fast_model)
-        inter.append(f"allows the fast paths ({', '.join(paths)})" if self.fast
+        paths = [{"kernel": "numba kernels", "fused": "fused products"}[p] for p in self.fast_on]
+        inter.append(f"allows the fast path{'s' if len(paths) > 1 else ''} ({', '.join(paths)})" if self.fast
                      else f"runs on the autograd path ({why})")
         inter += [f"not with {k}: {v}" for k, v in self.incompatible_with.items()]
         if self.interactions:
