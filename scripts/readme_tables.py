@@ -35,9 +35,20 @@ def newest_effects(store, base: str) -> dict:
     return runs[-1]
 
 
+def registry_order(rows: list) -> list:
+    """The base, the single methods in the registry's order, then the pairs as stored (a store
+    written while runs finished in another order reads the same)."""
+    from backproplab.methods.registry import list_methods
+    rank = {m.name: i for i, m in enumerate(list_methods())}
+    singles = [r for r in rows[1:] if "+" not in r["method"]]
+    return [rows[0], *sorted(singles, key=lambda r: rank.get(r["method"], len(rank))),
+            *[r for r in rows[1:] if "+" in r["method"]]]
+
+
 def render(rec: dict) -> str:
     s = rec["summary"]
-    rows, base = s["rows"], s["rows"][0]
+    rows = registry_order(s["rows"])
+    base = rows[0]
     mult = bool(s.get("multipliers"))
     every = s.get("eval_every", 1)
     every_s = f"every {every} pass{'es' if every > 1 else ''}"

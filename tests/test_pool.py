@@ -69,5 +69,6 @@ def test_runs_off_the_kernel_path_are_started_first(monkeypatch):
     cfgs = {"base": base, "norm": norm, "longer": longer}
     for k, c in cfgs.items():
         c.name = k
-    pool.run_configs(cfgs, None, False, 1, log=lambda *a: None)
+    results = pool.run_configs(cfgs, None, False, 1, log=lambda *a: None)
     assert started == (["norm", "longer", "base"] if kernels else ["longer", "base", "norm"])
+    assert list(results) == ["base", "norm", "longer"]        # handed back in the caller's order

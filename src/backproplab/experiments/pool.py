@@ -51,7 +51,7 @@ def run_configs(cfgs: dict, out, resume: bool, jobs: int, log=print, describe=No
     """cfgs: key -> Config. Longest runs first (relative_cost: with `jobs` workers the last runs
     to start are short, so no worker idles long at the end). -> key -> Result. A progress bar of
     the configs (`label`, e.g. "ladder rungs") on a terminal; run one at a time, a bar of passes
-    under it."""
+    under it. The results come back in cfgs' order."""
     from ..report.progress import ProgressBar, bar
     costs = {k: relative_cost(c) for k, c in cfgs.items()}
     order = sorted(cfgs, key=costs.get, reverse=True)
@@ -66,7 +66,7 @@ def run_configs(cfgs: dict, out, resume: bool, jobs: int, log=print, describe=No
                 passes.clear()
                 log(describe(k, results[k]))
                 runs_bar.advance()
-        return results
+        return {k: results[k] for k in cfgs}
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=die_with_parent,
                                 initargs=(os.getpid(),)) as pool, bar(label, len(order)) as runs_bar:
         futs = {pool.submit(_run_one, cfgs[k].to_dict(), out, resume): k for k in order}
@@ -75,4 +75,4 @@ def run_configs(cfgs: dict, out, resume: bool, jobs: int, log=print, describe=No
             results[k] = fut.result()
             log(describe(k, results[k]))
             runs_bar.advance()
-    return results
+    return {k: results[k] for k in cfgs}   # in the caller's order, whatever order they ran in
