@@ -316,3 +316,23 @@ ORACLES_MODEL = {"dropout": oracle_dropout, "dropconnect": oracle_dropconnect,
 @pytest.mark.parametrize("name", sorted(ORACLES_MODEL))
 def test_oracle_model(name):
     ORACLES_MODEL[name](name)
+
+
+def test_hashed_keep_factors():
+    """models/noise.py: any shape (also one not a multiple of 4), values 0 or 1/(1-p) (dropout_mask's
+    scaling), the rate p within 4 sigma, one draw from the generator a mask (the stream goes on from
+    there), the same mask for the same generator state, p = 0 keeps everything."""
+    from backproplab.models.noise import hashed_keep
+    m = hashed_keep((7, 5, 3), 0.3, torch.Generator().manual_seed(9))
+    assert m.shape == (7, 5, 3) and m.dtype == torch.float32
+    assert set(m.unique().tolist()) <= {0.0, float(torch.ones(()) / 0.7)}
+    assert torch.equal(m, keep_hashed((7, 5, 3), 0.3, torch.Generator().manual_seed(9)))
+    big = hashed_keep((200, 5760), 0.3, torch.Generator().manual_seed(1))
+    assert abs(float((big == 0).float().mean()) - 0.3) < 4 * math.sqrt(0.3 * 0.7 / big.numel())
+    g, ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = hashed_keep((4, 8), 0.5, g), hashed_keep((4, 8), 0.5, g)
+    assert not torch.equal(a, b)                                   # the next key: another mask
+    torch.randint(0, 2 ** 63 - 1, (1,), generator=ref)
+    torch.randint(0, 2 ** 63 - 1, (1,), generator=ref)
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=ref))  # one draw a mask
+    assert (hashed_keep((64, 64), 0.0, g) == 1.0).all()
