@@ -79,8 +79,13 @@ def render(rec: dict) -> str:
             out.append(f"| {c['pair']} | {_f(c['speedup'], '.2f')} | {_f(c['speedup_a'], '.2f')} x "
                        f"{_f(c['speedup_b'], '.2f')} | {_f(c['product'], '.2f')} | {_f(c['ratio'], '.2f')} |")
     skipped = sorted((s.get("skipped") or {}).items())
-    if skipped:
-        out += [""] + [f"- skipped {k}: {why}" for k, why in skipped]
+    again = [r["method"] for r in rows[1:] if r.get("same_as_base")]
+    if skipped or again:
+        out.append("")
+    if again:
+        out.append(f"- the base again (every validation and test error the base's, every pass and seed: already in "
+                   f"the recipe, or no change to this net; not paired): {', '.join(again)}")
+    out += [f"- skipped {k}: {why}" for k, why in skipped]
     if mult:
         out += ["", "compute x: the passes the base needs to reach the method's final test error, over the method's "
                     "passes (the base's curve: a power law with a floor through 1/4, 1/2 and 1 of its passes; "

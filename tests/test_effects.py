@@ -88,6 +88,20 @@ def test_validation_curve_times_the_runs_and_chooses_the_pairs():
     assert rows["a"]["val_error"] == pytest.approx(1.5)
     assert fx.top_pairs(list(rows.values()), 2) == [("a", "b")]
     assert fx.top_pairs(list(rows.values()), 3) == [("a", "b"), ("a", "d"), ("b", "d")]  # reached, slower: still in
+    # a method whose run is the base's again (every error, every pass and seed) reached the base's error
+    # too, faster by timing noise: it is marked and its pairs are not run (they would be the other alone)
+    again = dict(results, z=fake([[5, 5], [3, 3], [2, 2], [2, 2]], [1, 1, 1, 1], test_at_end=[2.5, 2.5]))
+    rows_z = {r["method"]: r for r in fx.analyse(again, "base")}
+    assert rows_z["z"]["same_as_base"] and rows_z["z"]["speedup"] > rows_z["a"]["speedup"]
+    assert not any(rows_z[m]["same_as_base"] for m in ("base", "a", "b", "c", "d"))
+    assert fx.top_pairs(list(rows_z.values()), 2) == [("a", "b")]
+    # one slower value off the base's somewhere is another run
+    near = dict(results, z=fake([[5, 5], [3, 3], [2, 2.1], [2, 2]], [1, 1, 1, 1], test_at_end=[2.5, 2.5]))
+    assert not {r["method"]: r for r in fx.analyse(near, "base")}["z"]["same_as_base"]
+    # a method that cannot run beside one already chosen is passed over for the next fastest
+    clash = lambda x, y: {x, y} != {"a", "b"}  # noqa: E731
+    assert fx.top_pairs(list(rows.values()), 2, clash) == [("a", "d")]
+    assert fx.top_pairs(list(rows.values()), 3, clash) == [("a", "d")]   # b, the only other, clashes with a
     mixed = dict(results, e=fake([[1, 1], [1, 1], [1, 1], [1, 1]], [1, 1, 1, 1]))  # timed on test: not comparable
     assert {r["method"]: r for r in fx.analyse(mixed, "base")}["e"]["time_to_base"] is None
 

@@ -51,3 +51,15 @@ def test_missing_block_or_record_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("error: ") for e in err)
     assert readme.read_text() == "no markers\n"
+
+
+def test_rows_in_the_registry_order_and_the_base_again_named():
+    """Rows stored in the order the runs finished read in the registry's order (pairs last), and a
+    method whose run was the base's again is named under the table."""
+    rows = [row("base", 1.8), row("tta", 1.8), row("sgd", 5.0, 3.2), row("tta+swa", 1.7, -0.1), row("swa", 1.9, 0.1)]
+    rows[1]["same_as_base"] = True
+    text = rt.render({"id": 3, "status": "finished", "summary": {
+        "base": "modern", "seeds": 8, "passes": 80, "eval_every": 4, "rows": rows, "composition": [], "skipped": {}}})
+    order = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "kernel" in line]
+    assert order == ["base", "sgd", "swa", "tta", "tta+swa"]
+    assert "not paired): tta" in text

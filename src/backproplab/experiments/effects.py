@@ -150,13 +150,23 @@ def welch(a, b):
     return d, d - h, d + h, p
 
 
+def error_trace(res, split: str) -> tuple:
+    """Every error a run recorded on `split`, per pass and seed, then its final test errors: two runs
+    with equal traces learned the same thing (a method already in the base's recipe, or one that
+    changes nothing on its net)."""
+    per_pass = tuple(tuple(t["error"] for t in h[split]) for h in res.history if split in h)
+    return per_pass, tuple(f.get("test_error") for f in res.final)
+
+
 def analyse(results: dict, base_key: str) -> list[dict]:
-    """results: key -> Result (the base under base_key). -> one row per key, the base first."""
+    """results: key -> Result (the base under base_key). -> one row per key, the base first;
+    same_as_base: every recorded error equals the base's (error_trace)."""
     base = results[base_key]
     b_err = [f["test_error"] for f in base.final]
     split = timing_split(base)
     target = float(np.mean([f[f"{split}_error"] for f in base.final]))
     b_time, b_passes = time_to(base, target, split)
+    b_trace = error_trace(base, split)
     rows = []
     for key in [base_key] + [k for k in results if k != base_key]:
         res = results[key]
@@ -172,7 +182,8 @@ def analyse(results: dict, base_key: str) -> list[dict]:
                      **({"val_error": float(np.mean([f["val_error"] for f in res.final]))}
                         if timing_split(res) == "val" else {}),
                      "speedup": (b_time / t) if (t and b_time) else None,
-                     "speedup_passes": (b_passes / ps) if (ps and b_passes) else None})
+                     "speedup_passes": (b_passes / ps) if (ps and b_passes) else None,
+                     "same_as_base": key != base_key and error_trace(res, split) == b_trace})
     return rows
 
 
@@ -192,15 +203,24 @@ def compose(rows: list[dict]) -> list[dict]:
     return out
 
 
-def top_pairs(rows: list[dict], k: int) -> list[tuple]:
-    """All pairs among the k single methods that reached the base's validation error, fastest first.
+def top_pairs(rows: list[dict], k: int, compatible=None) -> list[tuple]:
+    """All pairs among k single methods that reached the base's validation error, fastest first.
     Reaching it is the criterion, not a speed-up above 1: on a shared machine the seconds of two runs
-    with the same work can differ by a third. Only a validation curve may choose: rows timed on the
-    test curve (val=0) are refused."""
+    with the same work can differ by a third. A method whose run is the base's again (same_as_base:
+    already in the recipe, or no change to its net) is left out: its pairs would be the other
+    method alone. compatible(a, b) -> bool (default: every pair): a method that cannot run beside
+    one already chosen (two optimizers, two normalizations) is passed over for the next fastest.
+    Only a validation curve may choose: rows timed on the test curve (val=0) are refused."""
     if k and rows and rows[0].get("timing_split", "test") != "val":
         raise UserError("choosing pairs needs a validation split (--val N > 0): name them with --pairs a+b")
-    fast = sorted([r for r in rows[1:] if r["speedup"] and "+" not in r["method"]], key=lambda r: -r["speedup"])[:k]
-    names = [r["method"] for r in fast]
+    fast = sorted([r for r in rows[1:] if r["speedup"] and "+" not in r["method"] and not r.get("same_as_base")],
+                  key=lambda r: -r["speedup"])
+    names = []
+    for r in fast:
+        if len(names) == k:
+            break
+        if compatible is None or all(compatible(a, r["method"]) for a in names):
+            names.append(r["method"])
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
 
 
@@ -418,7 +438,8 @@ def run_effects(base: str, methods, seeds: int, out, resume=False, jobs=1, smoke
         log(f"effects: {len(bcfgs)} runs at {', '.join(map(str, MULTIPLIER_BUDGETS))} of the passes for the "
             f"multipliers")
         bres = runner(bcfgs, "budget runs")
-    chosen = top_pairs(rows, top_k) if pairs is None else list(pairs)
+    chosen = top_pairs(rows, top_k, lambda a, b: not pair_configs(base_cfg, [(a, b)])[1]) if pairs is None \
+        else list(pairs)
     for a, b in chosen:
         for m in (a, b):
             if m not in singles:
