@@ -110,6 +110,8 @@ def main():
     ap.add_argument("--pruners", default="asha", help="pruners separated by ;, each against the same unpruned "
                     "searches (default asha; e.g. 'asha;asha:min=3,factor=2')")
     ap.add_argument("--first-seed", type=int, default=0, help="the first search seed (default 0)")
+    ap.add_argument("--sampler", default="tpe", help="the pruning part's sampler, the same for the unpruned and "
+                    "the pruned searches (default tpe; e.g. tpe:startup=5,multivariate=0)")
     ap.add_argument("--prune-overrides", default="", help="space-separated config overrides added to the pruning "
                     "part's (e.g. 'data.n_train=3000 data.val=1000': a validation split with less sampling noise)")
     ap.add_argument("--skip-speed", action="store_true", help="keep the speed part of the results file as it is")
@@ -146,21 +148,23 @@ def main():
         seeds = range(args.first_seed, args.first_seed + (0 if args.skip_prune else args.seeds))
         unpruned = {}
         for seed in seeds:
-            s_none, w_none = run(prune, tmp / f"none-{seed}", f"none-{seed}", 1, seed=seed, trials=prune["trials"])
+            s_none, w_none = run(prune, tmp / f"none-{seed}", f"none-{seed}", 1, sampler=args.sampler, seed=seed,
+                                 trials=prune["trials"])
             unpruned[seed] = (trace(s_none), w_none)
         by_pruner = {}
         for k, pruner in enumerate(args.pruners.split(";") if not args.skip_prune else []):
             per_seed = []
             for seed in seeds:
                 t_none, w_none = unpruned[seed]
-                s_asha, w_asha = run(prune, tmp / f"p{k}-{seed}", f"p{k}-{seed}", 1, seed=seed, pruner=pruner,
-                                     trials=args.asha_trials)
+                s_asha, w_asha = run(prune, tmp / f"p{k}-{seed}", f"p{k}-{seed}", 1, sampler=args.sampler, seed=seed,
+                                     pruner=pruner, trials=args.asha_trials)
                 t_asha = trace(s_asha)
                 per_seed.append(prune_row(seed, t_none, t_asha, w_none, w_asha, prune["trials"]))
                 print(pruner, json.dumps(per_seed[-1]), flush=True)
             by_pruner[pruner] = summarize_prune(per_seed)
         if by_pruner:
             res["prune"] = {"seeds": list(seeds), "trials": prune["trials"], "asha_trials": args.asha_trials,
+                            "sampler": args.sampler,
                             "pruners": by_pruner, "config": prune}
     res["load_after"] = os.getloadavg()
     if args.skip_speed and Path(args.out).is_file():

@@ -86,6 +86,11 @@ BAD = [
     (["data.val=10:20"], "cannot be searched"),
     (["model.name=choice:net1989,vit"], "needs train.engine=population"),  # smoke is per example
     (["--sampler", "bayes", "optim.lr=0.01:0.1"], "--sampler"),
+    (["--sampler", "tpe:warmup=3", "optim.lr=0.01:0.1"], "'warmup=3' is not an option of tpe"),
+    (["--sampler", "tpe:startup=0", "optim.lr=0.01:0.1"], "startup must be >= 1"),
+    (["--sampler", "tpe:multivariate=2", "optim.lr=0.01:0.1"], "multivariate 0 or 1"),
+    (["--sampler", "random:startup=3", "optim.lr=0.01:0.1"], "not an option of random"),
+    (["--sampler", "tpe:startup=x", "optim.lr=0.01:0.1"], "not a whole number"),
     (["--pruner", "median", "optim.lr=0.01:0.1"], "choose one of none, asha, hyperband"),
     (["--pruner", "asha:min=0", "optim.lr=0.01:0.1"], "min must be >= 1"),
     (["--pruner", "asha:rungs=2", "optim.lr=0.01:0.1"], "'rungs=2' is not an option of asha"),
@@ -223,3 +228,17 @@ def test_search_workers_start_with_the_fast_kernels_loaded():
     loaded = q.get(timeout=120)
     p.join(timeout=60)
     assert loaded == [True, True, True]
+
+
+def test_tpe_options_reach_the_sampler():
+    """tpe:startup=N,multivariate=0|1 set Optuna's TPESampler; plain tpe is Optuna's default sampler
+    (10 start-up trials, multivariate left to Optuna), so existing studies sample as before."""
+    from backproplab.search.study import make_sampler, parse_sampler
+    assert parse_sampler("tpe") == ("tpe", {"startup": 10, "multivariate": None})
+    assert parse_sampler("tpe:startup=4,multivariate=0") == ("tpe", {"startup": 4, "multivariate": 0})
+    s = make_sampler("tpe:startup=4,multivariate=1", 3)
+    assert s._n_startup_trials == 4 and s._multivariate is True
+    assert make_sampler("tpe:multivariate=0", 3)._multivariate is False
+    import optuna
+    ref, ours = optuna.samplers.TPESampler(seed=3), make_sampler("tpe", 3)
+    assert (ours._n_startup_trials, ours._multivariate) == (ref._n_startup_trials, ref._multivariate)

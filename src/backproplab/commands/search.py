@@ -20,7 +20,9 @@ def register(sub, add_common):
                         "model.act=choice:tanh,relu, +method=label_smoothing:eps=0:0.3, "
                         "methods=choice:sam,ema,none, train.passes=3 (fixed)")
     s.add_argument("--space", dest="space_file", help="a JSON, TOML or YAML file mapping KEY -> SPEC")
-    s.add_argument("--sampler", default="tpe", help="tpe (default), random, grid or cmaes")
+    s.add_argument("--sampler", default="tpe", help="tpe (default), random, grid or cmaes; "
+                   "tpe:startup=N,multivariate=0|1 sets TPE's random start-up trials (10) and whether it models "
+                   "the parameters jointly (Optuna's default for one objective: yes)")
     s.add_argument("--grid-points", type=int, default=3,
                    help="grid sampler: values per float range (log-spaced for log:), default 3")
     s.add_argument("--trials", type=int, help="trials (default 20; 4 with --smoke; grid: every point)")
@@ -61,8 +63,7 @@ def cmd_search(args):
     _check_counts(args)
     from ..search import hpo
     from ..search import study as st
-    if args.sampler not in st.SAMPLERS:
-        raise UserError(f"--sampler {args.sampler}: choose one of {', '.join(st.SAMPLERS)}")
+    sampler, _ = st.parse_sampler(args.sampler)   # a bad name or option: one line before anything else
     st.optuna()  # the one-line install hint before anything else
     preset = args.preset or ("smoke" if args.smoke else None)
     if preset is None:
@@ -82,12 +83,12 @@ def cmd_search(args):
     trials = args.trials or (4 if args.smoke else 20)
     jobs = args.jobs or (2 if args.smoke else 1)
     grid = None
-    if args.sampler == "grid":
+    if sampler == "grid":
         if not space.dims:
             raise UserError("--sampler grid: the space has nothing to vary")
         grid = hpo.grid_points(space, args.grid_points)
         trials = len(grid)
-    if args.sampler == "cmaes":
+    if sampler == "cmaes":
         st.make_sampler("cmaes", 0)  # the missing-package hint now, not in every worker
     pruner = st.make_pruner(args.pruner, hpo.max_passes(base, space))   # bad options refused before anything is made
     storage = st.storage_spec(args.storage, args.out, args.heartbeat)

@@ -142,19 +142,50 @@ def _host(url: str) -> str:
         return url.split("@")[-1]
 
 
-def make_sampler(name: str, seed: int | None):
+SAMPLER_OPTIONS = {"startup": "random trials before TPE models the space (default 10, Optuna's)",
+                   "multivariate": "0: one density a parameter; 1: one joint density (Optuna's default for "
+                                   "one objective, so also what plain tpe does)"}
+
+
+def parse_sampler(text: str) -> tuple[str, dict]:
+    """'tpe', 'tpe:startup=5,multivariate=1', 'random', 'grid' or 'cmaes' -> (name, {option: int});
+    only tpe takes options (SAMPLER_OPTIONS)."""
+    name, _, rest = text.partition(":")
+    if name not in SAMPLERS:
+        raise UserError(f"--sampler {text}: choose one of {', '.join(SAMPLERS)} (tpe takes "
+                        f":startup=N,multivariate=0|1)")
+    opts = {"startup": 10, "multivariate": None} if name == "tpe" else {}   # None: Optuna's own choice
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in opts or not eq:
+            known = ", ".join(f"{k} ({v})" for k, v in SAMPLER_OPTIONS.items()) if name == "tpe" else "none"
+            raise UserError(f"--sampler {text}: {item!r} is not an option of {name} (options: {known})")
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            raise UserError(f"--sampler {text}: {key}={value!r} is not a whole number") from None
+    if name == "tpe" and (opts["startup"] < 1 or opts["multivariate"] not in (None, 0, 1)):
+        raise UserError(f"--sampler {text}: startup must be >= 1 and multivariate 0 or 1")
+    return name, opts
+
+
+def make_sampler(text: str, seed: int | None):
+    """The Optuna sampler parse_sampler(text) names, seeded."""
     o = optuna()
+    name, opts = parse_sampler(text)
     if name == "tpe":
-        return o.samplers.TPESampler(seed=seed)
+        with warnings.catch_warnings():   # multivariate TPE is marked experimental in Optuna
+            warnings.simplefilter("ignore", o.exceptions.ExperimentalWarning)
+            mv = opts["multivariate"]
+            return o.samplers.TPESampler(seed=seed, n_startup_trials=opts["startup"],
+                                         multivariate=None if mv is None else bool(mv))
     if name in ("random", "grid"):  # a grid's trials are enqueued points: the sampler is never asked
         return o.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise UserError("--sampler cmaes needs the cmaes package: pip install cmaes") from None
-        return o.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise UserError("--sampler cmaes needs the cmaes package: pip install cmaes") from None
+    return o.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
 PRUNER_OPTIONS = {"min": "passes before the first rung (default 1)",
