@@ -104,8 +104,8 @@ class Method:
     def fast_on(self) -> tuple:
         """The fast paths (kernel, fused) that can run it: none when it needs autograd; for a model
         change the paths that compute it (fast_model: no-op, H2-output dropout, scaled weight
-        standardization: engine/population.py); else fast_paths (both, or a loss term only the
-        kernels add)."""
+        standardization, spatial dropout, DropConnect: engine/population.py); else fast_paths
+        (both, or a loss term only the kernels add)."""
         if self.autograd:
             return ()
         return self.fast_model if self.modnet else self.fast_paths
