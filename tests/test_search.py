@@ -90,7 +90,7 @@ BAD = [
     (["--sampler", "tpe:startup=0", "optim.lr=0.01:0.1"], "startup must be >= 1"),
     (["--sampler", "tpe:multivariate=2", "optim.lr=0.01:0.1"], "multivariate 0 or 1"),
     (["--sampler", "random:startup=3", "optim.lr=0.01:0.1"], "not an option of random"),
-    (["--sampler", "tpe:startup=x", "optim.lr=0.01:0.1"], "not a whole number"),
+    (["--sampler", "tpe:startup=x", "optim.lr=0.01:0.1"], "is not an integer"),
     (["--pruner", "median", "optim.lr=0.01:0.1"], "choose one of none, asha, hyperband"),
     (["--pruner", "asha:min=0", "optim.lr=0.01:0.1"], "min must be >= 1"),
     (["--pruner", "asha:rungs=2", "optim.lr=0.01:0.1"], "'rungs=2' is not an option of asha"),

@@ -181,6 +181,9 @@ class KernelGrad:
         G = np.empty((self.R, N_THETA), np.float32)
         H = np.empty((self.R, N_THETA), np.float32) if curvature else None
         inv_b = np.float32(1.0 / B)            # the batch mean
+        if soft is not None:   # the targets per replica; the unit mask, lam and T shared
+            soft_p, units, lam, T = soft
+            soft_rest = (np.ascontiguousarray(units, np.float32), float(lam), float(T))
         shared = x.dim() == 3
         if shared:
             xs = self._aligned("x", (B, 16, 16))
@@ -200,12 +203,7 @@ class KernelGrad:
                 if not shared:
                     xs = self._aligned("x", (B, 16, 16))
                     xs[...] = x[r].numpy()
-                if soft is None:
-                    sa = NO_SOFT
-                else:
-                    p, units, lam, T = soft
-                    sa = (np.ascontiguousarray(p[r], np.float32), np.ascontiguousarray(units, np.float32),
-                          float(lam), float(T))
+                sa = NO_SOFT if soft is None else (np.ascontiguousarray(soft_p[r], np.float32), *soft_rest)
                 solo_pass(xs, lab, zeros, self.no_shift if sh is None else np.ascontiguousarray(sh[0]),
                           self.no_keep if kp is None else np.ascontiguousarray(kp[0]),
                           NO_MAPS if maps is None else np.ascontiguousarray(maps[r], np.float32),

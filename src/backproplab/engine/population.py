@@ -527,13 +527,14 @@ class Population:
         keep = None if c.keep is None else c.keep.cpu().numpy()
         noise = {"maps": None if c.maps is None else c.maps.numpy(), "dcm": None if c.dcm is None else c.dcm.numpy(),
                  "soft": self.soft[0].kernel_soft(c, self._replica_outputs) if self.soft else None}
+        if self.inputs_per_replica:  # each replica's batch as its model sees it (curvature needs it)
+            out = self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep,
+                                   curvature=curvature, **noise)
+        else:
+            out = self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep, **noise)
         if curvature:
-            g, c.curvature = self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep,
-                                              curvature=True, **noise)
-            return g
-        if self.inputs_per_replica:  # each replica's batch as its model sees it
-            return self.kernel.grad(W, c.x.reshape(self.R, -1, 16, 16), c.labels, None, keep, **noise)
-        return self.kernel.grad(W, c.x[0].reshape(-1, 16, 16), c.labels, c.shifts, keep, **noise)
+            out, c.curvature = out
+        return out
 
     def _replica_outputs(self, W, x):
         """W (R, P), x (R, B, 1, 16, 16) -> (R, B, 10): replica r's eval-mode outputs (no dropout)

@@ -142,6 +142,20 @@ def _host(url: str) -> str:
         return url.split("@")[-1]
 
 
+def _int_options(flag: str, text: str, name: str, rest: str, opts: dict, allowed: dict) -> None:
+    """opts (the defaults) updated in place from rest, 'key=N,...' after NAME: in `--flag NAME:rest`;
+    allowed: option -> help. A key not allowed or a value not a whole number: a one-line UserError."""
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if key not in allowed or not eq:
+            known = ", ".join(f"{k} ({v})" for k, v in allowed.items())
+            raise UserError(f"{flag} {text}: {item!r} is not an option of {name}" + (f"; options: {known}" if known else ""))
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            raise UserError(f"{flag} {text}: {key}={value!r} is not an integer") from None
+
+
 SAMPLER_OPTIONS = {"startup": "random trials before TPE models the space (default 10, Optuna's)",
                    "multivariate": "0: one density a parameter; 1: one joint density (Optuna's default for "
                                    "one objective, so also what plain tpe does)"}
@@ -155,15 +169,7 @@ def parse_sampler(text: str) -> tuple[str, dict]:
         raise UserError(f"--sampler {text}: choose one of {', '.join(SAMPLERS)} (tpe takes "
                         f":startup=N,multivariate=0|1)")
     opts = {"startup": 10, "multivariate": None} if name == "tpe" else {}   # None: Optuna's own choice
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if key not in opts or not eq:
-            known = ", ".join(f"{k} ({v})" for k, v in SAMPLER_OPTIONS.items()) if name == "tpe" else "none"
-            raise UserError(f"--sampler {text}: {item!r} is not an option of {name} (options: {known})")
-        try:
-            opts[key] = int(value)
-        except ValueError:
-            raise UserError(f"--sampler {text}: {key}={value!r} is not a whole number") from None
+    _int_options("--sampler", text, name, rest, opts, SAMPLER_OPTIONS if name == "tpe" else {})
     if name == "tpe" and (opts["startup"] < 1 or opts["multivariate"] not in (None, 0, 1)):
         raise UserError(f"--sampler {text}: startup must be >= 1 and multivariate 0 or 1")
     return name, opts
@@ -199,16 +205,7 @@ def parse_pruner(text: str) -> tuple[str, dict]:
         raise UserError(f"--pruner {text}: choose one of {', '.join(PRUNERS)} (asha and hyperband take "
                         f":min=PASSES,factor=K)")
     opts = {"min": 1, "factor": 3}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if name == "none" or key not in PRUNER_OPTIONS or not eq:
-            known = ", ".join(f"{k} ({v})" for k, v in PRUNER_OPTIONS.items())
-            raise UserError(f"--pruner {text}: {item!r} is not an option of {name}"
-                            + ("" if name == "none" else f"; options: {known}"))
-        try:
-            opts[key] = int(value)
-        except ValueError:
-            raise UserError(f"--pruner {text}: {key}={value!r} is not an integer") from None
+    _int_options("--pruner", text, name, rest, opts, {} if name == "none" else PRUNER_OPTIONS)
     if opts["min"] < 1 or opts["factor"] < 2:
         raise UserError(f"--pruner {text}: min must be >= 1 and factor >= 2")
     return name, opts
