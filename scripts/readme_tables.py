@@ -83,7 +83,7 @@ def render(rec: dict) -> str:
     if skipped or again:
         out.append("")
     if again:
-        out.append(f"- the base again (every validation and test error the base's, every pass and seed: already in "
+        out.append(f"- the base again (every validation error the base's, every pass and seed: already in "
                    f"the recipe, or no change to this net; not paired): {', '.join(again)}")
     out += [f"- skipped {k}: {why}" for k, why in skipped]
     if mult:

@@ -95,7 +95,10 @@ def test_validation_curve_times_the_runs_and_chooses_the_pairs():
     assert rows_z["z"]["same_as_base"] and rows_z["z"]["speedup"] > rows_z["a"]["speedup"]
     assert not any(rows_z[m]["same_as_base"] for m in ("base", "a", "b", "c", "d"))
     assert fx.top_pairs(list(rows_z.values()), 2) == [("a", "b")]
-    # one slower value off the base's somewhere is another run
+    # the test split takes no part in the mark (it decides what is paired)
+    other_test = dict(results, z=fake([[5, 5], [3, 3], [2, 2], [2, 2]], [1, 1, 1, 1], test_at_end=[0.5, 0.5]))
+    assert {r["method"]: r for r in fx.analyse(other_test, "base")}["z"]["same_as_base"]
+    # one value off the base's somewhere on the validation curve is another run
     near = dict(results, z=fake([[5, 5], [3, 3], [2, 2.1], [2, 2]], [1, 1, 1, 1], test_at_end=[2.5, 2.5]))
     assert not {r["method"]: r for r in fx.analyse(near, "base")}["z"]["same_as_base"]
     # a method that cannot run beside one already chosen is passed over for the next fastest

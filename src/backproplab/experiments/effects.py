@@ -151,16 +151,16 @@ def welch(a, b):
 
 
 def error_trace(res, split: str) -> tuple:
-    """Every error a run recorded on `split`, per pass and seed, then its final test errors: two runs
-    with equal traces learned the same thing (a method already in the base's recipe, or one that
-    changes nothing on its net)."""
-    per_pass = tuple(tuple(t["error"] for t in h[split]) for h in res.history if split in h)
-    return per_pass, tuple(f.get("test_error") for f in res.final)
+    """Every error a run recorded on `split` (the timing split: validation, which may choose), per
+    pass and seed: two runs with equal traces learned the same thing (a method already in the base's
+    recipe, or one that changes nothing on its net). The test split takes no part: the mark decides
+    what is paired."""
+    return tuple(tuple(t["error"] for t in h[split]) for h in res.history if split in h)
 
 
 def analyse(results: dict, base_key: str) -> list[dict]:
     """results: key -> Result (the base under base_key). -> one row per key, the base first;
-    same_as_base: every recorded error equals the base's (error_trace)."""
+    same_as_base: every error on the timing split equals the base's (error_trace)."""
     base = results[base_key]
     b_err = [f["test_error"] for f in base.final]
     split = timing_split(base)
@@ -206,8 +206,8 @@ def compose(rows: list[dict]) -> list[dict]:
 def top_pairs(rows: list[dict], k: int, compatible=None) -> list[tuple]:
     """All pairs among k single methods that reached the base's validation error, fastest first.
     Reaching it is the criterion, not a speed-up above 1: on a shared machine the seconds of two runs
-    with the same work can differ by a third. A method whose run is the base's again (same_as_base:
-    already in the recipe, or no change to its net) is left out: its pairs would be the other
+    with the same work can differ by a third. A method whose run is the base's again (same_as_base,
+    on the validation curve: already in the recipe, or no change to its net) is left out: its pairs would be the other
     method alone. compatible(a, b) -> bool (default: every pair): a method that cannot run beside
     one already chosen (two optimizers, two normalizations) is passed over for the next fastest.
     Only a validation curve may choose: rows timed on the test curve (val=0) are refused."""
