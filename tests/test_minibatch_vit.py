@@ -115,7 +115,10 @@ def test_adamw_equals_torch_adamw_on_a_plain_module(digits):
         opt.step()
     ref = [{n: p.detach().numpy() for n, p in m.named_parameters()}]
     assert list(ref[0]) == list(pop.params()[0])
-    assert max_diff(ref, pop.params()) == 0.0  # same gradients, same elementwise update: same bits
+    # same gradients; the engine steps with torch's fused AdamW kernel, which rounds a few ulp apart
+    # from the reference's eight elementwise ops: a wrong term (a bias correction, the decay) would
+    # be off by ~lr = 2e-3
+    assert max_diff(ref, pop.params()) < 1e-5
     assert pop.state()["m.adamw.step"] == 4
 
 

@@ -66,21 +66,37 @@ def rmsprop_update(w, g, st, lr, alpha=0.99, eps=1e-8, momentum=0.0):
 
 
 def adam_update(w, g, st, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-    """Adam; weight_decay > 0 makes it AdamW (decoupled: w <- w (1 - lr wd) before the step)."""
+    """Adam; weight_decay > 0 makes it AdamW (decoupled: w <- w (1 - lr wd) before the step).
+    The step is torch.optim's own fused kernel, the op torch.optim.AdamW(fused=True) calls: one
+    pass over w, g and the moments instead of eight elementwise ops, which at 8 replicas of
+    Net1989 on the kernel path cost ~12% of a step (the kernels evict the buffers between
+    steps; benchmarks/bench_engine.py; the functional torch.optim.adam.adam(fused=True) adds
+    ~50 us a call of Python and gained nothing). A population's rows round exactly as a solo
+    replica's (P,) would: the (R, P) buffers go in whole only where no vector tail or thread's
+    chunk can fall inside a row (one thread, P a multiple of 16), else as R row tensors; an
+    (R, 1) column of rates takes one call per distinct rate."""
     st["step"] = st.get("step", 0) + 1
     if "exp_avg" not in st:
         st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(w), torch.zeros_like(w)
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    if weight_decay:
-        w.mul_(1 - lr * weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1, bc2 = 1 - beta1 ** st["step"], 1 - beta2 ** st["step"]
-    denom = v.sqrt().div_(bc2 ** 0.5).add_(eps)    # torch.optim.Adam's denominator, one buffer
+    ts = (w, g.contiguous(), st["exp_avg"], st["exp_avg_sq"])
+    rates = None
     if torch.is_tensor(lr):
-        _descend(w, m / denom, lr / bc1)
+        rates = lr.detach().double().cpu().reshape(-1).tolist()
+        if len(set(rates)) == 1:
+            lr, rates = rates[0], None
+    if rates is None and (w.ndim == 1 or (w.shape[-1] % 16 == 0 and torch.get_num_threads() == 1
+                                          and all(t.is_contiguous() for t in ts))):
+        calls = [(float(lr), [[t] for t in ts])]
     else:
-        w.addcdiv_(m, denom, value=-lr / bc1)
+        rows = [list(t.unbind(0)) for t in ts]
+        groups = {}
+        for r, v in enumerate(rates if rates is not None else [float(lr)] * w.shape[0]):
+            groups.setdefault(v, []).append(r)
+        calls = [(v, [[t[r] for r in rs] for t in rows]) for v, rs in groups.items()]
+    step = torch.tensor(float(st["step"]), device=w.device)   # the caller counts (torch.optim does it first)
+    for rate, (ws, gs, ms, vs) in calls:
+        torch._fused_adamw_(ws, gs, ms, vs, [], [step] * len(ws), lr=rate, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
 
 
 class _Optimizer:
