@@ -145,7 +145,7 @@ def test_a_cold_kernel_cache_is_detected_and_announced_once(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     cold, where, n, first, warm, last = r.stdout.strip().splitlines()
-    assert cold == "['eval_pass', 'pop_pass', 'solo_pass']" and where.startswith(str(tmp_path))
+    assert cold == "['eval_pass', 'pop_pass', 'solo_grads', 'solo_pass']" and where.startswith(str(tmp_path))
     assert n == "3" and warm == "warm"  # announced, compiled, timed; the second call says nothing
     assert first.startswith("compiling the fast kernels") and last.startswith("compiled the fast kernels in ")
 

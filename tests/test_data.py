@@ -157,3 +157,28 @@ def test_known_download_refuses_other_bytes_in_one_line(tmp_path, name):
     assert "\n" not in msg and msg.startswith(f"{first}: SHA-256 mismatch"), msg
     assert f"expected {spec['files'][first][:16]}" in msg  # checked against this dataset's own digest
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary is kept
+
+
+def test_shift_images_and_shift_stack_against_index_arithmetic():
+    """shift_images: out[i, c, y, x] = x[i, c, y - dy, x - dx], -1 off the image; shift_stack (the
+    engine's per-pass copies for R replicas, numba) gives the same numbers for every replica,
+    shifts past the image's edge included."""
+    from backproplab.data.augment import shift_images, shift_stack
+    rng = np.random.default_rng(3)
+    B, C, H, W, R = 5, 2, 7, 6, 3
+    x = torch.as_tensor(rng.normal(size=(B, C, H, W)), dtype=torch.float32)
+    shifts = rng.integers(-8, 9, size=(R, B, 2)).astype(np.int8)
+    shifts[0, 0] = (0, 0)
+    want = np.full((R, B, C, H, W), -1.0, np.float32)
+    for r in range(R):
+        for i in range(B):
+            dy, dx = shifts[r, i]
+            for y in range(H):
+                for v in range(W):
+                    if 0 <= y - dy < H and 0 <= v - dx < W:
+                        want[r, i, :, y, v] = x[i, :, y - dy, v - dx]
+    for r in range(R):
+        assert torch.equal(shift_images(x, shifts[r]), torch.from_numpy(want[r]))
+    got = shift_stack(x, shifts)
+    assert got.shape == (R, B, C, H, W) and torch.equal(got, torch.from_numpy(want))
+    assert torch.equal(shift_stack(x.double(), shifts), torch.from_numpy(want).double())  # the torch path

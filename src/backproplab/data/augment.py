@@ -27,6 +27,18 @@ def shift_images(x: torch.Tensor, shifts) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def shift_stack(x: torch.Tensor, shifts) -> torch.Tensor:
+    """x (B, C, H, W); shifts (R, B, 2) -> (R, B, C, H, W): shift_images(x, shifts[r]) for every r,
+    the same numbers; on the CPU in float32 by one numba loop (data/_shift.py), else stacked."""
+    shifts = np.asarray(shifts)
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return torch.stack([shift_images(x, s) for s in shifts])
+    from ._shift import shift_into  # numba: imported where it runs
+    out = np.empty((shifts.shape[0],) + tuple(x.shape), np.float32)
+    shift_into(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(shifts), out)
+    return torch.from_numpy(out)
+
+
 def pass_randomness(seed: int, pass_idx: int, n: int, shift: int, dropout: float, units: int = 192):
     """-> (shifts (n, 2) int8 or None, keep (n, units) bool or None) for one replica and pass."""
     if shift <= 0 and dropout <= 0:

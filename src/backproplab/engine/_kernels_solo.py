@@ -463,3 +463,45 @@ def _tick(prof, j, t0):
     t = rdtsc()
     prof[j] = t - t0
     return t
+
+
+@njit(cache=True)
+def _to_solo(W, r, src, P, M):
+    """Replica r's weights in the solo kernel's layout: P[i] = W[r, src[i] - 1], 0 where src[i]
+    is 0 (the layout's padding); M, the kernel's gradient sum, zeroed. One pass in numba: two
+    np.take calls and a fill cost about twice as much a step at R = 8."""
+    for i in range(src.shape[0]):
+        j = src[i]
+        P[i] = W[r, j - 1] if j > 0 else np.float32(0.0)
+        M[i] = np.float32(0.0)
+
+
+@njit(cache=True)
+def _from_solo(M, inv, G, r, scale):
+    """G[r, j] = M[inv[j]] * scale: the solo layout's gradient sum back in torch's order, as a mean."""
+    for j in range(inv.shape[0]):
+        G[r, j] = M[inv[j]] * scale
+
+
+@njit(cache=True)
+def solo_grads(rows, Wn, src, inv, X, lab, zeros, shifts, keep, maps, dcm, soft, scale, P, M, V, step,
+                act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof, units, lam, temp,
+                inv_b, G, H):
+    """The solo kernel over the replicas in rows, one call: each replica's weights gathered into
+    the solo layout (P), its batch run with opt 'accumulate' (or 'accumulate_gn': V, the
+    curvature sums, then H), the sums scattered back in torch's order as batch means (G). Every
+    per-replica input has a leading replica axis: X (R, B, 16, 16) or (1, B, 16, 16) shared;
+    shifts (R, B, 2), keep (R, B, 192), maps (R, B, 12), dcm (R, B, 5760), soft (R, B, 10), each
+    with B = 0 when absent. One call a step instead of R calls with their Python around them
+    (slices, contiguous copies, argument checks): ~2% of a kernel-path step at R = 8."""
+    curv = H.shape[0] > 0
+    for r in rows:
+        _to_solo(Wn, r, src, P, M)
+        if curv:
+            V[:] = np.float32(0.0)
+        xr = X[r] if X.shape[0] > 1 else X[0]
+        solo_pass(xr, lab, zeros, shifts[r], keep[r], maps[r], dcm[r], scale, P, M, V if curv else M, step,
+                  act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof, soft[r], units, lam, temp)
+        _from_solo(M, inv, G, r, inv_b)
+        if curv:
+            _from_solo(V, inv, H, r, inv_b)

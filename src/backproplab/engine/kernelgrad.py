@@ -45,7 +45,6 @@ lanes = images, all replicas in one call.
 import numpy as np
 import torch
 from llvmlite import binding
-from numba import njit
 
 from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
 from . import _layout as LY
@@ -110,24 +109,6 @@ def _solo_maps():
     return torch.from_numpy(src), torch.from_numpy(inv)
 
 
-@njit(cache=True)
-def _to_solo(W, r, src, P, M):
-    """Replica r's weights in the solo kernel's layout: P[i] = W[r, src[i] - 1], 0 where src[i]
-    is 0 (the layout's padding); M, the kernel's gradient sum, zeroed. One pass in numba: two
-    np.take calls and a fill cost about twice as much a step at R = 8."""
-    for i in range(src.shape[0]):
-        j = src[i]
-        P[i] = W[r, j - 1] if j > 0 else np.float32(0.0)
-        M[i] = np.float32(0.0)
-
-
-@njit(cache=True)
-def _from_solo(M, inv, G, r, scale):
-    """G[r, j] = M[inv[j]] * scale: the solo layout's gradient sum back in torch's order, as a mean."""
-    for j in range(inv.shape[0]):
-        G[r, j] = M[inv[j]] * scale
-
-
 class KernelGrad:
     def __init__(self, R, act, out_act, loss, dropout, per_replica_inputs=False, smooth=0.0, solo=False):
         """solo: every replica on the solo kernel (its model-noise inputs, maps and dcm, are the solo
@@ -144,6 +125,15 @@ class KernelGrad:
         self.rest = (*self.codes, 0.0, 0.9, 0.999, 1e-8, 0.02, 0.01, float(smooth))
         self.rest_gn = (*self.codes[:3], OPT["accumulate_gn"], *self.rest[4:])    # grad(curvature=True)
         self.tables, self._zeros, self._buf = _tables(), {}, {}
+        self._no_h = np.zeros((0, N_THETA), np.float32)
+
+    def _empty(self, width, dtype):
+        """(R, 0, width): a per-replica input that is absent (the kernels test its length)."""
+        key = ("empty", width, np.dtype(dtype).str)
+        a = self._buf.get(key)
+        if a is None:
+            a = self._buf[key] = np.zeros((self.R, 0, width), dtype)
+        return a
 
     def _aligned(self, key, shape):
         a = self._buf.get((key, shape))
@@ -162,7 +152,7 @@ class KernelGrad:
         loss; with curvature (solo groups only) -> (G, H), H (R, 9760) the batch mean of each
         example's Gauss-Newton diagonal estimate (net1989_gn_diag / B), in the same order."""
         from ._kernels_pop import pop_pass
-        from ._kernels_solo import solo_pass
+        from ._kernels_solo import solo_grads
         pop = any(kind != "solo" for kind, _ in self.groups)
         if pop and (maps is not None or dcm is not None):
             raise ValueError("spatial dropout and DropConnect factors run on the solo kernel: KernelGrad(..., solo=True)")
@@ -177,50 +167,51 @@ class KernelGrad:
         if zeros is None:
             zeros = self._zeros[B] = np.zeros(B, np.float32)             # lr: unused by 'accumulate'
         rest, step = self.rest_gn if curvature else self.rest, self.step
-        Wn = W.detach().cpu().numpy()
+        Wn = np.ascontiguousarray(W.detach().cpu().numpy())
         G = np.empty((self.R, N_THETA), np.float32)
         H = np.empty((self.R, N_THETA), np.float32) if curvature else None
         inv_b = np.float32(1.0 / B)            # the batch mean
-        if soft is not None:   # the targets per replica; the unit mask, lam and T shared
-            soft_p, units, lam, T = soft
-            soft_rest = (np.ascontiguousarray(units, np.float32), float(lam), float(T))
         shared = x.dim() == 3
         if shared:
             xs = self._aligned("x", (B, 16, 16))
             xs[...] = x.numpy()
+        solo = np.array([r for kind, rs in self.groups if kind == "solo" for r in rs], np.int64)
+        if len(solo):
+            R, T = self.R, LY.SOLO_OFFSETS["total"]
+            if shared:
+                X = xs.reshape(1, B, 16, 16)
+            else:
+                X = self._aligned("xr", (R, B, 16, 16))
+                X[...] = x.numpy()
+            def per_replica(a, width, dtype):   # (R, B, width), or (R, 0, width) when absent
+                if a is None:
+                    return self._empty(width, dtype)
+                a = a.numpy() if torch.is_tensor(a) else a
+                return np.ascontiguousarray(a, dtype).reshape(R, B, width)
+            if soft is not None:   # the targets per replica; the unit mask, lam and T shared
+                soft_p, units, lam, T_ = soft
+                soft_rest = (np.ascontiguousarray(units, np.float32), float(lam), float(T_))
+            else:
+                soft_p, soft_rest = None, NO_SOFT[1:]
+            V = self._aligned("Vsolo", (T,)) if curvature else self._aligned("Msolo", (T,))
+            solo_grads(solo, Wn, self.src, self.inv, X, lab, zeros, per_replica(shifts, 2, np.int8),
+                        per_replica(keep, 192, np.bool_), per_replica(maps, 12, np.float32),
+                        per_replica(dcm, 5760, np.float32), per_replica(soft_p, 10, np.float32), self.scale,
+                        self._aligned("Psolo", (T,)), self._aligned("Msolo", (T,)), V, step, *rest,
+                        self.tables, self.prof, *soft_rest, inv_b, G, H if curvature else self._no_h)
         for kind, rs in self.groups:
+            if kind == "solo":
+                continue
             sh = None if shifts is None else shifts[rs[0]:rs[-1] + 1]
             kp = None if keep is None else keep[rs[0]:rs[-1] + 1]
-            if kind == "solo":
-                r = rs[0]
-                P = self._aligned("Psolo", (LY.SOLO_OFFSETS["total"],))
-                M = self._aligned("Msolo", (LY.SOLO_OFFSETS["total"],))
-                _to_solo(Wn, r, self.src, P, M)
-                V = M                      # opt 4 never touches V
-                if curvature:
-                    V = self._aligned("Vsolo", (LY.SOLO_OFFSETS["total"],))
-                    V[...] = 0.0
-                if not shared:
-                    xs = self._aligned("x", (B, 16, 16))
-                    xs[...] = x[r].numpy()
-                sa = NO_SOFT if soft is None else (np.ascontiguousarray(soft_p[r], np.float32), *soft_rest)
-                solo_pass(xs, lab, zeros, self.no_shift if sh is None else np.ascontiguousarray(sh[0]),
-                          self.no_keep if kp is None else np.ascontiguousarray(kp[0]),
-                          NO_MAPS if maps is None else np.ascontiguousarray(maps[r], np.float32),
-                          NO_DC if dcm is None else np.ascontiguousarray(dcm[r], np.float32).reshape(B, 5760),
-                          self.scale, P, M, V, step, *rest, self.tables, self.prof, *sa)
-                _from_solo(M, self.inv, G, r, inv_b)
-                if curvature:
-                    _from_solo(V, self.inv, H, r, inv_b)
-            else:
-                P = self._aligned("Ppop", (N_THETA, LY.L))
-                M = self._aligned("Mpop", (LY.POP_OFFSETS["total"],))
-                P[:, :len(rs)] = Wn[rs].T
-                P[:, len(rs):] = Wn[rs[0]][:, None]   # spare lanes: copies of a real replica (finite numbers)
-                M[...] = 0.0
-                pop_pass(xs, lab, zeros, _lanes(sh, B, 2, 0, np.int8), _lanes(kp, B, 192, True, np.bool_), self.scale,
-                         P.reshape(-1), M, M, step, *rest, H2_TABLE, LY.H1_POS, self.prof)
-                G[rs] = M.reshape(N_THETA, LY.L)[:, :len(rs)].T * inv_b
+            P = self._aligned("Ppop", (N_THETA, LY.L))
+            M = self._aligned("Mpop", (LY.POP_OFFSETS["total"],))
+            P[:, :len(rs)] = Wn[rs].T
+            P[:, len(rs):] = Wn[rs[0]][:, None]   # spare lanes: copies of a real replica (finite numbers)
+            M[...] = 0.0
+            pop_pass(xs, lab, zeros, _lanes(sh, B, 2, 0, np.int8), _lanes(kp, B, 192, True, np.bool_), self.scale,
+                     P.reshape(-1), M, M, step, *rest, H2_TABLE, LY.H1_POS, self.prof)
+            G[rs] = M.reshape(N_THETA, LY.L)[:, :len(rs)].T * inv_b
         if curvature:
             return torch.from_numpy(G).to(W.device), torch.from_numpy(H).to(W.device)
         return torch.from_numpy(G).to(W.device)
@@ -233,8 +224,14 @@ class KernelGrad:
 def warm_up() -> None:
     """Load (or compile) the kernels once, untimed: the first call of a process reads them from
     numba's cache (about half a second here) or compiles them (about a minute on a new install)."""
+    from ..data.augment import shift_stack
+    from ..models.net1989 import init_params
+    from .fast import example_grads
     kg = KernelGrad(1, "relu", "none", "ce", 0.0)
-    kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))
+    kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))   # solo_grads
+    example_grads({k: v.numpy() for k, v in init_params(0).items()}, np.zeros((16, 16), np.float32), 0,
+                  "relu", "none", "ce")       # solo_pass called as the per-example engines call it
+    shift_stack(torch.zeros(1, 1, 16, 16), np.zeros((1, 1, 2), np.int8))   # the per-pass shifted copies
     kg.groups = [("pop", [0])]
     kg.grad(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16), torch.zeros(1, dtype=torch.long))
     kg.outputs(torch.zeros(1, N_THETA), torch.zeros(1, 16, 16))

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..config import MethodSpec
-from ..data.augment import shift_images
+from ..data.augment import shift_stack
 from ..errors import UserError
 from ..methods.augment import pass_generator
 from ..methods.registry import HOOKS, build_switch, get_method, resolve
@@ -320,7 +320,7 @@ class Population:
             xs = x.unsqueeze(0).expand(self.R, -1, -1, -1, -1)  # the kernels shift each replica's copy themselves
             kernel_shifts = None if shifts is None else shifts.astype(np.int8)
         else:
-            xs = (torch.stack([shift_images(x, shifts[r]) for r in range(self.R)]) if shifts is not None
+            xs = (shift_stack(x, shifts) if shifts is not None
                   else x.unsqueeze(0).expand(self.R, -1, -1, -1, -1))              # (R, n, 1, r, r)
         keep = None if keep is None else torch.from_numpy(keep)
         self._train_pass(x, xs.to(self.device), labels.to(self.device),

@@ -11,7 +11,8 @@ that needs the kernels is the one place that always knows whether they are compi
 import importlib
 import time
 
-KERNELS = (("_kernels_solo", "solo_pass"), ("_kernels_pop", "pop_pass"), ("_kernels_eval", "eval_pass"))
+KERNELS = (("_kernels_solo", "solo_pass"), ("_kernels_solo", "solo_grads"), ("_kernels_pop", "pop_pass"),
+           ("_kernels_eval", "eval_pass"))
 SLOW_S = 2.0          # a load that takes longer than this was a compilation
 _prepared = False
 
