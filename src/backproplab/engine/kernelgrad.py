@@ -49,7 +49,7 @@ from llvmlite import binding
 from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
 from . import _layout as LY
 from ._kernels_common import ACT, LOSS, OPT, OUT, aligned_copy
-from .fast import NO_DC, NO_MAPS, NO_SOFT, _groups, _lanes, _tables
+from .fast import NO_SOFT, _groups, _lanes, _tables
 
 N_THETA = sum(int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES)
 
