@@ -93,7 +93,7 @@ def sig_lowrank(tiny):
     for t in range(3):
         p = lowrank_by_hand(descend(p, grads(p, x[16 * t:16 * t + 16], y[16 * t:16 * t + 16]), LR0), 3)
     got = public_run(tiny, "lowrank:h3=3", n=48).params[0]
-    assert_weights(got, p, rtol=1e-4, atol=1e-5)  # float32 SVD against float64
+    assert_weights(got, p, rtol=1e-4, atol=1e-5)  # float32 steps; the truncations both in float64
     assert np.linalg.matrix_rank(got["h3_w"], tol=1e-4) == 3
     assert_telling(p, lowrank_by_hand(init(), 3))
 

@@ -310,9 +310,12 @@ def newton_schulz5(G, steps=5, eps=1e-7):
     tall = G.shape[-2] > G.shape[-1]
     X = G.mT if tall else G
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * A @ A) @ X
+    for _ in range(steps):   # three batched products a step (baddbmm fuses the scalings and sums)
+        A = torch.bmm(X, X.mT) if X.ndim == 3 else X @ X.mT
+        if X.ndim == 3:
+            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        else:
+            X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
 
