@@ -182,3 +182,7 @@ def test_shift_images_and_shift_stack_against_index_arithmetic():
     got = shift_stack(x, shifts)
     assert got.shape == (R, B, C, H, W) and torch.equal(got, torch.from_numpy(want))
     assert torch.equal(shift_stack(x.double(), shifts), torch.from_numpy(want).double())  # the torch path
+    xr = torch.stack([x, -x, 2 * x])                     # each replica its own batch
+    got = shift_stack(xr, shifts.astype(np.int64))
+    for r in range(R):
+        assert torch.equal(got[r], shift_images(xr[r], shifts[r]))

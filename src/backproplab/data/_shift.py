@@ -11,12 +11,14 @@ from numba import njit
 
 @njit(cache=True)
 def shift_into(x, s, out):
-    """x (B, C, H, W) float32; s (R, B, 2) integer (dy, dx); out (R, B, C, H, W) float32:
-    out[r, i, c, y, v] = x[i, c, y - dy, v - dx], -1 where that falls outside the image."""
+    """x (1 or R, B, C, H, W) float32 (one batch shared, or each replica's); s (R, B, 2) integer
+    (dy, dx); out (R, B, C, H, W) float32: out[r, i, c, y, v] = x[r or 0, i, c, y - dy, v - dx],
+    -1 where that falls outside the image."""
     R, B = s.shape[0], s.shape[1]
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    C, H, W = x.shape[2], x.shape[3], x.shape[4]
     blank = np.float32(-1.0)
     for r in range(R):
+        xr = x[r] if x.shape[0] > 1 else x[0]
         for i in range(B):
             dy, dx = np.int64(s[r, i, 0]), np.int64(s[r, i, 1])
             for c in range(C):
@@ -27,4 +29,4 @@ def shift_into(x, s, out):
                         continue
                     for v in range(W):
                         sv = v - dx
-                        out[r, i, c, y, v] = x[i, c, sy, sv] if 0 <= sv < W else blank
+                        out[r, i, c, y, v] = xr[i, c, sy, sv] if 0 <= sv < W else blank

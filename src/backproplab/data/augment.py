@@ -28,14 +28,17 @@ def shift_images(x: torch.Tensor, shifts) -> torch.Tensor:
 
 
 def shift_stack(x: torch.Tensor, shifts) -> torch.Tensor:
-    """x (B, C, H, W); shifts (R, B, 2) -> (R, B, C, H, W): shift_images(x, shifts[r]) for every r,
-    the same numbers; on the CPU in float32 by one numba loop (data/_shift.py), else stacked."""
+    """x (B, C, H, W) shared, or (R, B, C, H, W) each replica's batch; shifts (R, B, 2) -> (R, B, C,
+    H, W): shift_images(x or x[r], shifts[r]) for every r, the same numbers; on the CPU in float32
+    by one numba loop (data/_shift.py), else stacked."""
     shifts = np.asarray(shifts)
+    per = x.dim() == 5
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return torch.stack([shift_images(x, s) for s in shifts])
+        return torch.stack([shift_images(x[r] if per else x, s) for r, s in enumerate(shifts)])
     from ._shift import shift_into  # numba: imported where it runs
-    out = np.empty((shifts.shape[0],) + tuple(x.shape), np.float32)
-    shift_into(np.ascontiguousarray(x.numpy()), np.ascontiguousarray(shifts), out)
+    xs = x if per else x.unsqueeze(0)
+    out = np.empty((shifts.shape[0],) + tuple(xs.shape[1:]), np.float32)
+    shift_into(np.ascontiguousarray(xs.numpy()), np.ascontiguousarray(shifts), out)
     return torch.from_numpy(out)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import shift_images
+from ..data.augment import shift_images, shift_stack
 from .registry import Method, Option, register
 
 
@@ -48,11 +48,8 @@ class Shift:
     def pass_start(self, ctx):
         self.gens = [pass_generator(s, ctx.pass_idx, self.tag) for s in self.seeds]
 
-    def batch(self, x, ctx):  # x (R, B, 1, 16, 16)
-        return torch.stack([self.one(x[r], g) for r, g in enumerate(self.gens)])
-
-    def one(self, x, gen):
-        return shift_images(x, random_shifts(len(x), self.k, gen))
+    def batch(self, x, ctx):  # x (R, B, 1, 16, 16): every replica's draws, then one call for all
+        return shift_stack(x, torch.stack([random_shifts(x.shape[1], self.k, g) for g in self.gens]).numpy())
 
 
 class RotateScale(Shift):
@@ -60,9 +57,11 @@ class RotateScale(Shift):
         super().__init__({"max": 0}, rank, seeds)
         self.deg, self.scale = opts["degrees"], opts["scale"]
 
-    def one(self, x, gen):
-        u = torch.rand(2, len(x), generator=gen) * 2 - 1  # (2, B) uniform in [-1, 1)
-        return rotate_scale_images(x, u[0] * math.radians(self.deg), 1.0 + u[1] * self.scale)
+    def batch(self, x, ctx):  # x (R, B, 1, 16, 16): each replica's (2, B) draws, one resampling of all
+        u = torch.stack([torch.rand(2, x.shape[1], generator=g) * 2 - 1 for g in self.gens], 1)  # in [-1, 1)
+        out = rotate_scale_images(x.reshape(-1, *x.shape[2:]), (u[0] * math.radians(self.deg)).reshape(-1),
+                                  1.0 + (u[1] * self.scale).reshape(-1))
+        return out.view(x.shape)
 
 
 def standardize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
