@@ -118,3 +118,19 @@ def test_resuming_a_diverged_run_whose_last_record_lacks_splits_fills_them(tmp_p
     save_checkpoint(ck, state)
     again = train(cfg, out=tmp_path, resume=True)
     assert again.status == "diverged" and again.final == done.final  # the same weights, every split back
+
+
+def test_apply_overrides_leaves_its_input_as_it_was():
+    """A preset object reused across calls gets no methods or values from an earlier call, and a
+    refused override leaves it untouched too."""
+    base = preset("modern_smoke")
+    before = base.to_json()
+    cfg = apply_overrides(base, ["+method=ema", "optim.lr=0.01"])
+    assert cfg is not base and base.to_json() == before
+    assert "ema" in [getattr(m, "name", None) or m["name"] for m in cfg.methods] and cfg.optim.lr == 0.01
+    with pytest.raises(UserError):
+        apply_overrides(base, ["+method=label_smoothing", "optim.nope=1"])
+    assert base.to_json() == before
+    again = apply_overrides(base, ["train.passes=3"])
+    assert [getattr(m, "name", None) or m["name"] for m in again.methods] == \
+        [getattr(m, "name", None) or m["name"] for m in base.methods]

@@ -2,6 +2,7 @@
 
 An unknown key, a wrong type or an out-of-range value is a UserError naming the key.
 """
+import copy
 import dataclasses
 import hashlib
 import json
@@ -371,6 +372,10 @@ def set_value(cfg: Config, key: str, value) -> None:
 
 
 def apply_overrides(cfg: Config, overrides) -> Config:
+    """-> a new Config: cfg with the overrides applied and validated. cfg itself is left as it was,
+    also when an override is refused (a caller that reuses a preset object gets no methods it did
+    not ask for)."""
+    cfg = copy.deepcopy(cfg)
     for item in overrides or ():
         if item.startswith("+method="):  # +method=NAME[:key=value,...]; replaces a NAME the preset has
             from .methods.registry import parse_method
