@@ -488,8 +488,8 @@ def solo_grads(rows, Wn, src, inv, X, lab, zeros, shifts, keep, maps, dcm, soft,
                 act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof, units, lam, temp,
                 inv_b, G, H):
     """The solo kernel over the replicas in rows, one call: each replica's weights gathered into
-    the solo layout (P), its batch run with opt 'accumulate' (or 'accumulate_gn': V, the
-    curvature sums, then H), the sums scattered back in torch's order as batch means (G). Every
+    the solo layout (P), its batch run with opt 'accumulate' (V may be M: unused) or
+    'accumulate_gn' (V, zeroed per replica, the curvature sums, then H), the sums scattered back in torch's order as batch means (G). Every
     per-replica input has a leading replica axis: X (R, B, 16, 16) or (1, B, 16, 16) shared;
     shifts (R, B, 2), keep (R, B, 192), maps (R, B, 12), dcm (R, B, 5760), soft (R, B, 10), each
     with B = 0 when absent. One call a step instead of R calls with their Python around them
@@ -500,7 +500,7 @@ def solo_grads(rows, Wn, src, inv, X, lab, zeros, shifts, keep, maps, dcm, soft,
         if curv:
             V[:] = np.float32(0.0)
         xr = X[r] if X.shape[0] > 1 else X[0]
-        solo_pass(xr, lab, zeros, shifts[r], keep[r], maps[r], dcm[r], scale, P, M, V if curv else M, step,
+        solo_pass(xr, lab, zeros, shifts[r], keep[r], maps[r], dcm[r], scale, P, M, V, step,
                   act, out_act, loss, opt, wd, b1, b2, eps, mu, gamma, smooth, tb, prof, soft[r], units, lam, temp)
         _from_solo(M, inv, G, r, inv_b)
         if curv:

@@ -119,7 +119,6 @@ class KernelGrad:
         self.groups = _groups(R, "solo" if per_replica_inputs or solo else "auto")
         src, inv = _solo_maps()
         self.src, self.inv = src.numpy(), inv.numpy()
-        self.no_shift, self.no_keep = np.zeros((0, 2), np.int8), np.zeros((0, 192), np.bool_)
         self.prof, self.step = np.zeros(1, np.int64), np.zeros(1, np.int64)   # step: counted, never used by opt 4
         # optimizer constants (unused by opt 4), then the cross-entropy's label smoothing
         self.rest = (*self.codes, 0.0, 0.9, 0.999, 1e-8, 0.02, 0.01, float(smooth))
@@ -193,11 +192,12 @@ class KernelGrad:
                 soft_rest = (np.ascontiguousarray(units, np.float32), float(lam), float(T_))
             else:
                 soft_p, soft_rest = None, NO_SOFT[1:]
-            V = self._aligned("Vsolo", (T,)) if curvature else self._aligned("Msolo", (T,))
+            M = self._aligned("Msolo", (T,))
+            V = self._aligned("Vsolo", (T,)) if curvature else M   # opt 4 never touches V
             solo_grads(solo, Wn, self.src, self.inv, X, lab, zeros, per_replica(shifts, 2, np.int8),
                         per_replica(keep, 192, np.bool_), per_replica(maps, 12, np.float32),
                         per_replica(dcm, 5760, np.float32), per_replica(soft_p, 10, np.float32), self.scale,
-                        self._aligned("Psolo", (T,)), self._aligned("Msolo", (T,)), V, step, *rest,
+                        self._aligned("Psolo", (T,)), M, V, step, *rest,
                         self.tables, self.prof, *soft_rest, inv_b, G, H if curvature else self._no_h)
         for kind, rs in self.groups:
             if kind == "solo":
