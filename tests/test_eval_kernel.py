@@ -16,7 +16,7 @@ from backproplab.models.net1989 import PARAM_NAMES, Net1989
 
 D = load_dataset("mnist10k", 64, 45)
 HAVE = KG.outputs_reason("tanh", "tanh") is None
-needs_kernel = pytest.mark.skipif(not HAVE, reason="no AVX-512: the kernels are not available on this CPU")
+needs_kernel = pytest.mark.skipif(not HAVE, reason="neither AVX2 + FMA nor AVX-512: no kernels on this CPU")
 PAIRS = [(a, o) for a in ACT for o in OUT]         # every act / out_act the kernel path takes
 assert len(PAIRS) == 12
 
@@ -199,7 +199,7 @@ def test_eval_hooks_on_the_kernel_path(methods, monkeypatch):
 
 def test_per_example_evaluate_uses_the_kernel(monkeypatch):
     """engine/evaluate.py (the fast and eager engines' evaluation): the kernel's outputs and metrics
-    equal the torch convolutions'; without AVX-512 it falls back to torch."""
+    equal the torch convolutions'; on a CPU with neither AVX2 + FMA nor AVX-512 it falls back to torch."""
     models, W = rand_models(3, "tanh", "tanh", seed=3)
     params = [{n: getattr(m, n).detach().numpy() for n in PARAM_NAMES} for m in models]
     x, labels = D.test_x.reshape(-1, 1, 16, 16), D.test_labels.long()
@@ -214,10 +214,11 @@ def test_per_example_evaluate_uses_the_kernel(monkeypatch):
         assert EV.evaluate(params, x, labels)[1]["misses"] == EV.metrics_from_outputs(ref, labels, "mse")[1]["misses"]
         assert close(EV.predict(preset("smoke").model, params[2], x), ref[2])
     calls.clear()
-    monkeypatch.setattr(KG.binding, "get_host_cpu_features", lambda: {})   # a CPU without AVX-512
-    assert KG.outputs_reason("tanh", "tanh") == "the numba kernels need an AVX-512 CPU"
+    monkeypatch.setattr(KG.binding, "get_host_cpu_features", lambda: {"avx": True})   # no AVX2, no AVX-512
+    assert KG.outputs_reason("tanh", "tanh") == ("the numba kernels need an x86-64 CPU with AVX2 and FMA "
+                                                 "(x86-64-v3) or AVX-512")
     assert torch.equal(EV.population_outputs(params, x, "tanh", "tanh"), ref) and not calls
-    with pytest.raises(RuntimeError, match="AVX-512"):
+    with pytest.raises(RuntimeError, match="AVX2 and FMA"):
         EV.population_outputs(params, x, "tanh", "tanh", kernel=True)
     eng = Population(pop_cfg(), [0, 1])            # the automatic choice skips the kernels, evaluation works
     assert eng.path != "kernel" and eng.kernel is None

@@ -54,7 +54,7 @@ def test_kernel_gradients_equal_autograd():
     """The numba kernels' minibatch gradient against autograd of Net1989's modules, with
     dropout masks and shifts, shared inputs (kernel-side shifts) and per-replica inputs."""
     if not HAVE_KERNELS:
-        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+        pytest.skip("neither AVX2 + FMA nor AVX-512: the kernel path is not available on this CPU")
     R = 13          # shared inputs: one population-kernel block of 13 lanes; per replica: the solo kernel
     models = [Net1989(s, act="relu", out_act="none", dropout=0.25) for s in range(R)]
     W = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models])
@@ -85,7 +85,7 @@ def test_kernel_curvature_equals_gn_diag(act, out_act, loss):
     parameter), without and with model.dropout keep masks and shifts; the gradient beside it is
     the plain accumulate's, bit for bit. The population kernel has no curvature mode."""
     if not HAVE_KERNELS:
-        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+        pytest.skip("neither AVX2 + FMA nor AVX-512: the kernel path is not available on this CPU")
     from backproplab.methods.sdlm import net1989_gn_diag
     R, B, p = 3, 24, 0.25
     models = [Net1989(s, act=act, out_act=out_act, dropout=p) for s in range(R)]
@@ -119,7 +119,7 @@ def test_sdlm_takes_the_kernel_curvature():
     it gives the weights of a pass with net1989_gn_diag (the other paths' estimate); a method that
     moves the weights between the gradient and the step (decoupled decay) keeps the torch estimate."""
     if not HAVE_KERNELS:
-        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+        pytest.skip("neither AVX2 + FMA nor AVX-512: the kernel path is not available on this CPU")
     cfg = cfg_with("sdlm")
     assert cfg.train.shift and cfg.model.dropout        # both paths see the same masks and shifts
     eng = one_pass(cfg, [0, 1], "kernel")
@@ -141,7 +141,7 @@ def test_kernel_soft_term_equals_autograd(act, out_act, loss):
     the batch loss + lam T^2 KL(p || softmax(out[u] / T)) over units u, against autograd, on all
     ten units and on 0-4; the population kernel refuses the term."""
     if not HAVE_KERNELS:
-        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+        pytest.skip("neither AVX2 + FMA nor AVX-512: the kernel path is not available on this CPU")
     from backproplab.engine.population import batch_loss
     from backproplab.methods.distill import soft_kl
     R, B, lam, T = 3, 24, 2.0, 3.0
@@ -232,7 +232,7 @@ def test_lwf_on_the_kernels_equals_autograd_away_from_its_start(classes):
     loads them): the first step's gradient on the kernel path equals autograd's (relative error
     < 1e-5) and differs from the cross-entropy's alone, and one pass's weights agree."""
     if not HAVE_KERNELS:
-        pytest.skip("no AVX-512: the kernel path is not available on this CPU")
+        pytest.skip("neither AVX2 + FMA nor AVX-512: the kernel path is not available on this CPU")
     old = Population(cfg_with("lwf"), [7, 8], path="autograd").W.clone()
     x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
     got = {}
@@ -300,7 +300,7 @@ def test_fast_model_changes_compose_on_the_kernel_path(combo):
     and averages, the evaluation and lwf's frozen net see the standardized weights: two passes
     on the kernels equal the autograd path."""
     if not HAVE_KERNELS:
-        pytest.skip("no AVX-512: the kernel path does not run here")
+        pytest.skip("neither AVX2 + FMA nor AVX-512: the kernel path does not run here")
     cfg = cfg_with(*combo)
     x, y = D.train_x.reshape(-1, 16, 16).numpy(), D.train_labels.numpy()
     got = {}

@@ -118,7 +118,9 @@ def test_three_seeds_in_a_cell_equal_cells_of_one_seed_each(digits, tmp_path):
                          data[1][seed_subsets(600, [k], 300)[0]], 0.5, seed=k, batch=spec["batch"])
         tr.run()
         ev = tr.evaluate(data[4], data[5])[0]
-        assert s["test_loss_seeds"][k] == ev["loss"] and s["test_error_seeds"][k] == ev["error"]
+        # the loss to float rounding: the cell evaluates the three seeds in one batched forward, and
+        # on an AVX2 CPU (no AVX-512) oneDNN's kernels for it round a last bit apart from one seed's
+        assert s["test_loss_seeds"][k] == pytest.approx(ev["loss"], rel=1e-6) and s["test_error_seeds"][k] == ev["error"]
     # the population itself: replica k L + j is seed k at rate j, bit for bit
     xs = [data[0][i] for i in seed_subsets(600, [0, 1, 2], 300)]
     ys = [data[1][i] for i in seed_subsets(600, [0, 1, 2], 300)]

@@ -52,17 +52,17 @@ def _fast_engine():
         return False, "numba is not installed, so the fast engine (the default) cannot run; " \
                       "pip install numba, or use --engine eager"
     from llvmlite import binding
-    features = binding.get_host_cpu_features()
-    need = ("avx512f", "avx512vl", "avx512bw")
-    missing = [f for f in need if not features.get(f)]
-    if missing:
-        return False, f"numba {numba.__version__}, but this CPU lacks {', '.join(missing)}: the fast engine " \
-                      f"cannot run here; use --engine eager (same numbers, slower)"
+    from .engine._simd import isa_of
+    isa = isa_of(binding.get_host_cpu_features())
+    if isa is None:
+        return False, f"numba {numba.__version__}, but this CPU has neither AVX2 with FMA nor AVX-512: the " \
+                      f"fast engine cannot run here; use --engine eager (same numbers, slower)"
     cache = Path(__file__).parent / "engine" / "__pycache__"
     cached = cache.is_dir() and any(cache.glob("_kernels_*.nbi"))
     note = "kernels compiled and cached" if cached else \
         "kernels not compiled yet: the first fast run compiles them once, later runs reuse them"
-    return True, f"numba {numba.__version__}, AVX-512 present: fast engine available; {note}"
+    sets = {"avx512": "AVX-512", "avx2": "AVX2 + FMA (no AVX-512: the kernels run on half-width vectors)"}
+    return True, f"numba {numba.__version__}, {sets[isa]}: fast engine available; {note}"
 
 
 def _embedded():

@@ -11,7 +11,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from ._simd import _I32, LANES, _VT, _intrinsic_fn, _ptr, _splat, vadd, vload, vmax, vmul, vpos, vsplat, vsub, vtanh
+from ._simd import (_I32, LANES, _VT, _intrinsic_fn, _ptr, _splat, rcp_estimate, rsqrt_estimate, vadd, vload, vmax,
+                    vmul, vpos, vsplat, vsub, vtanh)
 
 # codes passed to the kernels
 ACT = {"tanh": 0, "relu": 1, "scaled_tanh": 2}
@@ -166,9 +167,8 @@ def _vconst(x):
 
 
 def _recip(builder, fma, den):
-    """1/den from vrcp14ps's 14-bit estimate and one Newton step (relative error ~2^-28)."""
-    r = builder.call(_intrinsic_fn(builder, "llvm.x86.avx512.rcp14.ps.512", _VT, [_VT, _VT, ir.IntType(16)]),
-                     [den, _vconst(0.0), ir.Constant(ir.IntType(16), -1)])
+    """1/den from the 14-bit estimate (vrcp14ps; exact on AVX2) and one Newton step (~2^-28)."""
+    r = rcp_estimate(builder, den)
     return builder.call(fma, [builder.call(fma, [builder.fsub(_vconst(0.0), den), r, _vconst(1.0)]), r, r])
 
 
@@ -208,12 +208,12 @@ def vstep(typingctx, P, M, V, i, g, k, opt):
                 v = builder.call(fma, [builder.fmul(g, kk(3)), g, builder.fmul(builder.load(pv, align=4), kk(4))])
                 # sqrt(V) and the division by the denominator from the 14-bit estimates and one
                 # Newton step each (~2^-28; a vsqrtps + 2 vdivps cost ~35 cycles a vector and
-                # made AdamW double the solo step); 1e-35 keeps rsqrt(0) = inf out (sqrt -> 3e-18,
+                # made AdamW double the solo step on AVX-512; AVX2 has no 14-bit estimates and
+                # takes the exact ones, rcp_estimate/rsqrt_estimate); 1e-35 keeps rsqrt(0) = inf out (sqrt -> 3e-18,
                 # far below eps's last bit)
                 c = _vconst
                 vv = builder.call(_intrinsic_fn(builder, "llvm.maxnum.v16f32", _VT, [_VT] * 2), [v, c(1e-35)])
-                y = builder.call(_intrinsic_fn(builder, "llvm.x86.avx512.rsqrt14.ps.512", _VT, [_VT, _VT, ir.IntType(16)]),
-                                 [vv, c(0.0), ir.Constant(ir.IntType(16), -1)])
+                y = rsqrt_estimate(builder, vv)
                 hy = builder.fmul(builder.fmul(vv, c(0.5)), y)            # v y / 2
                 y = builder.fmul(y, builder.call(fma, [builder.fsub(c(0.0), hy), y, c(1.5)]))
                 sq = builder.fmul(vv, y)

@@ -1,4 +1,4 @@
-"""Explicit 16-lane float32 vectors for numba kernels (a zmm register on AVX-512).
+"""Explicit 16-lane float32 vectors for numba kernels (a zmm register on AVX-512, two ymm on AVX2).
 
 Why: LLVM's auto-vectorizer keeps accumulators in memory, picks 256-bit vectors and
 scalar remainder loops on this net's short trip counts (25, 30, 200); measured, that
@@ -15,17 +15,49 @@ code with the same operation order computes. The kernels are compiled without fa
 (no reassociation or contraction beyond the explicit fmas), or LLVM would reorder sums
 differently in the two kernels.
 
-Requires AVX-512 (vpermt2ps, vrcp14ps, vrsqrt14ps, masked stores; fast.py checks).
+Two instruction sets (ISA, from the host CPU; cpu_reason() says why neither is there):
+  avx512  (x86-64-v4) a V16 is one zmm register; vperm2 is vpermt2ps, the reciprocal and
+          reciprocal square root estimates (vrcp14, vrsqrt14: 14 bits, then one Newton step
+          in the callers) vrcp14ps and vrsqrt14ps;
+  avx2    (x86-64-v3: AVX2 and FMA, e.g. AMD Zen) LLVM splits every V16 into two ymm halves;
+          vperm2 is built from four vpermps and three blends a half, and the estimates are
+          the exact 1/x and 1/sqrt(x) (the Newton step after them then changes at most the
+          last bit), since vrcpps' 12 bits would leave the step's result ~2^-23 off, not 2^-28.
+Lane-wise operations round identically on both, so the solo and population kernels agree bit
+for bit on either; across the two sets the results differ in the last bits where an estimate
+is used (tanh, AdamW's and SDLM's steps).
 Caching: numba's cache (__pycache__/*.nbi, *.nbc) is keyed on each kernel's own source
 file, so after editing this file or _kernels_common.py delete the _kernels_* cache files.
 """
 import numpy as np
+from llvmlite import binding as _binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
+
+
+def isa_of(f) -> str | None:
+    """'avx512', 'avx2' or None from llvmlite's CPU feature map."""
+    if f.get("avx512f") and f.get("avx512vl") and f.get("avx512bw"):
+        return "avx512"
+    if f.get("avx2") and f.get("fma"):
+        return "avx2"
+    return None
+
+
+ISA = isa_of(_binding.get_host_cpu_features())
+
+
+def cpu_reason(features=None) -> str | None:
+    """Why the numba kernels cannot run on this CPU (or one with these llvmlite features), or None."""
+    if isa_of(_binding.get_host_cpu_features() if features is None else features) is None:
+        return "the numba kernels need an x86-64 CPU with AVX2 and FMA (x86-64-v3) or AVX-512"
+    return None
+
+
 _F = ir.FloatType()
 _I32 = ir.IntType(32)
 _VT = ir.VectorType(_F, LANES)
@@ -151,12 +183,29 @@ def mxcsr_set(typingctx, value):
     return types.void(value), cg
 
 
+def rcp_estimate(builder, x):
+    """1/x to 14 bits (vrcp14ps) on AVX-512, exactly (a division) on AVX2; the caller's Newton
+    step makes either ~2^-28."""
+    if ISA == "avx512":
+        fn = _intrinsic_fn(builder, "llvm.x86.avx512.rcp14.ps.512", _VT, [_VT, _VT, ir.IntType(16)])
+        return builder.call(fn, [x, ir.Constant(_VT, [0.0] * LANES), ir.Constant(ir.IntType(16), -1)])
+    return builder.fdiv(ir.Constant(_VT, [1.0] * LANES), x)
+
+
+def rsqrt_estimate(builder, x):
+    """1/sqrt(x) to 14 bits (vrsqrt14ps) on AVX-512, exactly on AVX2 (x > 0)."""
+    if ISA == "avx512":
+        fn = _intrinsic_fn(builder, "llvm.x86.avx512.rsqrt14.ps.512", _VT, [_VT, _VT, ir.IntType(16)])
+        return builder.call(fn, [x, ir.Constant(_VT, [0.0] * LANES), ir.Constant(ir.IntType(16), -1)])
+    sq = builder.call(_intrinsic_fn(builder, "llvm.sqrt.v16f32", _VT, [_VT]), [x])
+    return builder.fdiv(ir.Constant(_VT, [1.0] * LANES), sq)
+
+
 @intrinsic
 def vrcp14(typingctx, a):
-    """Approximate 1/a, relative error < 2^-14 (vrcp14ps)."""
+    """Approximate 1/a, relative error < 2^-14 (rcp_estimate)."""
     def cg(context, builder, sig, args):
-        fn = _intrinsic_fn(builder, "llvm.x86.avx512.rcp14.ps.512", _VT, [_VT, _VT, ir.IntType(16)])
-        return builder.call(fn, [args[0], ir.Constant(_VT, [0.0] * LANES), ir.Constant(ir.IntType(16), -1)])
+        return rcp_estimate(builder, args[0])
     return v16(a), cg
 
 
@@ -194,9 +243,26 @@ def vpos(typingctx, a, b):
     return v16(a, b), cg
 
 
+def _perm2_avx2(builder, a, idx, b):
+    """vpermt2ps from 8-lane vpermps: each output half permutes the four 8-lane quarters of
+    a ++ b by idx's low 3 bits and picks among them by bits 3 and 4."""
+    v8, i8 = ir.VectorType(_F, 8), ir.VectorType(_I32, 8)
+    perm = _intrinsic_fn(builder, "llvm.x86.avx2.permps", v8, [v8, i8])
+    quarters = [*_halves(builder, a, 8), *_halves(builder, b, 8)]
+    zero = ir.Constant(i8, [0] * 8)
+    out = []
+    for ix in _halves(builder, idx, 8):
+        p = [builder.call(perm, [q, ix]) for q in quarters]
+        hi8 = builder.icmp_unsigned("!=", builder.and_(ix, ir.Constant(i8, [8] * 8)), zero)
+        hi16 = builder.icmp_unsigned("!=", builder.and_(ix, ir.Constant(i8, [16] * 8)), zero)
+        out.append(builder.select(hi16, builder.select(hi8, p[3], p[2]), builder.select(hi8, p[1], p[0])))
+    return builder.shuffle_vector(out[0], out[1], ir.Constant(_VI, list(range(16))))
+
+
 @intrinsic
 def vperm2(typingctx, a, idx_arr, i, b):
-    """out[l] = (a ++ b)[idx[l]] with idx = idx_arr.flat[i:i+16] int32 in 0..31 (vpermt2ps).
+    """out[l] = (a ++ b)[idx[l]] with idx = idx_arr.flat[i:i+16] int32 in 0..31 (vpermt2ps; on AVX2
+    _perm2_avx2).
 
     Builds the im2col windows of H2 from its phase vectors (b = the -1 padding) and, in
     the backward pass, the adjoint windows (b = zeros).
@@ -204,8 +270,10 @@ def vperm2(typingctx, a, idx_arr, i, b):
     def cg(context, builder, sig, args):
         p = builder.bitcast(_ptr(context, builder, sig.args[1], args[1], args[2]), _VI.as_pointer())
         idx = builder.load(p, align=4)
-        fn = _intrinsic_fn(builder, "llvm.x86.avx512.vpermi2var.ps.512", _VT, [_VT, _VI, _VT])
-        return builder.call(fn, [args[0], idx, args[3]])
+        if ISA == "avx512":
+            fn = _intrinsic_fn(builder, "llvm.x86.avx512.vpermi2var.ps.512", _VT, [_VT, _VI, _VT])
+            return builder.call(fn, [args[0], idx, args[3]])
+        return _perm2_avx2(builder, args[0], idx, args[3])
     return v16(a, idx_arr, i, b), cg
 
 

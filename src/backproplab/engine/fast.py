@@ -23,6 +23,7 @@ import numpy as np
 from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
 from . import _layout as LY
 from ._kernels_common import ACT, LOSS, OPT, OUT, aligned, aligned_copy
+from ._simd import cpu_reason
 
 SOLO_BELOW = 12          # measured: a 16-lane block step costs 12-15 solo steps (both recipes, this core)
 # solo_pass's distillation term switched off (zero-size targets and unit mask, lam 0, T 1): the
@@ -41,11 +42,11 @@ def _tables():
 
 
 def _check_cpu():
-    """The kernels use AVX-512 instructions; elsewhere numba could not compile them."""
+    """The kernels use AVX2 and FMA, or AVX-512 (_simd.ISA); elsewhere numba could not compile them."""
     from llvmlite import binding
-    features = binding.get_host_cpu_features()
-    if not (features.get("avx512f") and features.get("avx512vl") and features.get("avx512bw")):
-        raise RuntimeError("the fast engine needs an AVX-512 CPU (x86-64-v4); use --engine eager")
+    why = cpu_reason(binding.get_host_cpu_features())
+    if why:
+        raise RuntimeError(f"the fast engine cannot run here: {why}; use --engine eager")
 
 
 def _choice(name, value, options):

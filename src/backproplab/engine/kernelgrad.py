@@ -49,6 +49,7 @@ from llvmlite import binding
 from ..models.net1989 import H2_TABLE, PARAM_NAMES, PARAM_SHAPES
 from . import _layout as LY
 from ._kernels_common import ACT, LOSS, OPT, OUT, aligned_copy
+from ._simd import cpu_reason
 from .fast import NO_SOFT, _groups, _lanes, _tables
 
 N_THETA = sum(int(np.prod(PARAM_SHAPES[n])) for n in PARAM_NAMES)
@@ -66,10 +67,7 @@ def kernel_reason(cfg) -> str | None:
 
 
 def _cpu_reason() -> str | None:
-    f = binding.get_host_cpu_features()
-    if not (f.get("avx512f") and f.get("avx512vl") and f.get("avx512bw")):
-        return "the numba kernels need an AVX-512 CPU"
-    return None
+    return cpu_reason(binding.get_host_cpu_features())
 
 
 def outputs_reason(act, out_act) -> str | None:

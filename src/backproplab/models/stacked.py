@@ -29,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._conv import grouped_conv, h1_conv
 from .modnet import dropout_mask, scaled_ws_rows
 from .net1989 import H2_TABLE, activation
 
@@ -112,12 +113,11 @@ class StackedModNet:
         noisy = training and gens is not None
         if x.dim() == 5:                                                   # (R, B, 1, 16, 16)
             B = x.shape[1]
-            xg = x.reshape(R, B, 16, 16).transpose(0, 1)                   # (B, R, 16, 16)
+            x = x.reshape(R, B, 16, 16)
         else:
             B = x.shape[0]
-            xg = x.reshape(B, 1, 16, 16).expand(B, R, 16, 16)
-        xg = F.pad(xg, (2, 2, 2, 2), value=-1.0).contiguous(memory_format=_CL)   # (B, R, 20, 20)
-        h = F.conv2d(xg, self._w(P, "h1_w").reshape(R * 12, 1, 5, 5), stride=2, groups=R)
+            x = x.reshape(1, B, 16, 16)
+        h = h1_conv(x, self._w(P, "h1_w").reshape(R * 12, 1, 5, 5), R, not self.ws)   # (B, R * 12, 8, 8)
         h = act(self._norm("h1", h + P["h1_b"].reshape(1, R * 12, 8, 8), training, update_stats, momentum))
         if self.spatial > 0 and noisy:                                     # (B, R * 12, 8, 8)
             m = _stack_masks(gens, (B, 12, 1, 1), self.spatial, h.dtype)   # (R, B, 12, 1, 1)
@@ -141,14 +141,15 @@ class StackedModNet:
         # convolution's products, and bf16's oracle is the padded forward under autocast. H1 keeps
         # its padded copy: the saving is small there (0.75 -> 0.63 ms) and a blank window of
         # standardized weights (nf) sums to 0 exactly, on ReLU's kink, where the kernels' rounding
-        # and this one's would take opposite slopes.
+        # and this one's would take opposite slopes. The input gradient of this convolution is a
+        # product and a scatter (models/_conv.py): 1.0 ms against oneDNN's 2.35 at R = 8, batch 32.
         w2 = self._w(P, "h2_w")
         w2 = w2.new_zeros(R, 12, 12, 5, 5).index_put(self._h2_index, w2).reshape(R * 12, 12, 5, 5)
         b2 = P["h2_b"].reshape(1, R * 12, 4, 4)
         if torch.is_autocast_enabled(h.device.type):
             h = F.conv2d(F.pad(h, (2, 2, 2, 2), value=-1.0).contiguous(memory_format=_CL), w2, stride=2, groups=R)
         else:
-            h = F.conv2d(h.contiguous(memory_format=_CL), w2, stride=2, padding=2, groups=R)  # (B, R * 12, 4, 4)
+            h = grouped_conv(h, w2, R, 2, 2)                               # (B, R * 12, 4, 4)
             b2 = b2 - (w2.sum(1).reshape(R * 12, 1, 25) * self._border2).sum(-1).view(1, R * 12, 4, 4)
         h = act(self._norm("h2", h + b2, training, update_stats, momentum))
         z = h.unflatten(1, (R, 12)).transpose(0, 1).reshape(R, B, 192)   # each replica's CHW flatten
